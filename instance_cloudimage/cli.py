@@ -1,0 +1,239 @@
+"""Entry points: the Ganeti OS scripts and the ``instance-cloudimage`` command.
+
+One top-level handler turns a UserError into one line on stderr and a non-zero exit, and keeps
+tracebacks for bugs (or for everything when DEBUG_LEVEL > 0).  SIGTERM raises, so the ExitStack
+of a running create still unmounts and detaches what it set up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import stat
+import sys
+import traceback
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+
+from . import __version__
+from .config import DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Paths, load_site_config
+from .env import GanetiEnv, Script, debug_level_of, parse_environment
+from .errors import CloudImageError, CommandError, ParameterError, UserError
+from .log import setup_logging
+from .settings import parse_size
+
+log = logging.getLogger("instance_cloudimage")
+
+EXIT_BUG = 3
+EXIT_INTERRUPTED = 130
+
+
+class Terminated(BaseException):
+    """Raised from the SIGTERM handler so that cleanup runs."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def guarded(prog: str, debug_level: int, fn: Callable[[], None]) -> int:
+    """Run ``fn`` under the top-level error policy; return the exit code."""
+    setup_logging(prog, debug_level)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        fn()
+        return 0
+    except UserError as e:
+        if debug_level > 0:
+            traceback.print_exc()
+        log.error("error: %s", e)
+        return e.exit_code
+    except CommandError as e:
+        if debug_level > 0:
+            traceback.print_exc()
+        log.error("error: %s", e)
+        return e.exit_code
+    except CloudImageError as e:
+        traceback.print_exc()
+        log.error("error: %s", e)
+        return e.exit_code
+    except (KeyboardInterrupt, Terminated):
+        log.error("error: interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug: keep the traceback
+        traceback.print_exc()
+        log.error("internal error: %s: %s (please report this)", type(e).__name__, e)
+        return EXIT_BUG
+
+
+# --- the OS scripts ----------------------------------------------------------------------------
+
+def run_verify(genv: GanetiEnv, paths: Paths, argv: Sequence[str]) -> None:
+    from .params import validate_parameters
+    from .variants import load_variant
+
+    if argv and argv[0] != "parameters":
+        raise ParameterError(f"verify: unknown check '{argv[0]}' (Ganeti passes 'parameters')")
+    site = load_site_config(paths)
+    problems = validate_parameters(genv.params, site)
+    try:
+        load_variant(genv.variant, paths)
+    except UserError as e:
+        problems.append(str(e))
+    if problems:
+        for p in problems[:-1]:
+            log.error("%s", p)
+        raise ParameterError(problems[-1])
+
+
+def dispatch(script: Script, genv: GanetiEnv, paths: Paths, argv: Sequence[str]) -> None:
+    if script is Script.VERIFY:
+        run_verify(genv, paths, argv)
+        return
+    if script is Script.CREATE:
+        from .create import run_create
+
+        run_create(genv, load_site_config(paths))
+        return
+    from . import lifecycle
+
+    if script is Script.EXPORT:
+        lifecycle.run_export(genv)
+    elif script is Script.IMPORT:
+        lifecycle.run_import(genv)
+    elif script is Script.RENAME:
+        lifecycle.run_rename(genv)
+
+
+def os_script_main(verb: str, environ: Mapping[str, str] | None = None,
+                   argv: Sequence[str] | None = None) -> int:
+    """What scripts/<verb> calls: parse the Ganeti environment once, then dispatch."""
+    from .install import installed_paths
+
+    environ = os.environ if environ is None else environ
+    argv = sys.argv if argv is None else argv
+    script = Script(verb)
+    prog = f"{environ.get('OS_NAME', 'cloudimage')} {verb}"
+
+    def body() -> None:
+        paths = installed_paths(argv[0]) if argv else Paths()
+        genv = parse_environment(environ, script)
+        dispatch(script, genv, paths, argv[1:])
+
+    return guarded(prog, debug_level_of(environ), body)
+
+
+# --- the instance-cloudimage command -----------------------------------------------------------
+
+def parse_option_pairs(pairs: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in pairs:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ParameterError(f"-O expects name=value, got an argument without '=' ({name or 'empty'})")
+        out[name.strip()] = value
+    return out
+
+
+def simulated_environment(args: argparse.Namespace) -> dict[str, str]:
+    """A Ganeti-like environment for a local create onto ``--disk``."""
+    disk = Path(args.disk).absolute()
+    if not disk.exists():
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        with open(disk, "wb") as f:
+            f.truncate(parse_size(args.disk_size))
+    st = disk.stat()
+    is_block = stat.S_ISBLK(st.st_mode)
+    from .convert import target_size
+
+    env = {
+        "OS_API_VERSION": "20",
+        "OS_NAME": "cloudimage",
+        "OS_VARIANT": args.variant,
+        "DEBUG_LEVEL": "1" if args.debug else "0",
+        "INSTANCE_NAME": args.instance_name,
+        "INSTANCE_UUID": str(uuid.uuid5(uuid.NAMESPACE_DNS, args.instance_name)),
+        "INSTANCE_OS": f"cloudimage+{args.variant}",
+        "HYPERVISOR": "kvm",
+        "DISK_COUNT": "1",
+        "DISK_0_PATH": os.fspath(disk),
+        "DISK_0_ACCESS": "rw",
+        "DISK_0_SIZE": str(target_size(os.fspath(disk)) // (1024 * 1024)),
+        "DISK_0_BACKEND_TYPE": "block" if is_block else "file:loop",
+        "NIC_COUNT": "0",
+    }
+    for name, value in parse_option_pairs(args.os_param).items():
+        env["OSP_" + name.upper().replace("-", "_")] = value
+    return env
+
+
+def cmd_create(args: argparse.Namespace) -> None:
+    from .create import run_create
+
+    paths = Paths(Path(args.config_dir), Path(args.cache_dir))
+    genv = parse_environment(simulated_environment(args), Script.CREATE)
+    run_create(genv, load_site_config(paths))
+
+
+def cmd_install(args: argparse.Namespace) -> None:
+    from .install import install_os
+
+    paths = Paths(Path(args.config_dir), Path(args.cache_dir))
+    variants = install_os(Path(args.os_dir), paths)
+    log.info("installed OS %s in %s with %d variants: %s", Path(args.os_dir).name, args.os_dir,
+             len(variants), " ".join(variants))
+
+
+def cmd_variants(args: argparse.Namespace) -> None:
+    from .variants import list_variants, load_variant
+
+    paths = Paths(Path(args.config_dir), Path(args.cache_dir))
+    for name in list_variants(paths):
+        v = load_variant(name, paths)
+        print(f"{name:24} {v.agent:10} {v.description}")
+
+
+def add_site_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config-dir", default=os.fspath(DEFAULT_CONFIG_DIR),
+                   help="site configuration directory (default: %(default)s)")
+    p.add_argument("--cache-dir", default=os.fspath(DEFAULT_CACHE_DIR),
+                   help="image cache directory (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="instance-cloudimage",
+                                     description="Ganeti OS provider for distribution cloud images")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("create", help="run the create pipeline onto a local disk file or device")
+    p.add_argument("--disk", required=True, help="target disk: a file (created if missing) or block device")
+    p.add_argument("--disk-size", default="1G", help="size of a new disk file (default: %(default)s)")
+    p.add_argument("--variant", default="demo", help="variant name (default: %(default)s)")
+    p.add_argument("-O", "--os-param", action="append", default=[], metavar="NAME=VALUE",
+                   help="an OS parameter, as gnt-instance add -O would pass it")
+    p.add_argument("--instance-name", default="demo.example.org", help="instance name (default: %(default)s)")
+    add_site_options(p)
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("install", help="install the Ganeti OS definition on this node")
+    p.add_argument("--os-dir", default="/srv/ganeti/os/cloudimage",
+                   help="OS definition directory; its name is the OS name (default: %(default)s)")
+    add_site_options(p)
+    p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("variants", help="list the variants and their agents")
+    add_site_options(p)
+    p.set_defaults(func=cmd_variants)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return guarded("instance-cloudimage", 1 if args.debug else 0, lambda: args.func(args))

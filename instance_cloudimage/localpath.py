@@ -1,0 +1,65 @@
+"""Local image paths are a security boundary (../shared/docs/image-safety.md §A.1).
+
+A path must resolve (symlinks and ``..`` followed) to a regular file inside one of the site's
+allowed directories, and never under /dev, /proc, /sys, /etc, /boot or /run.  Opening uses
+O_NOFOLLOW on the resolved path and re-checks with fstat, so a swap after the check is caught.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from .config import SiteConfig
+from .errors import ParameterError
+
+FORBIDDEN_ROOTS = ("/dev", "/proc", "/sys", "/etc", "/boot", "/run")
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def resolve_local_image_path(raw: str, site: SiteConfig, *, what: str = "image") -> Path:
+    """Return the resolved path, or raise ParameterError saying why it is refused."""
+    if not os.path.isabs(raw):
+        raise ParameterError(f"{what} path must be absolute")
+    if "\x00" in raw:
+        raise ParameterError(f"{what} path contains a NUL byte")
+    if any(part == ".." for part in raw.split("/")):
+        raise ParameterError(f"{what} path must not contain '..'")
+    real = os.path.realpath(raw)
+    for root in FORBIDDEN_ROOTS:
+        if _inside(real, root):
+            raise ParameterError(f"{what} path points into {root}, which is never read")
+    allowed = [os.path.realpath(d) for d in site.allowed_dirs]
+    if not any(_inside(real, d) and real != d for d in allowed):
+        raise ParameterError(
+            f"{what} path is outside the allowed image directories",
+            f"allowed: {', '.join(site.allowed_dirs)} ([Images] AllowedDirectories in "
+            f"{site.paths.site_config}); symlinks are resolved first",
+        )
+    try:
+        st = os.stat(real)
+    except OSError as e:
+        raise ParameterError(f"{what} path cannot be read: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ParameterError(f"{what} path is not a regular file")
+    return Path(real)
+
+
+def check_local_image_path(raw: str, site: SiteConfig, *, what: str = "image") -> None:
+    resolve_local_image_path(raw, site, what=what)
+
+
+def open_local_image(path: Path) -> int:
+    """Open a resolved path read-only without following a (swapped-in) symlink; return the fd."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise ParameterError(f"image file {path} cannot be opened: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ParameterError(f"image file {path} is not a regular file")
+    return fd

@@ -1,0 +1,103 @@
+"""Logging to stderr, where Ganeti collects the scripts' output into /var/log/ganeti/os/.
+
+Steps are logged as ``<verb>: <message>`` lines so that the last 20 lines Ganeti quotes in a
+failed job read well.  Progress is a tqdm bar on a TTY, and a throttled line in a log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any
+
+log = logging.getLogger("instance_cloudimage")
+
+
+def setup_logging(prog: str, debug_level: int = 0) -> None:
+    """Configure the package logger: INFO, or DEBUG when Ganeti's DEBUG_LEVEL > 0."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    root = logging.getLogger("instance_cloudimage")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug_level > 0 else logging.INFO)
+    root.propagate = False
+
+
+@contextmanager
+def complete_step(message: str) -> Iterator[None]:
+    """Log a step and how long it took."""
+    log.info("%s", message)
+    start = time.monotonic()
+    yield
+    log.debug("%s done in %.1fs", message, time.monotonic() - start)
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class Progress:
+    """Byte progress: a tqdm bar on a TTY; otherwise a line every 10% or every few seconds.
+
+    Ganeti's log must not be flooded, so without a TTY at most one line per ``interval``
+    seconds is written, and always one at each 10% step when the total is known.
+    """
+
+    def __init__(self, what: str, total: int | None, interval: float = 5.0) -> None:
+        self.what = what
+        self.total = total if total and total > 0 else None
+        self.done = 0
+        self.interval = interval
+        self.start = time.monotonic()
+        self.last_time = self.start
+        self.last_decile = 0
+        self.bar: Any = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc=what, file=sys.stderr, leave=False)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close(success=et is None)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        decile = (self.done * 10 // self.total) if self.total else 0
+        if decile > self.last_decile or now - self.last_time >= self.interval:
+            self.last_decile = max(decile, self.last_decile)
+            self.last_time = now
+            log.info("%s: %s", self.what, self.describe(now))
+
+    def describe(self, now: float) -> str:
+        elapsed = max(now - self.start, 1e-6)
+        rate = self.done / elapsed
+        text = format_size(self.done)
+        if self.total:
+            text += f" of {format_size(self.total)} ({100 * self.done // self.total}%)"
+            if rate > 0 and self.done < self.total:
+                text += f", ETA {int((self.total - self.done) / rate)}s"
+        return text + f", {format_size(rate)}/s"
+
+    def close(self, success: bool = True) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if success:
+            log.info("%s: %s in %.1fs", self.what, format_size(self.done), time.monotonic() - self.start)

@@ -1,0 +1,102 @@
+"""OS parameters: declared once here, written to parameters.list, checked by verify.
+
+Security: never include a parameter's value in a message; Ganeti logs script output and
+private/secret parameters arrive as plain OSP_* variables.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from .config import SiteConfig
+from .errors import ParameterError
+from .variants import CHECKSUM_RE
+
+Check = Callable[[str, SiteConfig], None]
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    description: str
+    check: Check
+    secret: bool = False  # withheld from hooks unless the site allows it
+
+
+def check_image(value: str, site: SiteConfig) -> None:
+    from .localpath import check_local_image_path
+
+    v = value.strip()
+    if not v:
+        raise ParameterError("image must not be empty")
+    scheme = urlsplit(v).scheme.lower()
+    if scheme in ("http", "https"):
+        if not urlsplit(v).hostname:
+            raise ParameterError("image URL has no host")
+        return
+    if scheme == "file":
+        check_local_image_path(urlsplit(v).path, site, what="image")
+        return
+    if scheme:
+        raise ParameterError(f"image URL scheme '{scheme}' is not supported",
+                             "use https://, http://, file:// or an absolute path")
+    if not os.path.isabs(v):
+        raise ParameterError("image must be an absolute path or an http(s) URL")
+    check_local_image_path(v, site, what="image")
+
+
+def check_image_checksum(value: str, site: SiteConfig) -> None:
+    if not CHECKSUM_RE.match(value.strip().lower()):
+        raise ParameterError("image_checksum must be sha256:<64 hex digits> or sha512:<128 hex digits>")
+
+
+ARCH_RE = re.compile(r"^[a-z0-9_]+$")
+
+
+def check_arch(value: str, site: SiteConfig) -> None:
+    if not ARCH_RE.match(value):
+        raise ParameterError("arch must be a machine name such as x86_64 or aarch64")
+
+
+PARAMETERS: tuple[Parameter, ...] = (
+    Parameter("image", "Image path or http(s) URL replacing the variant's image "
+              "(local paths only inside the site's allowed directories)", check_image),
+    Parameter("image_checksum", "Expected digest of the image as sha256:HEX or sha512:HEX",
+              check_image_checksum),
+    Parameter("arch", "Machine architecture of the image to use (default: the node's, e.g. x86_64)",
+              check_arch),
+)
+
+
+def parameter_names() -> list[str]:
+    return [p.name for p in PARAMETERS]
+
+
+def render_parameters_list() -> str:
+    """parameters.list: exactly one 'name description' line each; Ganeti crashes on blanks."""
+    lines = []
+    for p in PARAMETERS:
+        if not re.fullmatch(r"[a-z0-9_-]+", p.name) or not p.description.strip() or "\n" in p.description:
+            raise AssertionError(f"bad parameter declaration {p.name!r}")
+        lines.append(f"{p.name} {p.description}")
+    return "\n".join(lines) + "\n"
+
+
+def validate_parameters(params: Mapping[str, str], site: SiteConfig) -> list[str]:
+    """Check every parameter; return one message per problem (empty when all are fine)."""
+    known = {p.name: p for p in PARAMETERS}
+    problems = []
+    for name in sorted(params):
+        p = known.get(name)
+        if p is None:
+            problems.append(f"unknown OS parameter '{name}' (known: {', '.join(sorted(known))})")
+            continue
+        try:
+            p.check(params[name], site)
+        except ParameterError as e:
+            problems.append(str(e))
+    return problems
