@@ -59,7 +59,8 @@ def parse_size(value: str) -> int:
     m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", value, re.IGNORECASE)
     if not m:
         raise ValueError("expected a size such as 20G or 512M")
-    return int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+    exponent: int = " KMGT".index((m.group(2) or " ").upper())
+    return int(m.group(1)) * (1 << (10 * exponent))
 
 
 def parse_positive_float(value: str) -> float:

@@ -159,6 +159,51 @@ def fetch_http(ref: ImageRef, site: SiteConfig, stack: ExitStack) -> FetchedImag
     return FetchedImage(dst, size, hasher.digest())
 
 
+class ImageStream:
+    """The image's bytes as fetched (still compressed/wrapped), read sequentially.
+
+    This is the seam between sources and writers: a writer that can stream (raw, compressed
+    raw) reads from ``read``/``readinto`` and calls ``finish()`` at the end, which drains what
+    is left, verifies the checksum and returns the verified file; a writer that needs random
+    access (qcow2, vmdk, ...) calls ``finish()`` straight away and uses the file.  ``peek`` shows
+    the first bytes without consuming them, for detection.
+
+    This implementation reads a file that ``fetch_image`` already verified; the issue-3 source
+    replaces it with one that tees the HTTP body into the cache while it is being written.
+    """
+
+    def __init__(self, fetched: FetchedImage) -> None:
+        self._fetched = fetched
+        self._file = open(fetched.path, "rb")
+        self.size: int | None = fetched.size
+
+    def peek(self, n: int) -> bytes:
+        pos = self._file.tell()
+        data = os.pread(self._file.fileno(), n, pos)
+        return data
+
+    def read(self, n: int = CHUNK) -> bytes:
+        return self._file.read(n)
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        return self._file.readinto(buf)
+
+    def finish(self) -> FetchedImage:
+        self.close()
+        return self._fetched
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def open_image(ref: ImageRef, site: SiteConfig, stack: ExitStack) -> ImageStream:
+    """Open the image for sequential reading; cleanup is registered on ``stack``."""
+    stream = ImageStream(fetch_image(ref, site, stack))
+    stack.callback(stream.close)
+    return stream
+
+
 def fetch_image(ref: ImageRef, site: SiteConfig, stack: ExitStack) -> FetchedImage:
     """Fetch and verify the image; the returned file is private and removed by ``stack``."""
     scheme = ref.scheme
