@@ -32,19 +32,19 @@ def split_guest_path(path: str) -> list[str]:
 
 
 def _refuse_link(where: str) -> UnsafeImage:
-    return UnsafeImage(f"the image's /{where} is a symbolic link or not a directory; refusing to follow it",
-                       "seed onto a second disk instead (seed=nocloud-disk)")
+    return UnsafeImage(f"the image's /{where} is a symbolic link or not a directory; refusing to follow it")
 
 
 def open_guest_dir(base_fd: int, path: str, *, create: bool = False, mode: int = 0o700, uid: int = 0,
-                   gid: int = 0) -> int:
+                   gid: int = 0, shown_below: str = "") -> int:
     """Open directory ``path`` below ``base_fd`` without following any symlink; return its fd.
 
     With ``create``, missing directories are made with ``mode``, owned by ``uid``:``gid`` (root).  Raises
     UnsafeImage on a symlink or non-directory on the way, SeedError when a directory is missing.
+    ``shown_below`` is the guest path of ``base_fd``, for messages.
     """
     fd = os.dup(base_fd)
-    walked: list[str] = []
+    walked: list[str] = split_guest_path(shown_below)
     try:
         for name in split_guest_path(path):
             walked.append(name)
@@ -74,10 +74,10 @@ def open_guest_dir(base_fd: int, path: str, *, create: bool = False, mode: int =
 
 @contextmanager
 def guest_dir(base: str | os.PathLike[str] | int, path: str, *, create: bool = False,
-              mode: int = 0o700, uid: int = 0, gid: int = 0) -> Iterator[int]:
+              mode: int = 0o700, uid: int = 0, gid: int = 0, shown_below: str = "") -> Iterator[int]:
     """``open_guest_dir`` as a context manager; ``base`` is a mount point or a directory fd."""
     if isinstance(base, int):
-        fd = open_guest_dir(base, path, create=create, mode=mode, uid=uid, gid=gid)
+        fd = open_guest_dir(base, path, create=create, mode=mode, uid=uid, gid=gid, shown_below=shown_below)
     else:
         root = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:

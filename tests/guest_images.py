@@ -153,8 +153,8 @@ def build_disk(path: Path, size_mib: int, label: str, parts: Sequence[Part], fil
 # --- the layouts the tests use -----------------------------------------------------------------
 
 def gpt_root_first(path: Path, fstype: str = "ext4", size_mib: int = 160, root_mib: int | None = None) -> Path:
-    return build_disk(path, size_mib, "gpt", [Part(root_mib, ROOT_X86_64, "root")],
-                      [Fs(1, fstype, "cloudimg-rootfs")])
+    label = "rootfs" if fstype == "xfs" else "cloudimg-rootfs"  # xfs labels hold 12 characters
+    return build_disk(path, size_mib, "gpt", [Part(root_mib, ROOT_X86_64, "root")], [Fs(1, fstype, label)])
 
 
 def rocky_like(path: Path) -> Path:
