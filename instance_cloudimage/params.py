@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from .config import SiteConfig
 from .errors import ParameterError
+from .settings import parse_bool
 from .variants import CHECKSUM_RE
 
 Check = Callable[[str, SiteConfig], None]
@@ -62,6 +63,13 @@ def check_arch(value: str, site: SiteConfig) -> None:
         raise ParameterError("arch must be a machine name such as x86_64 or aarch64")
 
 
+def check_grow_root(value: str, site: SiteConfig) -> None:
+    try:
+        parse_bool(value)
+    except ValueError:
+        raise ParameterError("grow_root must be yes or no") from None
+
+
 PARAMETERS: tuple[Parameter, ...] = (
     Parameter("image", "Image path or http(s) URL replacing the variant's image "
               "(local paths only inside the site's allowed directories)", check_image),
@@ -69,6 +77,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               check_image_checksum),
     Parameter("arch", "Machine architecture of the image to use (default: the node's, e.g. x86_64)",
               check_arch),
+    Parameter("grow_root", "Grow the root partition and filesystem to the end of disk 0 on the node: yes or no "
+              "(default: the variant's GrowRoot; cloud-init grows on first boot by itself)", check_grow_root),
 )
 
 
