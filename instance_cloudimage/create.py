@@ -18,8 +18,10 @@ from .detect import DetectedImage, detect_format
 from .env import Disk, GanetiEnv, Instance
 from .errors import EnvironmentError_, ParameterError, UnsafeImage
 from .formats import normalize_declared
+from .grow import grow_requested, grow_root
 from .log import complete_step
 from .params import validate_parameters
+from .seed import deliver_seed
 from .source import FetchedImage, ImageRef, fetch_image, resolve_image
 from .variants import Variant, host_architecture, load_variant
 
@@ -87,4 +89,9 @@ def run_create(genv: GanetiEnv, site: SiteConfig) -> None:
         log.info("image is %s, virtual size %d bytes", detected.details, detected.virtual_size)
         with complete_step("writing the image"):
             write_image(Path(fetched.path), detected, ctx.disk.path or "")
+        if grow_requested(genv.params, ctx.variant):
+            with complete_step("growing the root filesystem to the end of the disk"):
+                grow_root(ctx.disk.path or "", ctx.arch, stack)
+        with complete_step("seeding the guest agent"):
+            deliver_seed(ctx, stack)
     log.info("instance %s installed", ctx.instance.name)

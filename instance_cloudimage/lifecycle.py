@@ -1,8 +1,8 @@
 """export, import and rename.
 
 export streams the raw disk to stdout and announces its size on EXP_SIZE_FD; import writes the
-stream onto the device and refuses a stream longer than the disk.  rename has nothing to change
-on the disk yet and never fails the job for a cosmetic reason.
+stream onto the device and refuses a stream longer than the disk.  rename puts the new name into
+the instance's seeds (seedrename.py) and never fails the job for a cosmetic reason.
 """
 
 from __future__ import annotations
@@ -74,5 +74,8 @@ def run_import(genv: GanetiEnv, source: BinaryIO | None = None) -> None:
 
 
 def run_rename(genv: GanetiEnv) -> None:
+    from .seedrename import rename_seeds
+
     instance = genv.require_instance()
+    rename_seeds(genv)
     log.info("renamed %s to %s", genv.old_instance_name, instance.name)
