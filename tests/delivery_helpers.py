@@ -12,13 +12,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import guest_images as gi
-import seeddata_standin
-
 from instance_cloudimage.config import Paths
 from instance_cloudimage.create import CreateContext
 from instance_cloudimage.env import GanetiEnv, Script, parse_environment
 from instance_cloudimage.variants import Variant, load_variant
+
+from . import guest_images as gi
+from . import seeddata_standin
 
 READER = Path(__file__).with_name("read_seed_with_cloudinit.py")
 CLOUDINIT_PYTHON = "/usr/bin/python3"
@@ -77,7 +77,7 @@ def expected_files(genv: GanetiEnv, variant: Variant, kind: str) -> dict[str, by
 
 
 def run_reader(kind: str, directory: Path) -> dict[str, Any]:
-    proc = subprocess.run([CLOUDINIT_PYTHON, os.fspath(READER), kind, os.fspath(directory)],  # noqa: S603
+    proc = subprocess.run([CLOUDINIT_PYTHON, os.fspath(READER), kind, os.fspath(directory)],
                           capture_output=True, check=False)
     assert proc.returncode == 0, proc.stderr.decode()
     out: dict[str, Any] = json.loads(proc.stdout)

@@ -35,7 +35,7 @@ BASE_FILES = {
 
 
 def sh(*argv: str, input: bytes | None = None, env: Mapping[str, str] | None = None) -> str:
-    proc = subprocess.run(argv, input=input, capture_output=True, check=False,  # noqa: S603 - test argv
+    proc = subprocess.run(argv, input=input, capture_output=True, check=False,
                           env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"{argv} failed: {proc.stderr.decode()}")

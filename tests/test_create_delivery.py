@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import delivery_helpers as dh
-import guest_images as gi
 import pytest
 
 from instance_cloudimage.config import Paths
 from instance_cloudimage.install import install_os
+
+from . import delivery_helpers as dh
+from . import guest_images as gi
 
 pytestmark = pytest.mark.integration
 DRIVER = Path(__file__).with_name("create_driver.py")
@@ -41,7 +42,7 @@ def start(os_dir: Path, disks: list[Path], pause: str | None = None, verb: str =
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **dh.environ(disks, params=params, nics=1)}
     if pause:
         env["TEST_PAUSE_AFTER"] = pause
-    return subprocess.Popen([sys.executable, os.fspath(DRIVER), verb, os.fspath(os_dir / verb)],  # noqa: S603
+    return subprocess.Popen([sys.executable, os.fspath(DRIVER), verb, os.fspath(os_dir / verb)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=os_dir)
 
 
@@ -103,7 +104,7 @@ def test_rename_script_updates_the_seed(os_dir: Path, tmp_path: Path) -> None:
     assert rc == 0, err
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
            **dh.environ([disk], name="vm2.example.org", old_name="vm1.example.org")}
-    proc = subprocess.run([sys.executable, os.fspath(DRIVER), "rename", os.fspath(os_dir / "rename")],  # noqa: S603
+    proc = subprocess.run([sys.executable, os.fspath(DRIVER), "rename", os.fspath(os_dir / "rename")],
                           env=env, capture_output=True, check=False, cwd=os_dir)
     assert proc.returncode == 0, proc.stderr.decode()
     assert dh.read_nocloud_in_guest(disk)["hostname"] == "vm2.example.org"

@@ -8,7 +8,6 @@ import re
 from contextlib import ExitStack
 from pathlib import Path
 
-import guest_images as gi
 import pytest
 
 from instance_cloudimage.errors import GrowError, ParameterError
@@ -16,6 +15,8 @@ from instance_cloudimage.grow import grow_requested, grow_root, growth_limit
 from instance_cloudimage.partitions import LINUX_DATA, Partition, PartitionTable
 from instance_cloudimage.settings import ParsedIni
 from instance_cloudimage.variants import Variant
+
+from . import guest_images as gi
 
 M = 1024 * 1024
 

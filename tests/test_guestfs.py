@@ -7,11 +7,12 @@ import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
-import guest_images as gi
 import pytest
 
 from instance_cloudimage.errors import SeedError, UnsafeImage
 from instance_cloudimage.guestfs import mount_guest_root
+
+from . import guest_images as gi
 
 pytestmark = pytest.mark.integration
 

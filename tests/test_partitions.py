@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import guest_images as gi
 import pytest
 
 from instance_cloudimage.errors import SeedError
@@ -21,6 +20,8 @@ from instance_cloudimage.partitions import (
     choose_guest_layout,
     read_partition_table,
 )
+
+from . import guest_images as gi
 
 M = 1024 * 1024
 

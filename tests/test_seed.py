@@ -9,8 +9,6 @@ import os
 from contextlib import ExitStack
 from pathlib import Path
 
-import delivery_helpers as dh
-import guest_images as gi
 import pytest
 import yaml
 
@@ -18,6 +16,9 @@ from instance_cloudimage import seed
 from instance_cloudimage.errors import ParameterError, SeedError, UnsafeImage
 from instance_cloudimage.partitions import GuestLayout, Partition, PartitionTable
 from instance_cloudimage.seeddisk import needed_size, seed_fs_size
+
+from . import delivery_helpers as dh
+from . import guest_images as gi
 
 ROOT = Partition(1, 0, 100, "", "ext4")
 

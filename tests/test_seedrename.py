@@ -11,8 +11,6 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from pathlib import Path
 
-import delivery_helpers as dh
-import guest_images as gi
 import pytest
 import yaml
 
@@ -26,6 +24,9 @@ from instance_cloudimage.seedrename import (
     rename_metadata_yaml,
     rename_user_data,
 )
+
+from . import delivery_helpers as dh
+from . import guest_images as gi
 
 R = make_renamer("old.example.org", "new.example.org")
 
