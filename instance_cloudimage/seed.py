@@ -133,10 +133,17 @@ def plan_delivery(instance: Instance, variant: Variant, params: Mapping[str, str
 
 def build_seed_files(genv: GanetiEnv, variant: Variant, kind: str) -> dict[str, bytes]:
     """The data side's files for ``kind`` ("nocloud" or "configdrive"), relative path → bytes."""
-    # Imported by name: seeddata.py is the data side's module (pure functions, no disks).
+    # Imported by name: seeddata.py (and configdrive.py) are the data side's modules, pure
+    # functions that know nothing of disks.
     seeddata = importlib.import_module(f"{__package__}.seeddata")
     inp = seeddata.seed_input(genv, variant)
-    built = seeddata.build_nocloud(inp) if kind == "nocloud" else seeddata.build_configdrive(inp)
+    if kind == "nocloud":
+        built = seeddata.build_nocloud(inp)
+    else:
+        builder = getattr(seeddata, "build_configdrive", None)
+        if builder is None:
+            builder = importlib.import_module(f"{__package__}.configdrive").build_configdrive
+        built = builder(inp)
     return {str(k): bytes(v) for k, v in built.files.items()}
 
 
