@@ -70,10 +70,15 @@ def context(genv: GanetiEnv, variant: Variant, config_dir: Path) -> CreateContex
 
 def expected_files(genv: GanetiEnv, variant: Variant, kind: str) -> dict[str, bytes]:
     """What the data side builds for this instance (the real module, or the stand-in)."""
+    import importlib
+
     sd = seeddata_standin.install()
     inp = sd.seed_input(genv, variant)
-    built = sd.build_nocloud(inp) if kind == "nocloud" else sd.build_configdrive(inp)
-    return dict(built.files)
+    if kind == "nocloud":
+        return dict(sd.build_nocloud(inp).files)
+    builder = getattr(sd, "build_configdrive", None) or importlib.import_module(
+        "instance_cloudimage.configdrive").build_configdrive
+    return dict(builder(inp).files)
 
 
 def run_reader(kind: str, directory: Path) -> dict[str, Any]:

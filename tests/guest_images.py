@@ -204,6 +204,24 @@ def loops_of(path: Path) -> str:
     return sh("losetup", "--associated", os.fspath(path)).strip()
 
 
+def no_loops(path: Path, timeout: float = 5.0) -> bool:
+    """True once no loop device is attached to ``path``.
+
+    ``losetup --detach`` of a device that another process holds open (any blkid scanning all
+    block devices on this shared machine does) only marks it for autoclear, so it may linger
+    for a moment after a correct detach.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while loops_of(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def our_mounts() -> list[str]:
+    """Mounts made by the code under test (its mount points are cloudimage-guest-*/cloudimage-grow-*)."""
     with open("/proc/mounts") as f:
-        return [ln for ln in f if "cloudimage-" in ln]
+        return [ln for ln in f if "/cloudimage-guest-" in ln.split()[1] or "/cloudimage-grow-" in ln.split()[1]]

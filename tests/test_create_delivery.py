@@ -52,7 +52,7 @@ def finish(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
 
 
 def assert_nothing_left(disk: Path) -> None:
-    assert gi.loops_of(disk) == "", "a loop device is still attached"
+    assert gi.no_loops(disk), "a loop device is still attached"
     assert gi.our_mounts() == [], "a guest filesystem is still mounted"
 
 

@@ -99,7 +99,7 @@ def grow_and_check(img: Path, number: int, fstype: str, disk_mib: int) -> None:
     with gi.loop(img, start, size) as dev:
         assert size - fs_size(dev, fstype) < 4 * M  # the filesystem fills the partition
         fsck(dev, fstype)
-    assert gi.loops_of(img) == "" and gi.our_mounts() == []
+    assert gi.no_loops(img) and gi.our_mounts() == []
 
 
 @pytest.mark.integration
@@ -142,7 +142,7 @@ def test_root_followed_by_another_partition_is_refused(tmp_path: Path) -> None:
         grow_root(os.fspath(img), "x86_64", stack)
     after = gi.sh("sfdisk", "--dump", os.fspath(img))
     assert [ln for ln in before.splitlines() if "start=" in ln] == [ln for ln in after.splitlines() if "start=" in ln]
-    assert gi.loops_of(img) == ""
+    assert gi.no_loops(img)
 
 
 @pytest.mark.integration

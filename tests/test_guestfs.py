@@ -24,7 +24,7 @@ def mount_line(path: Path) -> str:
 
 def assert_clean(*images: Path) -> None:
     for img in images:
-        assert gi.loops_of(img) == "", f"loop device left on {img}"
+        assert gi.no_loops(img), f"loop device left on {img}"
     assert gi.our_mounts() == []
 
 
