@@ -101,12 +101,13 @@ def dispatch(script: Script, genv: GanetiEnv, paths: Paths, argv: Sequence[str])
         return
     from . import lifecycle
 
+    site = load_site_config(paths)
     if script is Script.EXPORT:
-        lifecycle.run_export(genv)
+        lifecycle.run_export(genv, site)
     elif script is Script.IMPORT:
-        lifecycle.run_import(genv)
+        lifecycle.run_import(genv, site)
     elif script is Script.RENAME:
-        lifecycle.run_rename(genv)
+        lifecycle.run_rename(genv, site)
 
 
 def os_script_main(verb: str, environ: Mapping[str, str] | None = None,
