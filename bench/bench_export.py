@@ -23,15 +23,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, os.fspath(Path(__file__).resolve().parent.parent))
 
-from instance_cloudimage.config import Paths  # noqa: E402
-from instance_cloudimage.install import install_os  # noqa: E402
-from instance_cloudimage.settings import parse_size  # noqa: E402
+from instance_cloudimage.config import Paths
+from instance_cloudimage.install import install_os
+from instance_cloudimage.settings import parse_size
 
 MIB = 1024 * 1024
 ISLAND = 16 * MIB
@@ -83,7 +82,7 @@ def verify(os_dir: Path, stream_argv: list[str], env: dict[str, str], disk: Path
     importer = subprocess.run([os_dir / "import"], stdin=exporter.stdout, env=script_env(os_dir, target, "IMPORT"),  # noqa: S603
                               cwd=os_dir, stderr=subprocess.DEVNULL, check=False)
     exporter.wait()
-    same = importer.returncode == 0 and subprocess.run(["cmp", "-s", disk, target], check=False).returncode == 0  # noqa: S603,S607
+    same = importer.returncode == 0 and subprocess.run(["cmp", "-s", disk, target], check=False).returncode == 0  # noqa: S603
     target.unlink()
     return same
 
