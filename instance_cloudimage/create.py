@@ -102,7 +102,8 @@ def mount_guest_for_hooks(ctx: CreateContext, facts: HookFacts, stack: ExitStack
 def run_create(genv: GanetiEnv, site: SiteConfig, *, plan: HookPlan | None = None) -> None:
     """The whole create script.  Raises a UserError subclass on any refused input."""
     ctx = prepare(genv, site)
-    plan = plan or plan_hooks(site.paths, ctx.variant.name)  # refused hooks fail before any work
+    if plan is None:
+        plan = plan_hooks(site.paths, ctx.variant.name)  # refused hooks fail before any work
     ref = resolve_image(ctx.variant, dict(genv.params), ctx.arch)
     facts = HookFacts(genv, ctx.instance, ctx.variant, ctx.arch, ctx.disk, site.paths.config_dir, ref)
     log.info("installing %s (variant %s, %s) onto %s", ctx.instance.name, ctx.variant.name, ctx.arch,

@@ -24,7 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from .config import Paths, SiteConfig
-from .errors import HookFailed, ParameterError
+from .errors import CommandNotFound, HookFailed, ParameterError
 from .formats import DECLARABLE_FORMATS
 from .hookenv import HookFacts, describe_for_hooks, hook_variables, visible_parameters
 from .params import check_image, check_image_checksum
@@ -203,7 +203,13 @@ def run_one(hook: Hook, env: Mapping[str, str], timeout: float) -> None:
         log.info("%s %s", prefix, line)
 
     log.info("running %s", hook.describe())
-    result = run_streaming([os.fspath(hook.path)], on_line, env=env, timeout=timeout)
+    try:
+        result = run_streaming([os.fspath(hook.path)], on_line, env=env, timeout=timeout)
+    except CommandNotFound:
+        raise HookFailed(f"{hook.describe()} cannot be run: the interpreter on its #! line does not exist") from None
+    except OSError as e:
+        raise HookFailed(f"{hook.describe()} cannot be run: {e.strerror}",
+                         "a script must start with a #! line naming its interpreter") from None
     tail = " | ".join(x.strip() for x in last if x.strip()) or "no output"
     if result.timed_out:
         raise HookFailed(f"{hook.describe()} timed out after {timeout:.0f}s; last output: {tail}",

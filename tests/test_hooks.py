@@ -243,6 +243,19 @@ def test_failure_names_the_hook_and_its_last_lines(tmp_path: Path, shipped: Path
     assert "[pre-write 20-broken] line1" in caplog.text and "[pre-write 20-broken] oops" in caplog.text
 
 
+def test_script_without_interpreter_line(tmp_path: Path, shipped: Path) -> None:
+    site = make_site(tmp_path)
+    hook = site.paths.site_hooks / "post.d" / "10-noshebang"
+    hook.parent.mkdir(parents=True)
+    hook.write_text("echo hi\n")
+    hook.chmod(0o755)
+    with pytest.raises(HookFailed, match="10-noshebang cannot be run: Exec format error .*#! line"):
+        run_hooks(plan_hooks(site.paths, "demo", shipped=shipped), Phase.POST, make_facts(tmp_path, site), site)
+    hook.write_text("#!/no/such/interpreter\necho hi\n")
+    with pytest.raises(HookFailed, match="10-noshebang cannot be run: the interpreter on its #! line does not exist"):
+        run_hooks(plan_hooks(site.paths, "demo", shipped=shipped), Phase.POST, make_facts(tmp_path, site), site)
+
+
 def test_killed_by_signal(tmp_path: Path, shipped: Path) -> None:
     site = make_site(tmp_path)
     write_hook(site.paths.site_hooks / "post.d" / "10-x", "kill -SEGV $$\n")

@@ -373,3 +373,25 @@ def test_rename_exits_zero(tmp_path: Path, os_dirs: dict[str, Path]) -> None:
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "renamed old.example.test to inst1.example.test" in proc.stderr
+
+
+def test_rename_survives_a_broken_site_config(tmp_path: Path, os_dirs: dict[str, Path]) -> None:
+    import json
+
+    os_dir = tmp_path / "os" / "cloudimage"
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "defaults.conf").write_text("[Nonsense]\nKey = 1\n")
+    install_os(os_dir, Paths(etc, tmp_path / "cache"))
+    assert json.loads((os_dir / "instance-cloudimage.json").read_text())["config_dir"] == os.fspath(etc)
+    disk = tmp_path / "disk0"
+    make_target(disk)
+    env = ganeti_env(os_dir, os.fspath(disk), "rename", OLD_INSTANCE_NAME="old.example.test")
+    proc = subprocess.run([os_dir / "rename"], env=env, cwd=os_dir, capture_output=True, text=True,  # noqa: S603
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "unknown setting [Nonsense] Key" in proc.stderr and "renaming with the default settings" in proc.stderr
+    export_env = ganeti_env(os_dir, os.fspath(disk), "export")
+    proc = subprocess.run([os_dir / "export"], env=export_env, cwd=os_dir, capture_output=True, text=True,  # noqa: S603
+                          check=False)
+    assert proc.returncode == 2 and "unknown setting [Nonsense] Key" in proc.stderr
