@@ -121,8 +121,9 @@ def run_create(genv: GanetiEnv, site: SiteConfig, *, plan: HookPlan | None = Non
         run_hooks(plan, Phase.PRE_WRITE, facts, site)
         with complete_step("writing the image"):
             write_image(Path(fetched.path), detected, ctx.disk.path or "")
+        # Its own stack, so that the guest is unmounted before the post hooks run.
         with ExitStack() as guest:
-            # The seed is written here, into the same mount, before the post-write hooks.
+            # The seed is to be written into this same mount, before the post-write hooks.
             if plan.for_phase(Phase.POST_WRITE):
                 run_hooks(plan, Phase.POST_WRITE, mount_guest_for_hooks(ctx, facts, guest), site)
         run_hooks(plan, Phase.POST, facts, site)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import signal
 import stat
 import tempfile
 from collections.abc import Mapping
@@ -108,7 +109,10 @@ def check_hook(hook: Hook) -> None:
                          f"chmod +x it to enable it, or remove it (masking: ln -s /dev/null {hook.name})")
     if hook.origin == "shipped":
         return
-    for what, s in (("its symlink", os.lstat(hook.path)), ("it", st)):
+    owners = [("it", st)]
+    if hook.path.is_symlink():
+        owners.insert(0, ("its symlink", os.lstat(hook.path)))
+    for what, s in owners:
         if s.st_uid not in allowed_owners():
             raise HookFailed(f"{hook.describe()} is refused: {what} is owned by uid {s.st_uid}, not root",
                              f"chown root {real}")
@@ -184,8 +188,6 @@ def plan_hooks(paths: Paths, variant: str, *, shipped: Path | None = None) -> Ho
 
 def _describe_exit(returncode: int) -> str:
     if returncode < 0:
-        import signal
-
         try:
             return f"was killed by {signal.Signals(-returncode).name}"
         except ValueError:

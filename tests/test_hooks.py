@@ -217,8 +217,15 @@ def test_hook_not_owned_by_root_is_refused(tmp_path: Path, shipped: Path) -> Non
     site = make_site(tmp_path)
     hook = write_hook(site.paths.site_hooks / "pre-write.d" / "10-x", "exit 0\n")
     os.chown(hook, 65534, 65534)
-    with pytest.raises(HookFailed, match="owned by uid 65534, not root"):
+    with pytest.raises(HookFailed, match="10-x is refused: it is owned by uid 65534, not root"):
         plan_hooks(site.paths, "demo", shipped=shipped)
+    os.chown(hook, 0, 0)
+    link = hook.parent / "20-link"
+    link.symlink_to(hook)
+    os.chown(link, 65534, 65534, follow_symlinks=False)
+    with pytest.raises(HookFailed, match="20-link is refused: its symlink is owned by uid 65534"):
+        plan_hooks(site.paths, "demo", shipped=shipped)
+    link.unlink()
     os.chown(hook, 0, 0)
     os.chown(hook.parent, 65534, 65534)
     with pytest.raises(HookFailed, match=f"hook directory {hook.parent} is refused: it is owned by uid 65534"):
