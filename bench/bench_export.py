@@ -51,7 +51,7 @@ def build_disk(path: Path, size: int, data: int) -> None:
 def count_stream(argv: list[str], env: dict[str, str] | None, cwd: str | None) -> tuple[int, float, str]:
     """Run ``argv``, count its stdout; return (bytes, seconds, sha256 of the stream)."""
     start = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # noqa: S603
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env, cwd=cwd)
     assert proc.stdout is not None
     total = 0
@@ -77,12 +77,12 @@ def verify(os_dir: Path, stream_argv: list[str], env: dict[str, str], disk: Path
     target = work / "target"
     with open(target, "wb") as f:
         f.truncate(disk.stat().st_size)
-    exporter = subprocess.Popen(stream_argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,  # noqa: S603
+    exporter = subprocess.Popen(stream_argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
                                 cwd=os_dir)
-    importer = subprocess.run([os_dir / "import"], stdin=exporter.stdout, env=script_env(os_dir, target, "IMPORT"),  # noqa: S603
+    importer = subprocess.run([os_dir / "import"], stdin=exporter.stdout, env=script_env(os_dir, target, "IMPORT"),
                               cwd=os_dir, stderr=subprocess.DEVNULL, check=False)
     exporter.wait()
-    same = importer.returncode == 0 and subprocess.run(["cmp", "-s", disk, target], check=False).returncode == 0  # noqa: S603
+    same = importer.returncode == 0 and subprocess.run(["cmp", "-s", disk, target], check=False).returncode == 0
     target.unlink()
     return same
 

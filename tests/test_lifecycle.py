@@ -104,7 +104,7 @@ def export(os_dir: Path, disk: str, out: Path) -> Ran:
     try:
         env = ganeti_env(os_dir, disk, "export", EXP_SIZE_FD=str(w))
         with open(out, "wb") as stdout:
-            proc = subprocess.run([os_dir / "export"], env=env, cwd=os_dir, stdin=subprocess.DEVNULL,  # noqa: S603
+            proc = subprocess.run([os_dir / "export"], env=env, cwd=os_dir, stdin=subprocess.DEVNULL,
                                   stdout=stdout, stderr=subprocess.PIPE, pass_fds=(w,), check=False)
         os.close(w)
         w = -1
@@ -121,11 +121,11 @@ def export(os_dir: Path, disk: str, out: Path) -> Ran:
 def import_(os_dir: Path, target: str, stream: Path | bytes) -> Ran:
     env = ganeti_env(os_dir, target, "import", EXP_SIZE_FD="11")
     if isinstance(stream, bytes):
-        proc = subprocess.run([os_dir / "import"], env=env, cwd=os_dir, input=stream,  # noqa: S603
+        proc = subprocess.run([os_dir / "import"], env=env, cwd=os_dir, input=stream,
                               capture_output=True, check=False)
     else:
         with open(stream, "rb") as stdin:
-            proc = subprocess.run([os_dir / "import"], env=env, cwd=os_dir, stdin=stdin,  # noqa: S603
+            proc = subprocess.run([os_dir / "import"], env=env, cwd=os_dir, stdin=stdin,
                                   capture_output=True, check=False)
     return Ran(proc.returncode, proc.stderr.decode())
 
@@ -136,12 +136,12 @@ def allocated(path: Path) -> int:
 
 @contextlib.contextmanager
 def loop_device(path: Path) -> Iterator[str]:
-    dev = subprocess.run(["losetup", "--find", "--show", path], capture_output=True, text=True,  # noqa: S603
+    dev = subprocess.run(["losetup", "--find", "--show", path], capture_output=True, text=True,
                          check=True).stdout.strip()
     try:
         yield dev
     finally:
-        subprocess.run(["losetup", "-d", dev], check=False)  # noqa: S603
+        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 # --- round trips ------------------------------------------------------------------------------------
@@ -369,7 +369,7 @@ def test_rename_exits_zero(tmp_path: Path, os_dirs: dict[str, Path]) -> None:
     disk = tmp_path / "disk0"
     make_target(disk)
     env = ganeti_env(os_dirs["plain"], os.fspath(disk), "rename", OLD_INSTANCE_NAME="old.example.test")
-    proc = subprocess.run([os_dirs["plain"] / "rename"], env=env, cwd=os_dirs["plain"],  # noqa: S603
+    proc = subprocess.run([os_dirs["plain"] / "rename"], env=env, cwd=os_dirs["plain"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "renamed old.example.test to inst1.example.test" in proc.stderr
@@ -387,11 +387,11 @@ def test_rename_survives_a_broken_site_config(tmp_path: Path, os_dirs: dict[str,
     disk = tmp_path / "disk0"
     make_target(disk)
     env = ganeti_env(os_dir, os.fspath(disk), "rename", OLD_INSTANCE_NAME="old.example.test")
-    proc = subprocess.run([os_dir / "rename"], env=env, cwd=os_dir, capture_output=True, text=True,  # noqa: S603
+    proc = subprocess.run([os_dir / "rename"], env=env, cwd=os_dir, capture_output=True, text=True,
                           check=False)
     assert proc.returncode == 0, proc.stderr
     assert "unknown setting [Nonsense] Key" in proc.stderr and "renaming with the default settings" in proc.stderr
     export_env = ganeti_env(os_dir, os.fspath(disk), "export")
-    proc = subprocess.run([os_dir / "export"], env=export_env, cwd=os_dir, capture_output=True, text=True,  # noqa: S603
+    proc = subprocess.run([os_dir / "export"], env=export_env, cwd=os_dir, capture_output=True, text=True,
                           check=False)
     assert proc.returncode == 2 and "unknown setting [Nonsense] Key" in proc.stderr

@@ -19,7 +19,7 @@ ROOT = os.geteuid() == 0
 
 def run_hook(hook: Path, **env: str) -> subprocess.CompletedProcess[str]:
     base = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "VARIANT": "debian-12"}
-    return subprocess.run([hook], env={**base, **env}, capture_output=True, text=True, check=False)  # noqa: S603
+    return subprocess.run([hook], env={**base, **env}, capture_output=True, text=True, check=False)
 
 
 # --- 50-local-mirror -------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def test_shell_hooks_pass_shellcheck() -> None:
     if tool is None:
         pytest.skip("shellcheck is not installed (CI installs it from .ci/packages.txt)")
     shell = [h for h in shipped_hooks() if h.read_text().startswith("#!/bin/sh")]
-    proc = subprocess.run([tool, "--shell=sh", *shell], capture_output=True, text=True, check=False)  # noqa: S603
+    proc = subprocess.run([tool, "--shell=sh", *shell], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout
 
 
@@ -380,5 +380,5 @@ def test_python_hooks_pass_ruff() -> None:
     if not os.path.exists(tool):
         pytest.skip("ruff is not installed")
     python = [h for h in shipped_hooks() if h.read_text().startswith("#!/usr/bin/python3")]
-    proc = subprocess.run([tool, "check", *python], capture_output=True, text=True, check=False)  # noqa: S603
+    proc = subprocess.run([tool, "check", *python], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout
