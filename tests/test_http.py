@@ -262,7 +262,7 @@ def run_cli(tmp_path: Path, name: str, config: Path, params: dict[str, str],
             "--config-dir", os.fspath(config), "--cache-dir", os.fspath(tmp_path / "cache"), "--variant", variant]
     for k, v in params.items():
         argv += ["-O", f"{k}={v}"]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)  # noqa: S603 - test helper, fixed argv
 
 
 def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
@@ -323,7 +323,7 @@ def test_variant_url_errors_name_the_url(tmp_path: Path, state: ServerState) -> 
 # --- concurrency, revalidation, end to end -----------------------------------------------------------
 
 def qemu_compare(disk: Path, image_file: Path) -> None:
-    subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", os.fspath(disk),
+    subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", os.fspath(disk),  # noqa: S603 - test helper, fixed argv
                     os.fspath(image_file)], check=True)
 
 
@@ -338,7 +338,7 @@ def test_concurrent_creates_download_once_and_a_warm_create_gets_304(tmp_path: P
         argvs.append([os.fspath(CLI), "create", "--disk", os.fspath(tmp_path / f"d{i}.img"), "--disk-size", "32M",
                       "--config-dir", os.fspath(cfg), "--cache-dir", os.fspath(tmp_path / "cache"),
                       "-O", f"image={state.url('/img.qcow2')}"])
-    procs = [subprocess.Popen(a, stderr=subprocess.PIPE, text=True) for a in argvs]
+    procs = [subprocess.Popen(a, stderr=subprocess.PIPE, text=True) for a in argvs]  # noqa: S603 - test helper, fixed argv
     outs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], outs
     assert len(state.body_gets("/img.qcow2")) == 1
