@@ -159,6 +159,9 @@ class BodyDownload:
                 before = self.pos
                 try:
                     self._stream(resp, progress)
+                    if self.total is not None and self.pos < self.total:
+                        # Some stacks report a short body as a plain EOF (image-safety.md §A.4).
+                        raise urllib3.exceptions.ProtocolError("the body ended early")
                     resp.close()
                     break
                 except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as e:
