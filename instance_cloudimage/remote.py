@@ -263,17 +263,20 @@ def start_download(cache: Cache, key: str, lock: LockHolder, client: HttpClient,
                    opened: Opened, expected: Digest | None, spec: RemoteSpec, site: SiteConfig,
                    stack: ExitStack, what: str) -> Opening:
     fd, temp = cache.new_temp(key)
+    spool = Spool(fd)
 
     def drop_temp() -> None:
         temp.unlink(missing_ok=True)
-        os.close(fd)
+        # A producer still blocked in a read owns the fd: closing it could let the number be
+        # reused under its pwrite.  The process is ending anyway.
+        if spool.thread is None or not spool.thread.is_alive():
+            os.close(fd)
 
     stack.callback(drop_temp)
     length = opened.header("Content-Length")
     size = int(length) if length and length.isdigit() else None
     if size is not None:
         cache.evict(reserve=size)
-    spool = Spool(fd)
     hasher = Hasher([expected.algorithm] if expected else [])
     body = BodyDownload(client, source_url, opened, spool, hasher,
                         max_size=int(site.get("max_download_size")), what=what)

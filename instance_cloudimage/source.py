@@ -191,21 +191,26 @@ def expected_local_digest(ref: ImageRef, path: Path, site: SiteConfig) -> Digest
     return None
 
 
+def close_unless_busy(fd: int, box: list[Spool]) -> None:
+    """Close ``fd`` unless a producer thread that may still use it is alive (see remote.py)."""
+    thread = box[0].thread if box else None
+    if thread is None or not thread.is_alive():
+        os.close(fd)
+
+
 def open_local(path: Path, ref: ImageRef, site: SiteConfig, stack: ExitStack) -> ImageStream:
     """Copy a local file into a private spool while hashing it (in a producer thread)."""
     expected = expected_local_digest(ref, path, site)
+    box: list[Spool] = []
     src = open_local_image(path)
-    stack.callback(os.close, src)
+    stack.callback(close_unless_busy, src, box)
     total = os.fstat(src).st_size
     cache = make_cache(site)
     fd, spool_path = cache.new_temp("local")
-
-    def drop() -> None:
-        spool_path.unlink(missing_ok=True)
-        os.close(fd)
-
-    stack.callback(drop)
     spool = Spool(fd)
+    box.append(spool)
+    stack.callback(close_unless_busy, fd, box)
+    stack.callback(spool_path.unlink, missing_ok=True)
     hasher = Hasher([expected.algorithm] if expected else [])
     what = ref.describe()
     sha256 = []

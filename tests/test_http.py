@@ -385,3 +385,52 @@ def test_upstream_is_used_when_the_mirror_fails(tmp_path: Path, state: ServerSta
         assert len(state.body_gets("/pub/img.qcow2")) == 1
     finally:
         mirror.stop()
+
+
+# --- proxies, local files, cancellation --------------------------------------------------------------
+
+def test_site_proxy_is_used_and_no_proxy_bypasses_it(tmp_path: Path, state: ServerState, image: bytes) -> None:
+    proxy_state = ServerState()
+    proxy = Server(proxy_state)
+    try:
+        # A proxy receives the absolute URL as the request target.
+        proxy_state.files["http://images.example.invalid/img.qcow2"] = image
+        state.files["/img.qcow2"] = image
+        site = site_for(tmp_path, {"HTTP": {"Proxy": proxy_state.base, "NoProxy": "localhost, 127.0.0.0/8"}})
+        _, data = fetch(variant_ref("http://images.example.invalid/img.qcow2"), site)
+        assert data == image
+        assert [r.path for r in proxy_state.log] == ["http://images.example.invalid/img.qcow2"]
+        _, data = fetch(variant_ref(state.url("/img.qcow2")), site)  # bypasses the proxy
+        assert data == image and len(proxy_state.log) == 1 and len(state.log) == 1
+    finally:
+        proxy.stop()
+
+
+def test_local_paths_obey_the_allowed_directories(tmp_path: Path, image: bytes) -> None:
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    (allowed / "img.qcow2").write_bytes(image)
+    (tmp_path / "outside.qcow2").write_bytes(image)
+    (allowed / "link.qcow2").symlink_to(tmp_path / "outside.qcow2")
+    site = site_for(tmp_path, {"Images": {"AllowedDirectories": os.fspath(allowed)}})
+    for location in (os.fspath(allowed / "img.qcow2"), f"file://{allowed / 'img.qcow2'}"):
+        fetched, data = fetch(param_ref(location, checksum=sha256(image)), site)
+        assert data == image and fetched.digest == sha256(image)
+    for location in (os.fspath(tmp_path / "outside.qcow2"), os.fspath(allowed / "link.qcow2"), "file:///etc/passwd"):
+        with pytest.raises(ParameterError):
+            fetch(param_ref(location), site)
+    with pytest.raises(ChecksumMismatch):
+        fetch(param_ref(os.fspath(allowed / "img.qcow2"), checksum="sha256:" + "1" * 64), site)
+    assert temp_files(site) == []
+
+
+def test_closing_a_stream_mid_download_leaves_nothing(tmp_path: Path, state: ServerState, image: bytes) -> None:
+    state.files["/img.qcow2"] = image
+    site = site_for(tmp_path)
+    with ExitStack() as stack:
+        stream = open_image(param_ref(state.url("/img.qcow2")), site, stack)
+        assert stream.read(1000)
+    assert temp_files(site) == [] or cached_images(site) == [hashlib.sha256(image).hexdigest()]
+    # The URL lock was released: another fetch proceeds at once.
+    _, data = fetch(param_ref(state.url("/img.qcow2")), site)
+    assert data == image
