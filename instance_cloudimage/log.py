@@ -47,20 +47,21 @@ def format_size(n: float) -> str:
 class Progress:
     """Byte progress: a tqdm bar on a TTY; otherwise a throttled line for Ganeti's log.
 
-    Without a TTY a line is written when another 10% is done (at most one a second), or
-    after ``interval`` seconds without one, so a slow download still shows signs of life and a
-    fast one prints at most ten lines.  Transfers below ``QUIET_BELOW`` bytes print nothing but
+    Without a TTY a line is written when another 10% is done (at most one a second), and
+    after ``interval`` seconds without a line (30 s when the total is known, so that the
+    heartbeat does not double the 10% lines), so a slow download still shows signs of life and
+    a fast one prints at most a summary.  Transfers below ``QUIET_BELOW`` bytes print nothing but
     a debug line: a checksum file is not news.
     """
 
     QUIET_BELOW = 16 * 1024 * 1024
     MIN_GAP = 1.0
 
-    def __init__(self, what: str, total: int | None, interval: float = 10.0) -> None:
+    def __init__(self, what: str, total: int | None, interval: float | None = None) -> None:
         self.what = what
         self.total = total if total and total > 0 else None
         self.done = 0
-        self.interval = interval
+        self.interval = interval if interval is not None else (30.0 if self.total else 10.0)
         self.start = time.monotonic()
         self.last_time = self.start
         self.last_decile = 0
