@@ -192,7 +192,7 @@ class Opening:
 def open_remote(spec: RemoteSpec, site: SiteConfig, stack: ExitStack) -> Opening:
     """Find or fetch the image at ``spec.url``; see the module docstring.  Raises UserError."""
     check_plain_http(spec, site)
-    policy = policy_for(spec.from_parameter, site)
+    policy = policy_for(spec.from_parameter, site, pinned=bool(spec.checksum))
     cache = make_cache(site)
     expected = Digest.parse(spec.checksum) if spec.checksum else None
     checksums: ChecksumList | None = None

@@ -40,6 +40,7 @@ class UrlPolicy:
     allow_private: bool = False
     allowed_hosts: tuple[str, ...] = ()
     allowed_networks: tuple[IPNetwork, ...] = field(default=())
+    require_https: bool = False  # plain http only with a pinned checksum (image-safety.md §A.2)
 
     def describe(self, url: str) -> str:
         """How a URL may appear in messages: never, when the user gave it (it may be private)."""
@@ -76,14 +77,16 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
-def policy_for(restricted: bool, site: SiteConfig) -> UrlPolicy:
+def policy_for(restricted: bool, site: SiteConfig, *, pinned: bool = True) -> UrlPolicy:
+    """The policy for a URL; ``pinned`` says whether a trusted checksum protects plain http."""
     if not restricted:
         return UrlPolicy()
     nets = []
     for text in site.get("allowed_url_networks"):
         nets.append(ipaddress.ip_network(text, strict=False))
     return UrlPolicy(restricted=True, allow_private=bool(site.get("allow_private_urls")),
-                     allowed_hosts=tuple(site.get("allowed_url_hosts")), allowed_networks=tuple(nets))
+                     allowed_hosts=tuple(site.get("allowed_url_hosts")), allowed_networks=tuple(nets),
+                     require_https=not pinned and not site.get("allow_plain_http"))
 
 
 def is_public_address(addr: IPAddress) -> bool:
@@ -133,6 +136,9 @@ def check_url(url: str, policy: UrlPolicy, *, hop: int = 0) -> SplitResult:
     if scheme not in ("http", "https"):
         shown = scheme if scheme.isalnum() else "unknown"
         raise ImageFetchError(f"{what} leads to a '{shown}:' URL; only http and https are followed")
+    if scheme == "http" and policy.require_https:
+        raise ImageFetchError(f"{what} leads to a plain http URL, which needs image_checksum",
+                              "an administrator can allow it with [Images] AllowPlainHTTP")
     host = parts.hostname
     if not host:
         raise ImageFetchError(f"{what} has no host")

@@ -72,19 +72,22 @@ def make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-        def _finish(self, status: int, sent: int) -> None:
-            state.record(Request("GET", self.path, status, sent, dict(self.headers.items())))
+        # Each request is recorded before anything is sent, and its byte count grows before each
+        # write, so a client that has seen a response always finds it in the log.
+        req: Request
 
         def _simple(self, status: int, headers: dict[str, str] | None = None) -> None:
+            self.req.status = status
             self.send_response(status)
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.send_header("Content-Length", "0")
             self.end_headers()
-            self._finish(status, 0)
 
         def do_GET(self) -> None:
             path = self.path
+            self.req = Request("GET", path, 0, 0, dict(self.headers.items()))
+            state.record(self.req)
             if path in state.stall:
                 time.sleep(state.stall[path])
             if path in state.redirects:
@@ -107,7 +110,8 @@ def make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
                 if_range = self.headers.get("If-Range")
                 if if_range is None or if_range in (etag, LAST_MODIFIED):
                     start, status = int(rng[6:-1]), 206
-            payload = body[start:]
+            payload = memoryview(body)[start:]
+            self.req.status = status
             self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, v)
@@ -124,12 +128,12 @@ def make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
             try:
                 while sent < limit:
                     n = min(256 * 1024, limit - sent)
+                    self.req.body_bytes += n
                     self.wfile.write(payload[sent:sent + n])
                     sent += n
                 self.wfile.flush()
             except OSError:
                 pass
-            self._finish(status, sent)
             if limit < len(payload):
                 self.close_connection = True
                 try:

@@ -193,6 +193,20 @@ def test_plain_http_parameter_needs_a_checksum(tmp_path: Path, state: ServerStat
     assert state.body_gets("/img.qcow2")
 
 
+def test_redirect_from_https_to_plain_http_needs_a_checksum(tmp_path: Path, tls_state: ServerState,
+                                                            state: ServerState, image: bytes,
+                                                            cert: tuple[Path, Path]) -> None:
+    state.files["/img.qcow2"] = image
+    tls_state.redirects["/img.qcow2"] = state.url("/img.qcow2")
+    site = site_for(tmp_path, {"Images": {"AllowPlainHTTP": "no"}}, cabundle=cert[0])
+    with pytest.raises(ImageFetchError, match="a redirect of the URL given by the image parameter leads to a "
+                                              "plain http URL"):
+        fetch(param_ref(tls_state.url("/img.qcow2")), site)
+    assert state.log == []
+    _, data = fetch(param_ref(tls_state.url("/img.qcow2"), checksum=sha256(image)), site)
+    assert data == image
+
+
 def test_https_with_the_site_ca_bundle(tmp_path: Path, tls_state: ServerState, image: bytes,
                                        cert: tuple[Path, Path]) -> None:
     tls_state.files["/img.qcow2"] = image
