@@ -204,6 +204,43 @@ def cmd_variants(args: argparse.Namespace) -> None:
         print(f"{name:24} {v.agent:10} {v.description}")
 
 
+def cmd_cache(args: argparse.Namespace) -> None:
+    """``cache list|prune|fetch``: what administrators run on each node (gnt-cluster command)."""
+    import time
+    from contextlib import ExitStack
+
+    from .log import format_size
+    from .remote import make_cache
+    from .source import fetch_image, resolve_image
+    from .variants import host_architecture, load_variant
+
+    paths = Paths(Path(args.config_dir), Path(args.cache_dir))
+    site = load_site_config(paths)
+    cache = make_cache(site)
+    if args.action == "list":
+        entries = cache.list_entries()
+        for e in entries:
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+            state = "in use" if e.in_use else "idle"
+            print(f"sha256:{e.sha256[:16]}  {format_size(e.size):>10}  {used}  {state:6}  "
+                  f"{'; '.join(e.sources) or 'no source recorded'}")
+        total = sum(e.size for e in entries)
+        print(f"{len(entries)} images, {format_size(total)} of {format_size(cache.max_size)} ([Cache] MaxSize)")
+    elif args.action == "prune":
+        removed, freed = cache.prune(everything=args.all)
+        print(f"removed {removed} images, freed {format_size(freed)}")
+    else:
+        if not args.variant:
+            raise ParameterError("cache fetch needs a variant name")
+        variant = load_variant(args.variant, paths)
+        arches = variant.architectures if args.arch == "all" else (args.arch or host_architecture(),)
+        for arch in arches:
+            ref = resolve_image(variant, {}, arch)
+            with ExitStack() as stack:
+                fetched = fetch_image(ref, site, stack)
+                print(f"{variant.name} {arch} {fetched.digest} {format_size(fetched.size)}")
+
+
 def add_site_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-dir", default=os.fspath(DEFAULT_CONFIG_DIR),
                    help="site configuration directory (default: %(default)s)")
@@ -233,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OS definition directory; its name is the OS name (default: %(default)s)")
     add_site_options(p)
     p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("cache", help="list, prune or prefetch the image cache",
+                       description="list: cached images; prune: evict to [Cache] MaxSize (--all: every "
+                                   "image not in use); fetch VARIANT: download and verify a variant's image "
+                                   "now (run it on every node with gnt-cluster command before a rollout)")
+    p.add_argument("action", choices=("list", "prune", "fetch"))
+    p.add_argument("variant", nargs="?", help="the variant to fetch")
+    p.add_argument("--arch", help="machine architecture for fetch (default: this node's; 'all': every one)")
+    p.add_argument("--all", action="store_true", help="prune: remove every image not in use")
+    add_site_options(p)
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("variants", help="list the variants and their agents")
     add_site_options(p)

@@ -35,8 +35,16 @@ def check_image(value: str, site: SiteConfig) -> None:
         raise ParameterError("image must not be empty")
     scheme = urlsplit(v).scheme.lower()
     if scheme in ("http", "https"):
+        from .errors import ImageFetchError
+        from .urlpolicy import check_url, policy_for
+
         if not urlsplit(v).hostname:
             raise ParameterError("image URL has no host")
+        try:
+            # The same address policy as at download time, so verify refuses early.
+            check_url(v, policy_for(True, site))
+        except ImageFetchError as e:
+            raise ParameterError(e.message, e.hint) from None
         return
     if scheme == "file":
         check_local_image_path(urlsplit(v).path, site, what="image")
