@@ -30,7 +30,7 @@ CLI = Path(sys.executable).parent / "instance-cloudimage"
 
 def timed(argv: list[str]) -> float:
     start = time.monotonic()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.monotonic() - start
 
 
@@ -64,18 +64,18 @@ def main() -> None:
                 dl.unlink(missing_ok=True)
                 out.unlink(missing_ok=True)
                 start = time.monotonic()
-                subprocess.run(["curl", "-sSf", "-o", os.fspath(dl), url], check=True)  # noqa: S603
-                subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw",  # noqa: S603
+                subprocess.run(["curl", "-sSf", "-o", os.fspath(dl), url], check=True)
+                subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw",
                                 os.fspath(dl), os.fspath(out)], check=True)
                 base.append(time.monotonic() - start)
-                subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw",  # noqa: S603
+                subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw",
                                 os.fspath(disk), os.fspath(out)], check=True)
                 # The same baseline made durable like create's write (qemu-img -t writeback flushes).
                 dl.unlink()
                 out.unlink()
                 start = time.monotonic()
-                subprocess.run(["curl", "-sSf", "-o", os.fspath(dl), url], check=True)  # noqa: S603
-                subprocess.run(["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "raw",  # noqa: S603
+                subprocess.run(["curl", "-sSf", "-o", os.fspath(dl), url], check=True)
+                subprocess.run(["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "raw",
                                 os.fspath(dl), os.fspath(out)], check=True)
                 durable.append(time.monotonic() - start)
                 # The source's share alone (a separate process, like curl): download + hash + cache commit.
@@ -84,7 +84,7 @@ def main() -> None:
                 shutil.rmtree(tmp / f"fcache{run}")
                 dl.unlink()
                 start = time.monotonic()
-                subprocess.run(["curl", "-sSf", "-o", os.fspath(dl), url], check=True)  # noqa: S603
+                subprocess.run(["curl", "-sSf", "-o", os.fspath(dl), url], check=True)
                 curl_only.append(time.monotonic() - start)
         finally:
             server.stop()

@@ -12,10 +12,11 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from httpfixtures import Server, ServerState, make_qcow2, write_site
 
 from instance_cloudimage.config import Paths, SiteConfig, load_site_config
 from instance_cloudimage.source import ImageRef, fetch_image, open_image
+
+from .httpfixtures import Server, ServerState, make_qcow2, write_site
 
 pytestmark = pytest.mark.integration
 
@@ -82,10 +83,10 @@ def test_an_entry_in_use_is_never_evicted(tmp_path: Path, state: ServerState, im
         get(site, state.url("/i1.qcow2"))
         # Over the cap, but i0 is held by this "create": both stay.
         assert cached(site) == {sha(images[0]), sha(images[1])}
-        proc = subprocess.run([os.fspath(CLI), "cache", "list", "--config-dir", os.fspath(tmp_path / "etc"),  # noqa: S603 - test helper, fixed argv
+        proc = subprocess.run([os.fspath(CLI), "cache", "list", "--config-dir", os.fspath(tmp_path / "etc"),
                                "--cache-dir", os.fspath(tmp_path / "cache")], capture_output=True, text=True)
         assert f"sha256:{sha(images[0])[:16]}" in proc.stdout and "in use" in proc.stdout
-    proc = subprocess.run([os.fspath(CLI), "cache", "prune", "--config-dir", os.fspath(tmp_path / "etc"),  # noqa: S603 - test helper, fixed argv
+    proc = subprocess.run([os.fspath(CLI), "cache", "prune", "--config-dir", os.fspath(tmp_path / "etc"),
                            "--cache-dir", os.fspath(tmp_path / "cache")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "removed 1 images" in proc.stdout
@@ -125,7 +126,7 @@ def test_image_larger_than_the_cache_is_used_but_not_kept(tmp_path: Path, state:
 
 
 def cache_cmd(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([os.fspath(CLI), "cache", *args, "--config-dir", os.fspath(tmp_path / "etc"),  # noqa: S603 - test helper, fixed argv
+    return subprocess.run([os.fspath(CLI), "cache", *args, "--config-dir", os.fspath(tmp_path / "etc"),
                            "--cache-dir", os.fspath(tmp_path / "cache")], capture_output=True, text=True, timeout=60)
 
 
@@ -146,7 +147,7 @@ def test_cache_fetch_prefetches_a_variant_and_create_then_needs_no_image_request
     assert f"variant test: {state.url('/pub/i1.qcow2')}" in listing and "idle" in listing
 
     before = len(state.log)
-    create = subprocess.run([os.fspath(CLI), "create", "--disk", os.fspath(tmp_path / "d.img"), "--disk-size", "16M",  # noqa: S603 - test helper, fixed argv
+    create = subprocess.run([os.fspath(CLI), "create", "--disk", os.fspath(tmp_path / "d.img"), "--disk-size", "16M",
                              "--variant", "test", "--config-dir", os.fspath(cfg),
                              "--cache-dir", os.fspath(tmp_path / "cache")], capture_output=True, text=True)
     assert create.returncode == 0, create.stderr

@@ -10,13 +10,14 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from httpfixtures import Server, ServerState, write_site
 
 from instance_cloudimage.checksums import Digest, lookup_required, parse_checksum_file
 from instance_cloudimage.config import Paths, load_site_config
 from instance_cloudimage.errors import ChecksumMismatch, ConfigError, UnsafeImage
 from instance_cloudimage.signature import dearmor, strip_clearsign
 from instance_cloudimage.source import ImageRef, fetch_image
+
+from .httpfixtures import Server, ServerState, write_site
 
 A = "a" * 64
 B = "b" * 64
@@ -81,7 +82,7 @@ def test_dearmor_ignores_binary_and_decodes_armor() -> None:
 
 def gpg(home: Path, *args: str, input: bytes | None = None) -> bytes:
     env = {**os.environ, "GNUPGHOME": os.fspath(home)}
-    return subprocess.run(["gpg", "--batch", "--yes", "--pinentry-mode", "loopback", "--passphrase", "", *args],  # noqa: S603 - test helper, fixed argv
+    return subprocess.run(["gpg", "--batch", "--yes", "--pinentry-mode", "loopback", "--passphrase", "", *args],
                           env=env, input=input, check=True, capture_output=True).stdout
 
 

@@ -11,11 +11,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from httpfixtures import Server, ServerState, make_cert, make_qcow2, write_site
 
 from instance_cloudimage.config import Paths, SiteConfig, load_site_config
 from instance_cloudimage.errors import ChecksumMismatch, ImageFetchError, ImageTooLarge, ParameterError
 from instance_cloudimage.source import FetchedImage, ImageRef, fetch_image, open_image
+
+from .httpfixtures import Server, ServerState, make_cert, make_qcow2, write_site
 
 pytestmark = pytest.mark.integration
 
@@ -276,7 +277,7 @@ def run_cli(tmp_path: Path, name: str, config: Path, params: dict[str, str],
             "--config-dir", os.fspath(config), "--cache-dir", os.fspath(tmp_path / "cache"), "--variant", variant]
     for k, v in params.items():
         argv += ["-O", f"{k}={v}"]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120)  # noqa: S603 - test helper, fixed argv
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
 
 def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
@@ -337,7 +338,7 @@ def test_variant_url_errors_name_the_url(tmp_path: Path, state: ServerState) -> 
 # --- concurrency, revalidation, end to end -----------------------------------------------------------
 
 def qemu_compare(disk: Path, image_file: Path) -> None:
-    subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", os.fspath(disk),  # noqa: S603 - test helper, fixed argv
+    subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", os.fspath(disk),
                     os.fspath(image_file)], check=True)
 
 
@@ -352,7 +353,7 @@ def test_concurrent_creates_download_once_and_a_warm_create_gets_304(tmp_path: P
         argvs.append([os.fspath(CLI), "create", "--disk", os.fspath(tmp_path / f"d{i}.img"), "--disk-size", "32M",
                       "--config-dir", os.fspath(cfg), "--cache-dir", os.fspath(tmp_path / "cache"),
                       "-O", f"image={state.url('/img.qcow2')}"])
-    procs = [subprocess.Popen(a, stderr=subprocess.PIPE, text=True) for a in argvs]  # noqa: S603 - test helper, fixed argv
+    procs = [subprocess.Popen(a, stderr=subprocess.PIPE, text=True) for a in argvs]
     outs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], outs
     assert len(state.body_gets("/img.qcow2")) == 1
