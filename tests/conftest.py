@@ -1,0 +1,62 @@
+"""Shared fixtures: a site (config + cache + allowed image dir) and real tool checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def need_tools(*tools: str) -> None:
+    """Skip locally when a tool is missing; in CI a missing tool is a failure."""
+    missing = [t for t in tools if shutil.which(t, path=os.environ.get("PATH", "") + ":/sbin:/usr/sbin") is None]
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is missing tools: {', '.join(missing)}")
+        pytest.skip(f"missing tools: {', '.join(missing)}")
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the integration tests as root")
+        pytest.skip("needs root")
+
+
+@dataclass
+class Site:
+    root: Path
+    config_dir: Path
+    cache_dir: Path
+    images: Path
+
+    def cli_args(self) -> list[str]:
+        return ["--config-dir", str(self.config_dir), "--cache-dir", str(self.cache_dir)]
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    s = Site(tmp_path, tmp_path / "etc", tmp_path / "cache", tmp_path / "images")
+    s.config_dir.mkdir()
+    s.images.mkdir()
+    (s.config_dir / "defaults.conf").write_text(f"[Images]\nAllowedDirectories = {s.images}\n")
+    return s
+
+
+def qemu_img(*args: str) -> str:
+    return subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True).stdout
+
+
+def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the installed console script as a user would."""
+    exe = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "instance-cloudimage"
+    if not exe.exists():
+        exe = Path(shutil.which("instance-cloudimage") or "instance-cloudimage")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=check,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
