@@ -277,7 +277,9 @@ def assemble_mime(user: UserData, ours: str) -> str:
     out = [f'Content-Type: multipart/mixed; boundary="{boundary}"\n', "MIME-Version: 1.0\n", "\n"]
     for part in (first, second):
         out.append(f"--{boundary}\n")
-        out.append(part if part.endswith("\n") else part + "\n")
+        # The newline before a delimiter belongs to the delimiter (RFC 2046 5.1.1): one more
+        # keeps the part's last byte.
+        out.append(part + "\n")
     out.append(f"--{boundary}--\n")
     return "".join(out)
 
