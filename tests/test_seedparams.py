@@ -17,6 +17,8 @@ from instance_cloudimage.seedparams import (
     parse_search,
 )
 
+from .conftest import need_tools
+
 # Real hashes: yescrypt/gost-yescrypt/scrypt/bcrypt made with libxcrypt (crypt(3)) for "pw".
 YESCRYPT = "$y$j9T$F31F/jItUvvjOv6IBFNea/$SFRtZtCIUWcnypijZA5cTGTLcjo306tI.KLnmc0noD1"
 GOST = "$gy$j9T$F31F/jItUvvjOv6IBFNea/$RltPuzWBGoMRxWBD8WIpP/DTrsGcXEI0iWQ2cG0VMv3"
@@ -46,6 +48,7 @@ def test_invalid_hostnames(value: str) -> None:
 
 
 def _openssl(kind: str) -> str:
+    need_tools("openssl")
     return subprocess.run(["openssl", "passwd", kind, "pw"], check=True, capture_output=True,
                           text=True).stdout.strip()
 

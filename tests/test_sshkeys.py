@@ -12,6 +12,8 @@ import pytest
 from instance_cloudimage.errors import ParameterError
 from instance_cloudimage.sshkeys import MAX_KEYS, parse_authorized_keys, parse_key
 
+from .conftest import need_tools
+
 
 def _string(b: bytes) -> bytes:
     return struct.pack(">I", len(b)) + b
@@ -26,6 +28,7 @@ def _blob_line(*fields: bytes, type_name: str | None = None, comment: str = "") 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Real keys from ssh-keygen: ed25519, rsa, ecdsa-384 and an ed25519-signed certificate."""
+    need_tools("ssh-keygen")
     d: Path = tmp_path_factory.mktemp("keys")
     out = {}
     for name, args in {"ed25519": ["-t", "ed25519"], "rsa": ["-t", "rsa", "-b", "2048"],
