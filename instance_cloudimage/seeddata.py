@@ -97,12 +97,15 @@ def derive_instance_id(instance: Instance, nonce: str | None = None) -> str:
 
 
 def read_instance_id(meta_data: bytes) -> str | None:
-    """The instance-id of an existing NoCloud meta-data file (for rename), None if unreadable."""
+    """The instance-id in an existing NoCloud ``meta-data`` or config-drive ``meta_data.json``
+    (JSON is YAML), for a rename; None if there is none."""
     try:
         md = yaml.safe_load(meta_data)
     except yaml.YAMLError:
         return None
-    value = md.get("instance-id") if isinstance(md, dict) else None
+    if not isinstance(md, dict):
+        return None
+    value = md.get("instance-id") or md.get("uuid")
     return str(value) if value else None
 
 
@@ -116,6 +119,30 @@ def _hostname(instance: Instance, params: Mapping[str, str]) -> HostName:
                         "set the hostname OS parameter") from None
 
 
+def _default_user(variant: Variant) -> str | None:
+    return variant.default_user or ("root" if variant.agent == "flamingo" else None)
+
+
+def _check_against_variant(variant: Variant, password: bool, user_data: UserData | None) -> None:
+    if password and not _default_user(variant):
+        raise SeedError(f"variant {variant.name} does not name its image's default user, so password_hash "
+                        "cannot be applied", "set DefaultUser in the variant's [Variant] section")
+    if variant.agent == "flamingo" and user_data is not None and user_data.kind not in FLAMINGO_USER_DATA:
+        raise ParameterError(f"user_data is {user_data.kind.value}, which flamingo does not read",
+                             "flamingo takes only #cloud-config or a script")
+
+
+def check_variant_parameters(params: Mapping[str, str], variant: Variant) -> list[str]:
+    """What ``verify`` can check once it knows the variant: one message per problem.  The
+    parameters themselves are assumed to have passed params.validate_parameters."""
+    try:
+        user_data = decode_user_data(params.get("user_data", ""))
+        _check_against_variant(variant, bool(params.get("password_hash", "").strip()), user_data)
+    except (ParameterError, SeedError) as e:
+        return [str(e)]
+    return []
+
+
 def seed_input(genv: GanetiEnv, variant: Variant, *, nonce: str | None = None) -> SeedInput:
     """Validate and gather the seed's input.  Raises ParameterError or SeedError."""
     instance = genv.require_instance()
@@ -123,13 +150,8 @@ def seed_input(genv: GanetiEnv, variant: Variant, *, nonce: str | None = None) -
     keys = parse_authorized_keys(p["ssh_authorized_keys"]) if p.get("ssh_authorized_keys", "").strip() else ()
     password = parse_password_hash(p["password_hash"]) if p.get("password_hash", "").strip() else None
     user_data = decode_user_data(p.get("user_data", ""))
-    default_user = variant.default_user or ("root" if variant.agent == "flamingo" else None)
-    if password and not default_user:
-        raise SeedError(f"variant {variant.name} does not name its image's default user, so password_hash "
-                        "cannot be applied", "set DefaultUser in the variant's [Variant] section")
-    if variant.agent == "flamingo" and user_data is not None and user_data.kind not in FLAMINGO_USER_DATA:
-        raise ParameterError(f"user_data is {user_data.kind.value}, which flamingo does not read",
-                             "flamingo takes only #cloud-config or a script")
+    _check_against_variant(variant, password is not None, user_data)
+    default_user = _default_user(variant)
     network = parse_choice("network", p.get("network") or "auto", NETWORK_MODES)
     seed = parse_choice("seed", p.get("seed") or variant.seed, SEEDS)
     return SeedInput(
@@ -197,6 +219,13 @@ def build_nocloud(inp: SeedInput) -> SeedFiles:
     if net is not None:
         files["network-config"] = net
     return SeedFiles(files)
+
+
+def build_configdrive(inp: SeedInput) -> SeedFiles:
+    """The config drive's files; see configdrive.build_configdrive (which imports this module)."""
+    from .configdrive import build_configdrive as build
+
+    return build(inp)
 
 
 def rename_seed_input(inp: SeedInput, existing_meta_data: bytes | None) -> SeedInput:

@@ -18,7 +18,11 @@ from instance_cloudimage.configdrive import RUN_USER_SCRIPT, build_configdrive
 from instance_cloudimage.env import GanetiEnv, Instance, Network, Nic
 from instance_cloudimage.errors import ParameterError, SeedError
 from instance_cloudimage.seeddata import (
+    build_configdrive as seeddata_build_configdrive,
+)
+from instance_cloudimage.seeddata import (
     build_nocloud,
+    check_variant_parameters,
     derive_instance_id,
     read_instance_id,
     rename_seed_input,
@@ -187,3 +191,27 @@ def test_flamingo_takes_scripts_as_a_runcmd_entry(variants: Callable[[str], Vari
 def test_flamingo_refuses_user_data_it_cannot_read(variants: Callable[[str], Variant]) -> None:
     with pytest.raises(ParameterError, match="flamingo"):
         seed_input(genv({"user_data": "#include\nhttps://example.test/x\n"}), variants("flamingo-test"))
+
+
+def test_verify_checks_parameters_against_the_variant(variants: Callable[[str], Variant], tmp_path: Path) -> None:
+    from instance_cloudimage.cli import run_verify
+
+    assert check_variant_parameters({"password_hash": HASH}, variants("debian-12")) == []
+    (problem,) = check_variant_parameters({"password_hash": HASH}, variants("demo"))
+    assert "DefaultUser" in problem and HASH not in problem
+    (problem,) = check_variant_parameters({"user_data": "#include\nhttps://example.test/x\n"},
+                                          variants("flamingo-test"))
+    assert "flamingo" in problem
+    paths = Paths(tmp_path / "etc", tmp_path / "cache")
+    env = GanetiEnv(api_version=20, os_name="cloudimage", variant="flamingo-test", debug_level=0,
+                    params={"user_data": "## template: jinja\n#cloud-config\n"})
+    with pytest.raises(ParameterError, match="flamingo"):
+        run_verify(env, paths, ["parameters"])
+    run_verify(GanetiEnv(20, "cloudimage", "flamingo-test", 0, {"user_data": "#!/bin/sh\n"}), paths, ["parameters"])
+
+
+def test_configdrive_builder_is_reachable_from_seeddata(variants: Callable[[str], Variant]) -> None:
+    inp = seed_input(genv(), variants("debian-12"))
+    assert seeddata_build_configdrive(inp) == build_configdrive(inp)
+    drive = build_configdrive(inp).files
+    assert read_instance_id(drive["openstack/latest/meta_data.json"]) == UUID
