@@ -28,6 +28,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -80,6 +81,8 @@ _PREFIXES = sorted({
     "## template: jinja": Kind.JINJA,
 }.items(), key=lambda item: -len(item[0]))
 
+_HEADER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*:")
+
 # Top-level keys that give away a cloud-config whose first line was forgotten (cloud-init would
 # drop it without a word).
 _TELLTALE_KEYS = {
@@ -101,8 +104,10 @@ class UserData:
 
 
 def classify(text: str) -> Kind:
-    """The content type cloud-init 22.4 gives this user-data (``user_data.convert_string``)."""
-    if "mime-version:" in text[:4096].lower():
+    """The content type cloud-init 22.4 gives this user-data.  ``user_data.convert_string`` parses
+    anything with "mime-version:" in its first 4 KiB as a message, but when the first line is no
+    header the email parser takes it all as one text/plain body, typed by its prefix again."""
+    if "mime-version:" in text[:4096].lower() and _HEADER_RE.match(text):
         return Kind.MIME
     head = text.lower().lstrip()
     for prefix, kind in _PREFIXES:

@@ -51,6 +51,9 @@ def test_classification_follows_cloud_init_case_and_whitespace_rules() -> None:
     assert classify("  \n#Cloud-Config\na: 1") is Kind.CLOUD_CONFIG
     assert classify("#cloud-config-archive\n[]") is Kind.ARCHIVE  # longest prefix wins
     assert classify("X-Thing: 1\nMIME-Version: 1.0\n\nbody") is Kind.MIME
+    # cloud-init's email parser gives a text without a header line back as one typed body
+    assert classify("#!/bin/sh\necho MIME-Version: 1.0\n") is Kind.SCRIPT
+    assert classify("#cloud-config\nwrite_files: [{path: /x, content: 'MIME-Version: 1.0'}]") is Kind.CLOUD_CONFIG
 
 
 def test_base64_and_gzip_are_decoded() -> None:
