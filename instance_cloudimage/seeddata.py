@@ -113,9 +113,9 @@ def _hostname(instance: Instance, params: Mapping[str, str]) -> HostName:
     if params.get("hostname", "").strip():
         return parse_hostname(params["hostname"])
     try:
-        return parse_hostname(instance.name, what="the instance name")
-    except ParameterError as e:
-        raise SeedError(f"instance name {instance.name!r} cannot be the guest's host name: {e.message}",
+        return parse_hostname(instance.name)
+    except ParameterError:
+        raise SeedError(f"instance name {instance.name!r} is not a valid host name for the guest (RFC 1123)",
                         "set the hostname OS parameter") from None
 
 

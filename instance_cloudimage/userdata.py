@@ -183,7 +183,7 @@ def _check_other(kind: Kind, text: str) -> None:
                                  "cloud-init only renders templates of those two kinds")
     elif kind is Kind.MIME:
         msg = message_from_string(text)
-        if msg.defects or msg.get_content_type() == "text/plain" and not msg.get("Content-Type"):
+        if msg.defects or (msg.get_content_type() == "text/plain" and not msg.get("Content-Type")):
             raise ParameterError(f"{PARAM} says MIME-Version but is not a well-formed MIME message")
     elif kind is Kind.OPAQUE:
         _check_opaque(text)

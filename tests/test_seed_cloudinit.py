@@ -15,6 +15,7 @@ import http.server
 import ipaddress
 import json
 import os
+import shutil
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -31,6 +32,8 @@ from instance_cloudimage.netconfig import eui64_address
 from instance_cloudimage.seeddata import SeedFiles, SeedInput, build_nocloud, rename_seed_input, seed_input
 from instance_cloudimage.userdata import OUR_MERGE_TYPE
 from instance_cloudimage.variants import Variant, load_variant
+
+from .conftest import need_tools
 
 pytestmark = pytest.mark.integration
 
@@ -251,6 +254,46 @@ def test_nocloud_network_dhcp_and_none(variants: Callable[[str], Variant],
     assert [s["type"] for s in iface["subnets"]] == ["dhcp4"]
     out = read("nocloud", build_nocloud(make_input(variants("debian-12"), {"network": "none"})))
     assert out["network_config"] is None
+
+
+def netplan_generate(root: Path, network_config: bytes) -> dict[str, str]:
+    """What netplan makes of our v2 config, as cloud-init 22.4 passes v2 through to it (wrapped in
+    'network:').  --root-dir keeps netplan inside ``root``."""
+    need_tools("netplan")
+    netplan = shutil.which("netplan", path="/usr/sbin:/usr/bin:/sbin:/bin") or "netplan"
+    conf = root / "etc" / "netplan" / "50-cloud-init.yaml"
+    conf.parent.mkdir(parents=True)
+    conf.write_text(yaml.safe_dump({"network": yaml.safe_load(network_config)}))
+    conf.chmod(0o600)
+    r = subprocess.run([netplan, "generate", "--root-dir", str(root)], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "Error" not in r.stderr
+    out = root / "run" / "systemd" / "network"
+    return {p.name: p.read_text() for p in out.iterdir()}
+
+
+def test_v2_network_config_is_what_netplan_accepts(variants: Callable[[str], Variant], tmp_path: Path) -> None:
+    nics = (Nic(0, _mac(0), ip=ipaddress.IPv4Address("198.51.100.7"), network=DUAL), Nic(1, _mac(1)), NIC_COMM)
+    inp = make_input(variants("debian-12"), {"dns_nameservers": "192.0.2.53", "dns_search": "example.test"},
+                     nics=nics)
+    files = netplan_generate(tmp_path / "np1", build_nocloud(inp).files["network-config"])
+    eui = eui64_address(_mac(0), ipaddress.IPv6Network("2001:db8:1::/64"))
+    link = files["10-netplan-eth0.link"]
+    assert "Name=eth0" in link and f"PermanentMACAddress={_mac(0)}" in link
+    eth0 = files["10-netplan-eth0.network"]
+    for line in ("Address=198.51.100.7/24", f"Address={eui}/64", "Gateway=198.51.100.1", "Gateway=2001:db8:1::1",
+                 "IPv6AcceptRA=no", "DNS=192.0.2.53", "Domains=example.test"):
+        assert line in eth0
+    eth1 = files["10-netplan-eth1.network"]
+    assert "DHCP=ipv4" in eth1 and "UseRoutes=false" in eth1 and "RouteMetric=1001" in eth1
+    comm = files["10-netplan-eth2.network"]
+    for line in ("DHCP=ipv4", "UseRoutes=false", "UseDNS=false", "RouteMetric=10000", "RequiredForOnline=no"):
+        assert line in comm
+    assert "Name=eth2" in files["10-netplan-eth2.link"]
+    v6only = make_input(variants("debian-12"),
+                        nics=(Nic(0, _mac(0), ip=ipaddress.IPv6Address("2001:db8:2::42"), network=V6ONLY),))
+    eth0 = netplan_generate(tmp_path / "np2", build_nocloud(v6only).files["network-config"])["10-netplan-eth0.network"]
+    assert "Address=2001:db8:2::42/64" in eth0 and "Gateway=2001:db8:2::1" in eth0 and "DHCP" not in eth0
 
 
 # --- NoCloud: every kind of user-data -----------------------------------------------------------
