@@ -20,9 +20,9 @@ from pathlib import Path
 from types import FrameType
 
 from . import __version__
-from .config import DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Paths, load_site_config
+from .config import DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Paths, SiteConfig, load_site_config
 from .env import GanetiEnv, Script, debug_level_of, parse_environment
-from .errors import CloudImageError, CommandError, ParameterError, UserError
+from .errors import CloudImageError, CommandError, ConfigError, ParameterError, UserError
 from .log import setup_logging
 from .settings import parse_size
 
@@ -106,12 +106,19 @@ def dispatch(script: Script, genv: GanetiEnv, paths: Paths, argv: Sequence[str])
         return
     from . import lifecycle
 
+    try:
+        site = load_site_config(paths)
+    except ConfigError as e:
+        if script is not Script.RENAME:
+            raise
+        log.warning("%s; renaming with the default settings", e)  # rename never fails for this
+        site = SiteConfig(paths=paths)
     if script is Script.EXPORT:
-        lifecycle.run_export(genv)
+        lifecycle.run_export(genv, site)
     elif script is Script.IMPORT:
-        lifecycle.run_import(genv)
+        lifecycle.run_import(genv, site)
     elif script is Script.RENAME:
-        lifecycle.run_rename(genv)
+        lifecycle.run_rename(genv, site)
 
 
 def os_script_main(verb: str, environ: Mapping[str, str] | None = None,

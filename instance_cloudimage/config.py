@@ -16,6 +16,7 @@ from typing import Any
 from .settings import (
     Setting,
     parse_bool,
+    parse_choice,
     parse_list,
     parse_positive_float,
     parse_size,
@@ -27,6 +28,13 @@ DEFAULT_CONFIG_DIR = Path("/etc/ganeti/instance-cloudimage")
 DEFAULT_CACHE_DIR = Path("/var/cache/instance-cloudimage")
 DEFAULT_IMAGE_DIR = "/var/lib/instance-cloudimage/images"
 SITE_CONFIG_NAME = "defaults.conf"
+
+
+def parse_zstd_level(value: str) -> int:
+    level = int(value)
+    if not 1 <= level <= 19:
+        raise ValueError("must be between 1 and 19")
+    return level
 
 
 @dataclass(frozen=True)
@@ -60,8 +68,13 @@ SITE_SETTINGS = (
     Setting("HTTP", "Retries", "retries", int, 5, "attempts on connection errors and 5xx"),
     Setting("Cache", "MaxSize", "cache_max_size", parse_size, 50 * 1024**3, "cache size cap (LRU eviction)"),
     Setting("Hooks", "PassSecrets", "hooks_pass_secrets", parse_bool, False,
-            "pass password_hash and user_data to hooks"),
+            "pass secret OS parameters (password_hash, user_data, ...) to hooks"),
     Setting("Hooks", "Timeout", "hook_timeout", parse_positive_float, 600.0, "seconds per hook"),
+    Setting("Export", "Format", "export_format", parse_choice("compact", "raw"), "compact",
+            "compact (data extents only; our import reads it) or raw (any provider's import reads it)"),
+    Setting("Export", "Compression", "export_compression", parse_choice("none", "zstd"), "none",
+            "compress compact exports with zstd (import detects it)"),
+    Setting("Export", "ZstdLevel", "export_zstd_level", parse_zstd_level, 3, "zstd level, 1 to 19"),
 )
 
 
