@@ -81,9 +81,14 @@ def run_verify(genv: GanetiEnv, paths: Paths, argv: Sequence[str]) -> None:
     site = load_site_config(paths)
     problems = validate_parameters(genv.params, site)
     try:
-        load_variant(genv.variant, paths)
+        variant = load_variant(genv.variant, paths)
     except UserError as e:
         problems.append(str(e))
+    else:
+        if not problems:
+            from .seeddata import check_variant_parameters
+
+            problems.extend(check_variant_parameters(genv.params, variant))
     if problems:
         for p in problems[:-1]:
             log.error("%s", p)

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from .config import SiteConfig
 from .errors import ParameterError
+from .seedparams import check_hostname, check_nameservers, check_password_hash, check_search, parse_choice
 from .variants import CHECKSUM_RE
 
 Check = Callable[[str, SiteConfig], None]
@@ -70,6 +71,30 @@ def check_arch(value: str, site: SiteConfig) -> None:
         raise ParameterError("arch must be a machine name such as x86_64 or aarch64")
 
 
+def check_ssh_authorized_keys(value: str, site: SiteConfig) -> None:
+    from .sshkeys import parse_authorized_keys
+
+    parse_authorized_keys(value)
+
+
+def check_user_data(value: str, site: SiteConfig) -> None:
+    from .userdata import decode_user_data
+
+    decode_user_data(value)
+
+
+def check_network(value: str, site: SiteConfig) -> None:
+    from .netconfig import NETWORK_MODES
+
+    parse_choice("network", value, NETWORK_MODES)
+
+
+def check_seed(value: str, site: SiteConfig) -> None:
+    from .variants import SEEDS
+
+    parse_choice("seed", value, SEEDS)
+
+
 PARAMETERS: tuple[Parameter, ...] = (
     Parameter("image", "Image path or http(s) URL replacing the variant's image "
               "(local paths only inside the site's allowed directories)", check_image),
@@ -77,6 +102,20 @@ PARAMETERS: tuple[Parameter, ...] = (
               check_image_checksum),
     Parameter("arch", "Machine architecture of the image to use (default: the node's, e.g. x86_64)",
               check_arch),
+    Parameter("hostname", "Guest host name, short or fully qualified (default: the instance name)",
+              check_hostname),
+    Parameter("ssh_authorized_keys", "OpenSSH public keys for the image's default user (root on flamingo), "
+              "separated by newlines or ';'", check_ssh_authorized_keys),
+    Parameter("password_hash", "crypt(3) hash ($y$, $6$, $5$, $2b$) of the default user's password; "
+              "pass it with --os-parameters-secret", check_password_hash, secret=True),
+    Parameter("user_data", "User-data: #cloud-config, #! script, MIME, #include, jinja or JSON, plain or "
+              "base64:..., gzip allowed, at most 64 KiB", check_user_data, secret=True),
+    Parameter("dns_nameservers", "DNS server addresses for the guest, separated by spaces or commas",
+              check_nameservers),
+    Parameter("dns_search", "DNS search domains for the guest, separated by spaces or commas", check_search),
+    Parameter("network", "Guest network: auto (static from the NIC's Ganeti network, else DHCP), dhcp or none",
+              check_network),
+    Parameter("seed", "Seed delivery: auto, nocloud-fs, nocloud-disk, configdrive-disk or none", check_seed),
 )
 
 

@@ -48,6 +48,8 @@ VARIANT_SETTINGS = (
     Setting("Variant", "Seed", "seed", parse_choice(*SEEDS), "auto", "default seed delivery"),
     Setting("Variant", "NetworkConfigVersion", "network_config_version", parse_choice("1", "2"), "2",
             "cloud-init network-config version the image understands"),
+    Setting("Variant", "DefaultUser", "default_user", parse_str, "",
+            "the image's default login user (cloud-init's default_user); password_hash sets its password"),
     Setting("Variant", "GrowRoot", "grow_root", parse_bool, False,
             "grow the root partition and filesystem on the host"),
     Setting("Variant", "Architectures", "architectures", parse_list, ("x86_64",),
@@ -96,6 +98,7 @@ class Variant:
     grow_root: bool
     architectures: tuple[str, ...]
     parsed: ParsedIni
+    default_user: str = ""
 
     def _get(self, dest: str, arch: str) -> Any:
         return self.parsed.qualified.get((dest, arch), self.parsed.values[dest])
@@ -170,6 +173,7 @@ def load_variant(name: str, paths: Paths) -> Variant:
         grow_root=v["grow_root"],
         architectures=tuple(v["architectures"]),
         parsed=parsed,
+        default_user=v["default_user"],
     )
 
 
