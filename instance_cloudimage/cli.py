@@ -20,9 +20,9 @@ from pathlib import Path
 from types import FrameType
 
 from . import __version__
-from .config import DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Paths, load_site_config
+from .config import DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Paths, SiteConfig, load_site_config
 from .env import GanetiEnv, Script, debug_level_of, parse_environment
-from .errors import CloudImageError, CommandError, ParameterError, UserError
+from .errors import CloudImageError, CommandError, ConfigError, ParameterError, UserError
 from .log import setup_logging
 from .settings import parse_size
 
@@ -81,9 +81,14 @@ def run_verify(genv: GanetiEnv, paths: Paths, argv: Sequence[str]) -> None:
     site = load_site_config(paths)
     problems = validate_parameters(genv.params, site)
     try:
-        load_variant(genv.variant, paths)
+        variant = load_variant(genv.variant, paths)
     except UserError as e:
         problems.append(str(e))
+    else:
+        if not problems:
+            from .seeddata import check_variant_parameters
+
+            problems.extend(check_variant_parameters(genv.params, variant))
     if problems:
         for p in problems[:-1]:
             log.error("%s", p)
@@ -101,12 +106,19 @@ def dispatch(script: Script, genv: GanetiEnv, paths: Paths, argv: Sequence[str])
         return
     from . import lifecycle
 
+    try:
+        site = load_site_config(paths)
+    except ConfigError as e:
+        if script is not Script.RENAME:
+            raise
+        log.warning("%s; renaming with the default settings", e)  # rename never fails for this
+        site = SiteConfig(paths=paths)
     if script is Script.EXPORT:
-        lifecycle.run_export(genv)
+        lifecycle.run_export(genv, site)
     elif script is Script.IMPORT:
-        lifecycle.run_import(genv)
+        lifecycle.run_import(genv, site)
     elif script is Script.RENAME:
-        lifecycle.run_rename(genv)
+        lifecycle.run_rename(genv, site)
 
 
 def os_script_main(verb: str, environ: Mapping[str, str] | None = None,
@@ -197,6 +209,43 @@ def cmd_variants(args: argparse.Namespace) -> None:
         print(f"{name:24} {v.agent:10} {v.description}")
 
 
+def cmd_cache(args: argparse.Namespace) -> None:
+    """``cache list|prune|fetch``: what administrators run on each node (gnt-cluster command)."""
+    import time
+    from contextlib import ExitStack
+
+    from .log import format_size
+    from .remote import make_cache
+    from .source import fetch_image, resolve_image
+    from .variants import host_architecture, load_variant
+
+    paths = Paths(Path(args.config_dir), Path(args.cache_dir))
+    site = load_site_config(paths)
+    cache = make_cache(site)
+    if args.action == "list":
+        entries = cache.list_entries()
+        for e in entries:
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+            state = "in use" if e.in_use else "idle"
+            print(f"sha256:{e.sha256[:16]}  {format_size(e.size):>10}  {used}  {state:6}  "
+                  f"{'; '.join(e.sources) or 'no source recorded'}")
+        total = sum(e.size for e in entries)
+        print(f"{len(entries)} images, {format_size(total)} of {format_size(cache.max_size)} ([Cache] MaxSize)")
+    elif args.action == "prune":
+        removed, freed = cache.prune(everything=args.all)
+        print(f"removed {removed} images, freed {format_size(freed)}")
+    else:
+        if not args.variant:
+            raise ParameterError("cache fetch needs a variant name")
+        variant = load_variant(args.variant, paths)
+        arches = variant.architectures if args.arch == "all" else (args.arch or host_architecture(),)
+        for arch in arches:
+            ref = resolve_image(variant, {}, arch)
+            with ExitStack() as stack:
+                fetched = fetch_image(ref, site, stack)
+                print(f"{variant.name} {arch} {fetched.digest} {format_size(fetched.size)}")
+
+
 def add_site_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-dir", default=os.fspath(DEFAULT_CONFIG_DIR),
                    help="site configuration directory (default: %(default)s)")
@@ -226,6 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OS definition directory; its name is the OS name (default: %(default)s)")
     add_site_options(p)
     p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("cache", help="list, prune or prefetch the image cache",
+                       description="list: cached images; prune: evict to [Cache] MaxSize (--all: every "
+                                   "image not in use); fetch VARIANT: download and verify a variant's image "
+                                   "now (run it on every node with gnt-cluster command before a rollout)")
+    p.add_argument("action", choices=("list", "prune", "fetch"))
+    p.add_argument("variant", nargs="?", help="the variant to fetch")
+    p.add_argument("--arch", help="machine architecture for fetch (default: this node's; 'all': every one)")
+    p.add_argument("--all", action="store_true", help="prune: remove every image not in use")
+    add_site_options(p)
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("variants", help="list the variants and their agents")
     add_site_options(p)

@@ -8,6 +8,7 @@ site can run side by side.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -16,6 +17,7 @@ from typing import Any
 from .settings import (
     Setting,
     parse_bool,
+    parse_choice,
     parse_list,
     parse_positive_float,
     parse_size,
@@ -27,6 +29,27 @@ DEFAULT_CONFIG_DIR = Path("/etc/ganeti/instance-cloudimage")
 DEFAULT_CACHE_DIR = Path("/var/cache/instance-cloudimage")
 DEFAULT_IMAGE_DIR = "/var/lib/instance-cloudimage/images"
 SITE_CONFIG_NAME = "defaults.conf"
+
+
+def parse_zstd_level(value: str) -> int:
+    level = int(value)
+    if not 1 <= level <= 19:
+        raise ValueError("must be between 1 and 19")
+    return level
+
+
+def parse_networks(value: str) -> tuple[str, ...]:
+    nets = parse_list(value)
+    for n in nets:
+        ipaddress.ip_network(n, strict=False)  # ValueError names the bad one
+    return nets
+
+
+def parse_count(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise ValueError("must not be negative")
+    return n
 
 
 @dataclass(frozen=True)
@@ -50,6 +73,14 @@ class Paths:
 SITE_SETTINGS = (
     Setting("Images", "AllowedDirectories", "allowed_dirs", parse_list, (DEFAULT_IMAGE_DIR,),
             "directories from which local image paths (the image parameter, file:// URLs) are read"),
+    Setting("Images", "AllowPrivateURLs", "allow_private_urls", parse_bool, False,
+            "let the image parameter reach loopback, private and link-local addresses"),
+    Setting("Images", "AllowedURLHosts", "allowed_url_hosts", parse_list, (),
+            "host names the image parameter may reach whatever they resolve to (.example.org: a domain)"),
+    Setting("Images", "AllowedURLNetworks", "allowed_url_networks", parse_networks, (),
+            "address ranges the image parameter may reach, e.g. 10.1.0.0/16"),
+    Setting("Images", "AllowPlainHTTP", "allow_plain_http", parse_bool, False,
+            "accept http:// in the image parameter without an image_checksum"),
     Setting("Images", "MaxDownloadSize", "max_download_size", parse_size, 64 * 1024**3,
             "largest image file that is downloaded"),
     Setting("HTTP", "CABundle", "ca_bundle", parse_str, None, "extra CA bundle for TLS verification"),
@@ -57,11 +88,20 @@ SITE_SETTINGS = (
     Setting("HTTP", "NoProxy", "no_proxy", parse_str, None, "hosts that bypass the proxy"),
     Setting("HTTP", "ConnectTimeout", "connect_timeout", parse_positive_float, 15.0, "seconds"),
     Setting("HTTP", "ReadTimeout", "read_timeout", parse_positive_float, 60.0, "seconds without data"),
-    Setting("HTTP", "Retries", "retries", int, 5, "attempts on connection errors and 5xx"),
-    Setting("Cache", "MaxSize", "cache_max_size", parse_size, 50 * 1024**3, "cache size cap (LRU eviction)"),
+    Setting("HTTP", "Retries", "retries", parse_count, 5, "retries on connection errors, timeouts and 5xx"),
+    Setting("HTTP", "RetryBackoff", "retry_backoff", parse_positive_float, 2.0,
+            "seconds before the first retry; doubled each time, at most 60"),
+    Setting("HTTP", "MaxRedirects", "max_redirects", parse_count, 10, "redirect hops followed"),
+    Setting("Cache", "MaxSize", "cache_max_size", parse_size, 50 * 1024**3,
+            "cache size cap; least recently used entries not in use are evicted (0: keep nothing)"),
     Setting("Hooks", "PassSecrets", "hooks_pass_secrets", parse_bool, False,
-            "pass password_hash and user_data to hooks"),
+            "pass secret OS parameters (password_hash, user_data, ...) to hooks"),
     Setting("Hooks", "Timeout", "hook_timeout", parse_positive_float, 600.0, "seconds per hook"),
+    Setting("Export", "Format", "export_format", parse_choice("compact", "raw"), "compact",
+            "compact (data extents only; our import reads it) or raw (any provider's import reads it)"),
+    Setting("Export", "Compression", "export_compression", parse_choice("none", "zstd"), "none",
+            "compress compact exports with zstd (import detects it)"),
+    Setting("Export", "ZstdLevel", "export_zstd_level", parse_zstd_level, 3, "zstd level, 1 to 19"),
 )
 
 

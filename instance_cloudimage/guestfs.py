@@ -163,6 +163,11 @@ class MountedRoot:
     def partition_number(self) -> int | None:
         return self.root.number
 
+    @property
+    def device(self) -> str:
+        """The block device holding the root filesystem (a loop device), for ROOT_PARTITION."""
+        return self.root_device
+
 
 def mount_var(disk_path: str, layout: GuestLayout, root: Path, stack: ExitStack) -> None:
     """Mount the separate /var partition on the guest's own /var directory, reached without symlinks."""

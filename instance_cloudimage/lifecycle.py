@@ -1,8 +1,13 @@
-"""export, import and rename.
+"""export, import and rename (the README's "Export, import and rename").
 
-export streams the raw disk to stdout and announces its size on EXP_SIZE_FD; import writes the
-stream onto the device and refuses a stream longer than the disk.  rename puts the new name into
-the instance's seeds (seedrename.py) and never fails the job for a cosmetic reason.
+export streams disk EXPORT_INDEX to stdout in the compact format of diskstream.py (or raw, if
+the site asks), after announcing on EXP_SIZE_FD how many bytes to expect.  import reads either
+that format or a plain raw disk from another provider (told apart by the magic), onto
+IMPORT_DEVICE.  rename puts the new name into the instance's seeds (seedrename.py) and never fails
+the job for a cosmetic reason.
+
+Both import and export run with Ganeti's non-reset environment (LC_ALL=C, the node daemon's
+variables); that is harmless, since env.py parses only the variables it knows.
 """
 
 from __future__ import annotations
@@ -10,18 +15,22 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
+from . import diskstream as ds
+from .config import SiteConfig
 from .convert import target_size
+from .diskwrite import DiskWriter
 from .env import GanetiEnv
-from .errors import ConversionError, EnvironmentError_
+from .errors import CommandError, ConversionError, EnvironmentError_, UserError
 from .log import Progress, format_size
+from .seedrename import rename_seeds
 
 log = logging.getLogger(__name__)
-CHUNK = 4 * 1024 * 1024
 
 
-def _device(genv: GanetiEnv) -> str:
+def transfer_device(genv: GanetiEnv) -> str:
     t = genv.transfer
     if t is None or t.device is None:
         raise EnvironmentError_("this disk is only reachable through a URI, which import/export "
@@ -30,6 +39,7 @@ def _device(genv: GanetiEnv) -> str:
 
 
 def announce_size(genv: GanetiEnv, size: int) -> None:
+    """Tell Ganeti how many bytes to expect (it only drives the progress and ETA it shows)."""
     t = genv.transfer
     if t is None or t.size_fd is None:
         return
@@ -39,43 +49,158 @@ def announce_size(genv: GanetiEnv, size: int) -> None:
         log.warning("could not write the export size to EXP_SIZE_FD: %s", e.strerror)
 
 
-def run_export(genv: GanetiEnv, out: BinaryIO | None = None) -> None:
-    device = _device(genv)
+class FdSink:
+    """Unbuffered writes to a file descriptor, retried until complete."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes | memoryview, /) -> int:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        return len(data)
+
+
+# --- export -------------------------------------------------------------------------------------
+
+def export_raw(fd: int, size: int, sink: FdSink, prog: Progress) -> None:
+    buf = bytearray(ds.CHUNK)
+    pos = 0
+    while pos < size:
+        n = ds.read_full(fd, buf, pos, min(ds.CHUNK, size - pos))
+        if n == 0:
+            raise ConversionError(f"the disk ended at byte {pos}, before its size of {size} bytes")
+        sink.write(memoryview(buf)[:n])
+        pos += n
+        prog.update(n)
+
+
+def run_export(genv: GanetiEnv, site: SiteConfig, out_fd: int | None = None) -> None:
+    """The export script.  Raises EnvironmentError_ or ConversionError."""
+    device = transfer_device(genv)
     size = target_size(device)
-    announce_size(genv, size)
-    sink = out or sys.stdout.buffer
-    sent = 0
-    with open(device, "rb") as f, Progress(f"exporting {format_size(size)}", size) as prog:
-        while chunk := f.read(CHUNK):
-            sink.write(chunk)
-            sent += len(chunk)
-            prog.update(len(chunk))
-    sink.flush()
-    if sent != size:
-        raise ConversionError(f"export read {sent} bytes from {device}, expected {size}")
+    compact = site.get("export_format") == "compact"
+    level = int(site.get("export_zstd_level")) if site.get("export_compression") == "zstd" else None
+    sink = FdSink(sys.stdout.fileno() if out_fd is None else out_fd)
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # Ganeti shows progress against this; an upper estimate is cheap, an exact count is not.
+        announce_size(genv, ds.estimate_stream_size(fd, size) if compact else size)
+        with Progress(f"exporting {format_size(size)} disk {device}", size) as prog:
+            if not compact:
+                export_raw(fd, size, sink, prog)
+                return
+            stats = ds.write_stream(fd, size, sink, zstd_level=level, progress=prog.update)
+    finally:
+        os.close(fd)
+    ratio = 100 * stats.stream_bytes / size if size else 0
+    log.info("exported %s of data from a %s disk as %s (%.1f%% of the disk%s)", format_size(stats.data_bytes),
+             format_size(size), format_size(stats.stream_bytes), ratio, ", zstd" if level is not None else "")
 
 
-def run_import(genv: GanetiEnv, source: BinaryIO | None = None) -> None:
-    device = _device(genv)
+# --- import -------------------------------------------------------------------------------------
+
+def read_some(src: BinaryIO, n: int) -> bytes:
+    """Up to ``n`` bytes, fewer only at the end of the stream (a pipe returns what it has)."""
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        piece = src.read(n - got)
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
+
+
+def import_raw(first: bytes, src: BinaryIO, writer: DiskWriter, max_size: int,
+               progress: Callable[[int], None]) -> int:
+    """A plain disk image (another provider's export): every byte, zero blocks as gaps."""
+    buf = bytearray(ds.CHUNK)
+    pos = 0
+    pending = first
+    while True:
+        data = pending + read_some(src, ds.CHUNK - len(pending))
+        pending = b""
+        if not data:
+            return pos
+        n = len(data)
+        if pos + n > max_size:
+            raise ds.StreamError(f"the raw import stream is larger than the target disk ({max_size} bytes)",
+                                 "import onto a disk at least as large as the exported one")
+        buf[:n] = data
+        last = 0
+        for a, b in ds.nonzero_runs(buf, n):
+            writer.zero(pos + last, a - last)
+            writer.write(pos + a, memoryview(buf)[a:b])
+            last = b
+        writer.zero(pos + last, n - last)
+        pos += n
+        progress(n)
+
+
+def run_import(genv: GanetiEnv, site: SiteConfig, source: BinaryIO | None = None) -> None:
+    """The import script.  Raises ConversionError (StreamError) for a bad stream."""
+    device = transfer_device(genv)
     size = target_size(device)
-    src = source or sys.stdin.buffer
-    written = 0
-    with open(device, "r+b") as f, Progress("importing", size) as prog:
-        while chunk := src.read(CHUNK):
-            if written + len(chunk) > size:
-                raise ConversionError(f"import stream is larger than the disk ({format_size(size)})",
-                                      "import onto a disk at least as large as the exported one")
-            f.write(chunk)
-            written += len(chunk)
-            prog.update(len(chunk))
-        f.flush()
-        os.fsync(f.fileno())
-    log.info("imported %s onto %s", format_size(written), device)
+    src = source or open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
+    head = read_some(src, ds.HEADER.size)
+    with DiskWriter(device) as writer:
+        if head[:len(ds.MAGIC)] == ds.MAGIC:
+            if len(head) < ds.HEADER.size:
+                raise ds.StreamError("the import stream is truncated (it ended inside its header)")
+            header = ds.parse_header(head)
+            with Progress(f"importing a {format_size(header.disk_size)} disk onto {device}", header.disk_size) as prog:
+                pos = 0
+
+                def on_data(offset: int, data: bytes) -> None:
+                    nonlocal pos
+                    writer.zero(pos, offset - pos)
+                    writer.write(offset, data)
+                    prog.update(offset + len(data) - pos)
+                    pos = offset + len(data)
+
+                data_bytes = ds.read_records(ds.Reader(src, header.compressed), header, size, on_data)
+                writer.zero(pos, header.disk_size - pos)
+                prog.update(header.disk_size - pos)
+            log.info("imported %s of data onto the %s disk %s", format_size(data_bytes),
+                     format_size(header.disk_size), device)
+            return
+        if ds.looks_damaged(head):
+            raise ds.StreamError("the import stream's header is damaged", "export the disk again")
+        with Progress(f"importing a raw disk image onto {device}", size) as prog:
+            written = import_raw(head, src, writer, size, prog.update)
+    log.info("imported a raw stream of %s onto %s", format_size(written), device)
+    if written < size:
+        log.warning("the raw stream (%d bytes) is shorter than the disk (%d bytes); a raw stream carries no "
+                    "length, so a truncated transfer cannot be told from a smaller disk; the rest of the "
+                    "disk was left as it was", written, size)
 
 
-def run_rename(genv: GanetiEnv) -> None:
-    from .seedrename import rename_seeds
+# --- rename -------------------------------------------------------------------------------------
 
+RenameStep = Callable[[GanetiEnv, SiteConfig], None]
+# Steps that change the disk for a new name.
+RENAME_STEPS: Sequence[tuple[str, RenameStep]] = (
+    ("put the new name into the seed", rename_seeds),
+)
+
+
+def run_rename(genv: GanetiEnv, site: SiteConfig, steps: Sequence[tuple[str, RenameStep]] | None = None) -> None:
+    """The rename script: each step is best effort, a failure only a warning.
+
+    Ganeti itself treats a failed rename as a warning, but the job log then reads like an error;
+    nothing a rename changes (hostname files) is worth that, so even a bug is only logged.
+    """
     instance = genv.require_instance()
-    rename_seeds(genv)
+    for what, step in RENAME_STEPS if steps is None else steps:
+        try:
+            step(genv, site)
+        except (UserError, CommandError) as e:
+            log.warning("rename: could not %s (left unchanged): %s", what, e)
+        except Exception as e:
+            log.debug("rename step failed", exc_info=True)
+            log.warning("rename: could not %s (left unchanged): %s: %s", what, type(e).__name__, e)
     log.info("renamed %s to %s", genv.old_instance_name, instance.name)

@@ -58,8 +58,8 @@ def open_local_image(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
-        raise ParameterError(f"image file {path} cannot be opened: {e.strerror}") from None
+        raise ParameterError(f"image file cannot be opened: {e.strerror}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise ParameterError(f"image file {path} is not a regular file")
+        raise ParameterError("image file is not a regular file")
     return fd

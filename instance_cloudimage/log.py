@@ -45,22 +45,30 @@ def format_size(n: float) -> str:
 
 
 class Progress:
-    """Byte progress: a tqdm bar on a TTY; otherwise a line every 10% or every few seconds.
+    """Byte progress: a tqdm bar on a TTY; otherwise a throttled line for Ganeti's log.
 
-    Ganeti's log must not be flooded, so without a TTY at most one line per ``interval``
-    seconds is written, and always one at each 10% step when the total is known.
+    Without a TTY a line is written when another 10% is done (at most one a second), and
+    after ``interval`` seconds without a line (30 s when the total is known, so that the
+    heartbeat does not double the 10% lines), so a slow download still shows signs of life and
+    a fast one prints at most a summary.  Transfers below ``QUIET_BELOW`` bytes print nothing but
+    a debug line: a checksum file is not news.
     """
 
-    def __init__(self, what: str, total: int | None, interval: float = 5.0) -> None:
+    QUIET_BELOW = 16 * 1024 * 1024
+    MIN_GAP = 1.0
+
+    def __init__(self, what: str, total: int | None, interval: float | None = None) -> None:
         self.what = what
         self.total = total if total and total > 0 else None
         self.done = 0
-        self.interval = interval
+        self.interval = interval if interval is not None else (30.0 if self.total else 10.0)
         self.start = time.monotonic()
         self.last_time = self.start
         self.last_decile = 0
+        self.lines = 0
+        self.quiet = self.total is not None and self.total < self.QUIET_BELOW
         self.bar: Any = None
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and not self.quiet:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total, unit="B", unit_scale=True, unit_divisor=1024,
@@ -78,11 +86,15 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
             return
+        if self.quiet:
+            return
         now = time.monotonic()
-        decile = (self.done * 10 // self.total) if self.total else 0
-        if decile > self.last_decile or now - self.last_time >= self.interval:
+        decile = min(self.done * 10 // self.total, 10) if self.total else 0
+        since = now - self.last_time
+        if (decile > self.last_decile and since >= self.MIN_GAP) or since >= self.interval:
             self.last_decile = max(decile, self.last_decile)
             self.last_time = now
+            self.lines += 1
             log.info("%s: %s", self.what, self.describe(now))
 
     def describe(self, now: float) -> str:
@@ -99,5 +111,8 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if success:
-            log.info("%s: %s in %.1fs", self.what, format_size(self.done), time.monotonic() - self.start)
+        if not success:
+            return
+        elapsed = time.monotonic() - self.start
+        level = logging.DEBUG if self.quiet or (elapsed < 1.0 and not self.lines) else logging.INFO
+        log.log(level, "%s: %s in %.1fs", self.what, format_size(self.done), elapsed)

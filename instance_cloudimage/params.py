@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from .config import SiteConfig
 from .errors import ParameterError
+from .seedparams import check_hostname, check_nameservers, check_password_hash, check_search, parse_choice
 from .settings import parse_bool
 from .variants import CHECKSUM_RE
 
@@ -36,8 +37,16 @@ def check_image(value: str, site: SiteConfig) -> None:
         raise ParameterError("image must not be empty")
     scheme = urlsplit(v).scheme.lower()
     if scheme in ("http", "https"):
+        from .errors import ImageFetchError
+        from .urlpolicy import check_url, policy_for
+
         if not urlsplit(v).hostname:
             raise ParameterError("image URL has no host")
+        try:
+            # The same address policy as at download time, so verify refuses early.
+            check_url(v, policy_for(True, site))
+        except ImageFetchError as e:
+            raise ParameterError(e.message, e.hint) from None
         return
     if scheme == "file":
         check_local_image_path(urlsplit(v).path, site, what="image")
@@ -68,6 +77,28 @@ def check_grow_root(value: str, site: SiteConfig) -> None:
         parse_bool(value)
     except ValueError:
         raise ParameterError("grow_root must be yes or no") from None
+def check_ssh_authorized_keys(value: str, site: SiteConfig) -> None:
+    from .sshkeys import parse_authorized_keys
+
+    parse_authorized_keys(value)
+
+
+def check_user_data(value: str, site: SiteConfig) -> None:
+    from .userdata import decode_user_data
+
+    decode_user_data(value)
+
+
+def check_network(value: str, site: SiteConfig) -> None:
+    from .netconfig import NETWORK_MODES
+
+    parse_choice("network", value, NETWORK_MODES)
+
+
+def check_seed(value: str, site: SiteConfig) -> None:
+    from .variants import SEEDS
+
+    parse_choice("seed", value, SEEDS)
 
 
 PARAMETERS: tuple[Parameter, ...] = (
@@ -79,6 +110,20 @@ PARAMETERS: tuple[Parameter, ...] = (
               check_arch),
     Parameter("grow_root", "Grow the root partition and filesystem to the end of disk 0 on the node: yes or no "
               "(default: the variant's GrowRoot; cloud-init grows on first boot by itself)", check_grow_root),
+    Parameter("hostname", "Guest host name, short or fully qualified (default: the instance name)",
+              check_hostname),
+    Parameter("ssh_authorized_keys", "OpenSSH public keys for the image's default user (root on flamingo), "
+              "separated by newlines or ';'", check_ssh_authorized_keys),
+    Parameter("password_hash", "crypt(3) hash ($y$, $6$, $5$, $2b$) of the default user's password; "
+              "pass it with --os-parameters-secret", check_password_hash, secret=True),
+    Parameter("user_data", "User-data: #cloud-config, #! script, MIME, #include, jinja or JSON, plain or "
+              "base64:..., gzip allowed, at most 64 KiB", check_user_data, secret=True),
+    Parameter("dns_nameservers", "DNS server addresses for the guest, separated by spaces or commas",
+              check_nameservers),
+    Parameter("dns_search", "DNS search domains for the guest, separated by spaces or commas", check_search),
+    Parameter("network", "Guest network: auto (static from the NIC's Ganeti network, else DHCP), dhcp or none",
+              check_network),
+    Parameter("seed", "Seed delivery: auto, nocloud-fs, nocloud-disk, configdrive-disk or none", check_seed),
 )
 
 

@@ -7,12 +7,16 @@ tool output is parseable whatever environment Ganeti gave us, the command logged
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import resource
+import selectors
 import shlex
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
@@ -141,3 +145,112 @@ def run(
 def run_text(argv: Sequence[str], **kwargs: Any) -> str:
     """Run ``argv`` and return its stdout decoded as UTF-8."""
     return run(argv, **kwargs).stdout.decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class StreamedRun:
+    returncode: int  # negative: killed by that signal
+    timed_out: bool
+
+
+# How long to keep reading after the child exited: a background grandchild may hold the pipe.
+DRAIN_AFTER_EXIT = 2.0
+KILL_GRACE = 3.0
+MAX_LINE = 4096
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the child's process group, SIGKILL it if it has not gone after a grace period."""
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_streaming(
+    argv: Sequence[str],
+    on_line: Callable[[str], None],
+    *,
+    env: Mapping[str, str],
+    timeout: float | None = None,
+    cwd: str = "/",
+) -> StreamedRun:
+    """Run ``argv`` with exactly ``env``, handing each line of its merged stdout/stderr to ``on_line``.
+
+    For administrators' programs (hooks) whose output belongs in Ganeti's log as it happens.
+    The child runs in its own session; on timeout, error or SIGTERM its whole process group is
+    killed, so a shell hook's children do not outlive it.  Raises CommandNotFound.
+    """
+    argv = [os.fspath(a) for a in argv]
+    log.debug("+ %s", shlex.join(argv))
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=dict(env), cwd=cwd, start_new_session=True,
+        )
+    except FileNotFoundError as e:
+        raise CommandNotFound(argv[0]) from e
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    exited_at: float | None = None
+    timed_out = False
+
+    def emit_lines(text: str) -> str:
+        """Hand over every complete line of ``text``; return the unfinished rest."""
+        *lines, rest = text.split("\n")
+        for line in lines:
+            on_line(line.rstrip("\r")[:MAX_LINE])
+        if len(rest) > MAX_LINE:  # a runaway line without a newline
+            on_line(rest[:MAX_LINE])
+            rest = ""
+        return rest
+
+    eof = False
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while True:
+                now = time.monotonic()
+                if exited_at is None and proc.poll() is not None:
+                    exited_at = now
+                if exited_at is not None and now - exited_at > DRAIN_AFTER_EXIT:
+                    break
+                if deadline is not None and exited_at is None and now >= deadline:
+                    timed_out = True
+                    break
+                if sel.select(0.2):
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        eof = True
+                        break
+                    pending = emit_lines(pending + decoder.decode(chunk))
+        pending += decoder.decode(b"", final=True)
+        if pending:
+            on_line(pending.rstrip("\r")[:MAX_LINE])
+        if eof and exited_at is None:  # it closed its output but is still working
+            try:
+                proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+    finally:
+        if proc.poll() is None or timed_out:
+            _kill_group(proc)
+        elif not eof:
+            # The child exited but something it started still holds the pipe: end it too.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.stdout.close()
+    returncode = proc.wait()
+    return StreamedRun(returncode=returncode, timed_out=timed_out)

@@ -22,6 +22,7 @@ from contextlib import ExitStack
 
 import yaml
 
+from .config import SiteConfig
 from .env import GanetiEnv
 from .errors import CloudImageError
 from .guestfiles import guest_dir, read_guest_file, write_guest_file
@@ -176,8 +177,8 @@ def rename_guest(disk_path: str, arch: str, rename: Renamer, *, edit_hostname: b
     return count
 
 
-def rename_seeds(genv: GanetiEnv) -> None:
-    """Put the new instance name into every seed found; warn (never raise) on any problem."""
+def rename_seeds(genv: GanetiEnv, site: SiteConfig | None = None) -> None:
+    """Put the new instance name into every seed found; warn (never raise) on a disk's problem."""
     instance = genv.require_instance()
     old, new = genv.old_instance_name or "", instance.name
     if genv.params.get("hostname"):

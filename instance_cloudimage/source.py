@@ -1,29 +1,33 @@
 """Where the image comes from: a local path, an http(s) URL, or the built-in demo image.
 
 ``resolve_image`` decides *what* to fetch (the variant's image, or the ``image`` parameter);
-``fetch_image`` produces a verified local file and registers its cleanup on the ExitStack.
+``open_image`` returns an ``ImageStream`` over its bytes, and ``fetch_image`` the verified file.
+Remote images go through the cache (remote.py, cache.py); local files are copied into a private
+spool while they are hashed, so qemu-img later reads a file nobody else can change.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import tempfile
+import posixpath
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .checksums import Digest, lookup_required
 from .config import SiteConfig
-from .errors import ChecksumMismatch, ImageFetchError, ParameterError
+from .download import CHUNK, Hasher, Spool, copy_file
+from .errors import ChecksumMismatch, ParameterError
 from .localpath import open_local_image, resolve_local_image_path
-from .log import Progress
+from .remote import RemoteSpec, make_cache, open_remote, resolve_checksums
+from .urlpolicy import PARAMETER_URL, redact_url
 from .variants import Variant
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4 * 1024 * 1024
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -36,6 +40,8 @@ class ImageRef:
     signature_url: str | None = None
     keyring: str | None = None
     from_parameter: bool = False
+    name_pattern: str | None = None  # pick the file name from the checksum file (URL has {name})
+    variant: str | None = None
 
     @property
     def scheme(self) -> str:
@@ -45,7 +51,15 @@ class ImageRef:
 
     def describe(self) -> str:
         # A user-given location may be private; the variant's is public.
-        return "the image given by the image parameter" if self.from_parameter else self.location
+        if self.from_parameter:
+            return PARAMETER_URL if self.scheme in ("http", "https") else "the file given by the image parameter"
+        return redact_url(self.location)
+
+    def remote_spec(self) -> RemoteSpec:
+        return RemoteSpec(url=self.location, checksum=self.checksum, checksum_url=self.checksum_url,
+                          signature_url=self.signature_url, keyring=self.keyring,
+                          name_pattern=self.name_pattern, from_parameter=self.from_parameter,
+                          variant=self.variant)
 
 
 @dataclass(frozen=True)
@@ -64,160 +78,155 @@ def resolve_image(variant: Variant, params: dict[str, str] | object, arch: str) 
                         from_parameter=True)
     spec = variant.image_for(arch)
     return ImageRef(location=spec.url, declared_format=spec.format, checksum=checksum or spec.checksum,
-                    checksum_url=spec.checksum_url, signature_url=spec.signature_url, keyring=spec.keyring)
-
-
-class Hasher:
-    """sha256 always (the cache key), plus the algorithm of the expected checksum."""
-
-    def __init__(self, expected: str | None) -> None:
-        self.expected = expected
-        self.sha256 = hashlib.sha256()
-        algo = expected.split(":", 1)[0] if expected else "sha256"
-        self.other = hashlib.new(algo) if algo != "sha256" else None
-
-    def update(self, data: bytes | memoryview) -> None:
-        self.sha256.update(data)
-        if self.other is not None:
-            self.other.update(data)
-
-    def digest(self) -> str:
-        return "sha256:" + self.sha256.hexdigest()
-
-    def verify(self, what: str) -> None:
-        if self.expected is None:
-            return
-        algo, want = self.expected.split(":", 1)
-        got = (self.other or self.sha256).hexdigest()
-        if got != want:
-            raise ChecksumMismatch(f"{what} does not match its {algo} checksum",
-                                   "the download is corrupt or the checksum is wrong")
-
-
-def _copy_verified(src_fd: int, dst: Path, ref: ImageRef, total: int | None) -> FetchedImage:
-    hasher = Hasher(ref.checksum)
-    size = 0
-    with open(dst, "wb") as out, Progress("reading image", total) as prog:
-        while chunk := os.read(src_fd, CHUNK):
-            hasher.update(chunk)
-            out.write(chunk)
-            size += len(chunk)
-            prog.update(len(chunk))
-        out.flush()
-        os.fsync(out.fileno())
-    hasher.verify(ref.describe())
-    return FetchedImage(dst, size, hasher.digest())
-
-
-def _scratch_file(site: SiteConfig, stack: ExitStack) -> Path:
-    tmpdir = site.paths.cache_dir / "tmp"
-    tmpdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, name = tempfile.mkstemp(dir=tmpdir, prefix="image-", suffix=".part")
-    os.close(fd)
-    path = Path(name)
-    stack.callback(lambda: path.unlink(missing_ok=True))
-    return path
-
-
-def fetch_local(ref: ImageRef, site: SiteConfig, stack: ExitStack) -> FetchedImage:
-    raw = urlsplit(ref.location).path if ref.scheme == "file" else ref.location
-    real = resolve_local_image_path(raw, site, what="image")
-    fd = open_local_image(real)
-    try:
-        # Copy into a private scratch file while hashing: qemu-img then reads a file that nobody
-        # can swap or modify between our checks and its open.
-        dst = _scratch_file(site, stack)
-        return _copy_verified(fd, dst, ref, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-
-
-def fetch_http(ref: ImageRef, site: SiteConfig, stack: ExitStack) -> FetchedImage:
-    import requests
-
-    dst = _scratch_file(site, stack)
-    proxies = {"http": site.get("proxy"), "https": site.get("proxy")} if site.get("proxy") else {}
-    try:
-        with requests.get(ref.location, stream=True, proxies=proxies,
-                          timeout=(site.get("connect_timeout"), site.get("read_timeout")),
-                          verify=site.get("ca_bundle") or True) as resp:
-            if resp.status_code != 200:
-                raise ImageFetchError(f"{ref.describe()}: HTTP {resp.status_code} {resp.reason}")
-            total = int(resp.headers.get("Content-Length", 0)) or None
-            hasher = Hasher(ref.checksum)
-            size = 0
-            with open(dst, "wb") as out, Progress("downloading image", total) as prog:
-                for chunk in resp.iter_content(CHUNK):
-                    hasher.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-                    prog.update(len(chunk))
-                os.fsync(out.fileno())
-    except requests.RequestException as e:
-        raise ImageFetchError(f"{ref.describe()}: download failed: {type(e).__name__}") from None
-    hasher.verify(ref.describe())
-    return FetchedImage(dst, size, hasher.digest())
+                    checksum_url=spec.checksum_url, signature_url=spec.signature_url, keyring=spec.keyring,
+                    name_pattern=spec.name_pattern, variant=variant.name)
 
 
 class ImageStream:
     """The image's bytes as fetched (still compressed/wrapped), read sequentially.
 
     This is the seam between sources and writers: a writer that can stream (raw, compressed
-    raw) reads from ``read``/``readinto`` and calls ``finish()`` at the end, which drains what
-    is left, verifies the checksum and returns the verified file; a writer that needs random
-    access (qcow2, vmdk, ...) calls ``finish()`` straight away and uses the file.  ``peek`` shows
-    the first bytes without consuming them, for detection.
+    raw) reads from ``read``/``readinto`` and calls ``finish()`` at the end, which waits for
+    the rest, verifies the checksum and returns the verified file; a writer that needs random
+    access (qcow2, vmdk, ...) calls ``finish()`` straight away and uses the file.  ``peek``
+    shows the next bytes without consuming them, for detection.
 
-    This implementation reads a file that ``fetch_image`` already verified; the issue-3 source
-    replaces it with one that tees the HTTP body into the cache while it is being written.
+    On a cache miss the bytes are those of a download still in progress (a producer thread
+    tees the HTTP body into the cache's temp file); ``read`` returns end-of-file only once the
+    whole body has been verified, and raises the download's error otherwise.  On a hit, and for
+    local files, the stream reads an already verified file.  ``size`` is the byte count when
+    known in advance (Content-Length), else None.
     """
 
-    def __init__(self, fetched: FetchedImage) -> None:
-        self._fetched = fetched
-        self._file = open(fetched.path, "rb")
-        self.size: int | None = fetched.size
+    def __init__(self, spool: Spool, result: Callable[[], FetchedImage], size: int | None) -> None:
+        self._spool = spool
+        self._result = result
+        self._pos = 0
+        self.size = size
 
     def peek(self, n: int) -> bytes:
-        pos = self._file.tell()
-        data = os.pread(self._file.fileno(), n, pos)
-        return data
+        avail = self._spool.wait(self._pos + n)
+        return os.pread(self._spool.fd, max(0, min(n, avail - self._pos)), self._pos)
 
     def read(self, n: int = CHUNK) -> bytes:
-        return self._file.read(n)
+        if n <= 0:
+            return b""
+        avail = self._spool.wait(self._pos + 1)
+        take = min(n, avail - self._pos)
+        if take <= 0:
+            return b""
+        data = os.pread(self._spool.fd, take, self._pos)
+        self._pos += len(data)
+        return data
 
     def readinto(self, buf: bytearray | memoryview) -> int:
-        return self._file.readinto(buf)
+        view = memoryview(buf).cast("B")
+        if not len(view):
+            return 0
+        avail = self._spool.wait(self._pos + 1)
+        take = min(len(view), avail - self._pos)
+        if take <= 0:
+            return 0
+        n = os.preadv(self._spool.fd, [view[:take]], self._pos)
+        self._pos += n
+        return n
 
     def finish(self) -> FetchedImage:
-        self.close()
-        return self._fetched
+        """Wait for the whole image, verified; raises the download's or the checksum's error."""
+        self._spool.join()
+        return self._result()
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        self._spool.cancel(timeout=5.0)
 
 
 def open_image(ref: ImageRef, site: SiteConfig, stack: ExitStack) -> ImageStream:
-    """Open the image for sequential reading; cleanup is registered on ``stack``."""
-    stream = ImageStream(fetch_image(ref, site, stack))
+    """Open the image for sequential reading; cleanup (locks, temp files) goes on ``stack``."""
+    scheme = ref.scheme
+    if scheme in ("http", "https"):
+        stream = open_remote_image(ref, site, stack)
+    elif scheme == "builtin":
+        from .demo import build_demo_image
+
+        stream = open_local(build_demo_image(ref.location[len(BUILTIN_PREFIX):], site.paths.cache_dir),
+                            ref, site, stack)
+    elif scheme in ("path", "file"):
+        raw = urlsplit(ref.location).path if scheme == "file" else ref.location
+        stream = open_local(resolve_local_image_path(raw, site, what="image"), ref, site, stack)
+    else:
+        raise ParameterError(f"image URL scheme '{scheme}' is not supported",
+                             "use https://, http://, file:// or an absolute path")
     stack.callback(stream.close)
     return stream
 
 
 def fetch_image(ref: ImageRef, site: SiteConfig, stack: ExitStack) -> FetchedImage:
-    """Fetch and verify the image; the returned file is private and removed by ``stack``."""
-    scheme = ref.scheme
-    if scheme == "builtin":
-        from .demo import build_demo_image
+    """Fetch and verify the image; the returned file stays valid until ``stack`` closes."""
+    return open_image(ref, site, stack).finish()
 
-        path = build_demo_image(ref.location[len(BUILTIN_PREFIX):], site.paths.cache_dir)
-        fd = open_local_image(path)
-        try:
-            return _copy_verified(fd, _scratch_file(site, stack), ref, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
-    if scheme in ("path", "file"):
-        return fetch_local(ref, site, stack)
-    if scheme in ("http", "https"):
-        return fetch_http(ref, site, stack)
-    raise ParameterError(f"image URL scheme '{scheme}' is not supported")
+
+def open_remote_image(ref: ImageRef, site: SiteConfig, stack: ExitStack) -> ImageStream:
+    opening = open_remote(ref.remote_spec(), site, stack)
+    if opening.handle is not None:
+        handle = opening.handle
+        stack.callback(handle.close)
+        fetched = FetchedImage(handle.path, handle.size, "sha256:" + handle.digests["sha256"])
+        return ImageStream(Spool(handle.fd, filled=handle.size, done=True), lambda: fetched, handle.size)
+    assert opening.spool is not None and opening.result is not None
+    result = opening.result
+
+    def done() -> FetchedImage:
+        return FetchedImage(Path(result.path), result.size, "sha256:" + result.sha256)
+
+    return ImageStream(opening.spool, done, opening.size)
+
+
+def expected_local_digest(ref: ImageRef, path: Path, site: SiteConfig) -> Digest | None:
+    if ref.checksum:
+        return Digest.parse(ref.checksum)
+    if ref.checksum_url:
+        checksums = resolve_checksums(ref.remote_spec(), site, make_cache(site))
+        return lookup_required(checksums, [posixpath.basename(os.fspath(path)),
+                                           posixpath.basename(urlsplit(ref.location).path)])
+    return None
+
+
+def close_unless_busy(fd: int, box: list[Spool]) -> None:
+    """Close ``fd`` unless a producer thread that may still use it is alive (see remote.py)."""
+    thread = box[0].thread if box else None
+    if thread is None or not thread.is_alive():
+        os.close(fd)
+
+
+def open_local(path: Path, ref: ImageRef, site: SiteConfig, stack: ExitStack) -> ImageStream:
+    """Copy a local file into a private spool while hashing it (in a producer thread)."""
+    expected = expected_local_digest(ref, path, site)
+    box: list[Spool] = []
+    src = open_local_image(path)
+    stack.callback(close_unless_busy, src, box)
+    total = os.fstat(src).st_size
+    cache = make_cache(site)
+    fd, spool_path = cache.new_temp("local")
+    spool = Spool(fd)
+    box.append(spool)
+    stack.callback(close_unless_busy, fd, box)
+    stack.callback(spool_path.unlink, missing_ok=True)
+    hasher = Hasher([expected.algorithm] if expected else [])
+    what = ref.describe()
+    sha256 = []
+
+    def produce() -> None:
+        size = copy_file(src, spool, hasher, total=total, what="the image file")
+        digests = hasher.digests()
+        if expected is not None and digests[expected.algorithm] != expected.hexdigest:
+            raise ChecksumMismatch(f"{what} does not match its {expected.algorithm} checksum",
+                                   "the file is corrupt or the checksum is wrong")
+        sha256.append((size, digests["sha256"]))
+
+    spool.start(produce, name="copy")
+
+    def done() -> FetchedImage:
+        size, digest = sha256[0]
+        return FetchedImage(spool_path, size, "sha256:" + digest)
+
+    return ImageStream(spool, done, total)

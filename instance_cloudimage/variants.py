@@ -48,6 +48,8 @@ VARIANT_SETTINGS = (
     Setting("Variant", "Seed", "seed", parse_choice(*SEEDS), "auto", "default seed delivery"),
     Setting("Variant", "NetworkConfigVersion", "network_config_version", parse_choice("1", "2"), "2",
             "cloud-init network-config version the image understands"),
+    Setting("Variant", "DefaultUser", "default_user", parse_str, "",
+            "the image's default login user (cloud-init's default_user); password_hash sets its password"),
     Setting("Variant", "GrowRoot", "grow_root", parse_bool, False,
             "grow the root partition and filesystem on the host"),
     Setting("Variant", "Architectures", "architectures", parse_list, ("x86_64",),
@@ -62,7 +64,11 @@ VARIANT_SETTINGS = (
     Setting("Image", "SignatureURL", "signature_url", parse_str, None,
             "detached OpenPGP signature of the checksum file ('inline' for a clear-signed one)",
             qualified=True),
-    Setting("Image", "Keyring", "keyring", parse_str, None, "keyring for gpgv (relative to the config dir)"),
+    Setting("Image", "NamePattern", "name_pattern", parse_str, None,
+            "glob choosing the image file name from the checksum file (newest version wins); the URL "
+            "then contains {name}", qualified=True),
+    Setting("Image", "Keyring", "keyring", parse_str, None,
+            "OpenPGP keyring for gpgv: absolute, or relative to the config dir"),
     Setting("Image", "ArchNames", "arch_names", parse_arch_names, {},
             "how the distro spells machine names in URLs"),
 )
@@ -78,6 +84,7 @@ class ImageSpec:
     checksum_url: str | None
     signature_url: str | None
     keyring: str | None
+    name_pattern: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,7 @@ class Variant:
     grow_root: bool
     architectures: tuple[str, ...]
     parsed: ParsedIni
+    default_user: str = ""
 
     def _get(self, dest: str, arch: str) -> Any:
         return self.parsed.qualified.get((dest, arch), self.parsed.values[dest])
@@ -108,6 +116,9 @@ class Variant:
         url = subst(self._get("url", arch))
         if not url:
             raise ConfigError(f"variant {self.name} ({self.path}) has no [Image] URL for {arch}")
+        name_pattern = subst(self._get("name_pattern", arch))
+        if ("{name}" in url) != bool(name_pattern):
+            raise ConfigError(f"variant {self.name} ({self.path}): a URL with {{name}} and NamePattern go together")
         return ImageSpec(
             url=url,
             format=self._get("format", arch),
@@ -115,6 +126,7 @@ class Variant:
             checksum_url=subst(self._get("checksum_url", arch)),
             signature_url=subst(self._get("signature_url", arch)),
             keyring=self._get("keyring", arch),
+            name_pattern=name_pattern,
         )
 
 
@@ -161,6 +173,7 @@ def load_variant(name: str, paths: Paths) -> Variant:
         grow_root=v["grow_root"],
         architectures=tuple(v["architectures"]),
         parsed=parsed,
+        default_user=v["default_user"],
     )
 
 

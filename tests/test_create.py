@@ -32,10 +32,17 @@ def make_raw(path: Path, size_mib: int = 16) -> Path:
 
 
 def without_seed(site: Site) -> None:
-    """These tests compare the disk with the image byte for byte, or write images without a
-    filesystem: a site override of the demo variant turns seeding off (test_seed.py covers it)."""
+    """For tests that compare the disk with the image byte for byte, or write images without a
+    filesystem: a site override of the demo variant turns seeding off (test_seed.py covers it),
+    and the shipped post-write hooks are masked, since mounting the guest rewrites its superblock."""
+    from instance_cloudimage.resources import shipped_dir
+
     (site.config_dir / "variants").mkdir(exist_ok=True)
     (site.config_dir / "variants" / "demo.conf").write_text("[Variant]\nSeed = none\n")
+    masks = site.config_dir / "hooks.d" / "post-write.d"
+    masks.mkdir(parents=True, exist_ok=True)
+    for hook in (shipped_dir("hooks.d") / "post-write.d").iterdir():
+        (masks / hook.name).symlink_to("/dev/null")
 
 
 def compare(disk: Path, image: Path, fmt: str) -> None:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from instance_cloudimage import seed
+from instance_cloudimage.config import SiteConfig
 from instance_cloudimage.env import Script
 from instance_cloudimage.lifecycle import run_rename
 from instance_cloudimage.seedrename import (
@@ -99,7 +100,7 @@ def create(tmp_path: Path, images: list[Path], **params: str) -> None:
 
 def rename(images: list[Path], **params: str) -> None:
     run_rename(dh.ganeti_env(images, Script.RENAME, name="new.example.org", old_name="old.example.org",
-                             params=params))
+                             params=params), SiteConfig())
 
 
 @pytest.mark.integration
