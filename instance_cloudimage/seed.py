@@ -1,6 +1,7 @@
 """Delivering the guest agent's seed onto the instance: the pipeline step after the image is written.
 
-What the seed says is built by seeddata.py (pure functions); this module decides where it goes:
+What the seed says is built by seeddata.py and configdrive.py (pure functions); this module
+decides where it goes:
 
 - ``nocloud-fs``: ``/var/lib/cloud/seed/nocloud/`` inside the guest's root (or /var) filesystem;
 - ``nocloud-disk``: a vfat ``cidata`` filesystem on disk 1, the guest's filesystem untouched;
@@ -15,7 +16,6 @@ flamingo.py for why), an agent ``none`` gets nothing.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Mapping
 from contextlib import ExitStack
@@ -23,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .env import Disk, GanetiEnv, Instance
+from .configdrive import build_configdrive
+from .env import Disk, Instance
 from .errors import ParameterError, SeedError, UnsafeImage
 from .flamingo import apply_flamingo_settings
 from .guestfiles import guest_dir, remove_guest_file, write_guest_file
 from .guestfs import mount_guest_root
 from .partitions import GuestLayout, find_guest_layout
+from .seeddata import build_nocloud, seed_input
 from .seeddisk import CIDATA, CONFIG_2, describe_disk_content, seed_label_of, write_seed_disk
 from .variants import SEEDS, Variant
 
@@ -131,22 +133,6 @@ def plan_delivery(instance: Instance, variant: Variant, params: Mapping[str, str
     return SeedPlan("nocloud-disk", fallback, reason="no guest filesystem")
 
 
-def build_seed_files(genv: GanetiEnv, variant: Variant, kind: str) -> dict[str, bytes]:
-    """The data side's files for ``kind`` ("nocloud" or "configdrive"), relative path → bytes."""
-    # Imported by name: seeddata.py (and configdrive.py) are the data side's modules, pure
-    # functions that know nothing of disks.
-    seeddata = importlib.import_module(f"{__package__}.seeddata")
-    inp = seeddata.seed_input(genv, variant)
-    if kind == "nocloud":
-        built = seeddata.build_nocloud(inp)
-    else:
-        builder = getattr(seeddata, "build_configdrive", None)
-        if builder is None:
-            builder = importlib.import_module(f"{__package__}.configdrive").build_configdrive
-        built = builder(inp)
-    return {str(k): bytes(v) for k, v in built.files.items()}
-
-
 def write_nocloud_dir(root: Path, files: Mapping[str, bytes]) -> None:
     """Write the NoCloud seed under ``root``/var/lib/cloud/seed/nocloud, never following a symlink."""
     for name in files:
@@ -174,22 +160,27 @@ def deliver_seed(ctx: CreateContext, stack: ExitStack) -> SeedPlan:
     disk_path = ctx.disk.path or ""
     plan = plan_delivery(ctx.instance, ctx.variant, ctx.genv.params, disk_path, ctx.arch)
     log.info("seed delivery: %s (%s)", plan.delivery, plan.reason)
-    configdrive: dict[str, bytes] | None = None
-    if plan.delivery == "configdrive-disk" or plan.flamingo:
-        configdrive = build_seed_files(ctx.genv, ctx.variant, "configdrive")
-    if plan.delivery in ("nocloud-disk", "configdrive-disk"):
-        assert plan.seed_disk is not None
+    if plan.delivery == "none" and not plan.flamingo:
+        return plan
+    # One input for everything written: on reinstall each call would draw a new instance-id.
+    inp = seed_input(ctx.genv, ctx.variant)
+    nocloud = dict(build_nocloud(inp).files) if plan.delivery.startswith("nocloud") else {}
+    configdrive = dict(build_configdrive(inp).files) if plan.delivery == "configdrive-disk" or plan.flamingo else {}
+    if plan.seed_disk is not None:
         if plan.delivery == "nocloud-disk":
-            write_seed_disk(plan.seed_disk, CIDATA, build_seed_files(ctx.genv, ctx.variant, "nocloud"))
+            write_seed_disk(plan.seed_disk, CIDATA, nocloud)
         else:
-            assert configdrive is not None
             write_seed_disk(plan.seed_disk, CONFIG_2, configdrive)
     if plan.delivery == "nocloud-fs" or plan.flamingo:
         with ExitStack() as mounts:
-            mounted = mount_guest_root(disk_path, mounts, arch=ctx.arch)
+            try:
+                mounted = mount_guest_root(disk_path, mounts, arch=ctx.arch)
+            except SeedError as e:
+                raise SeedError(f"cannot seed the guest filesystem: {e.message}",
+                                e.hint or "seed=nocloud-disk with a second disk, or seed=none") from None
             if plan.delivery == "nocloud-fs":
-                write_nocloud_dir(mounted.path, build_seed_files(ctx.genv, ctx.variant, "nocloud"))
+                write_nocloud_dir(mounted.path, nocloud)
                 log.info("wrote the NoCloud seed into %s", mounted.root.describe())
-            if plan.flamingo and configdrive is not None:
+            if plan.flamingo:
                 apply_flamingo_settings(mounted.path, configdrive, fstab=plan.delivery == "configdrive-disk")
     return plan

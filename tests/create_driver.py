@@ -2,22 +2,15 @@
 
 usage: create_driver.py VERB SCRIPT_PATH   (the Ganeti environment comes from os.environ)
 
-Two test-only additions, both outside the package: the seeddata stand-in is registered while the
-data side's module is missing, and TEST_PAUSE_AFTER=module.function (e.g. guestfs.mount_device)
-makes that function print READY after it ran and then sleep, so a test can SIGTERM the process
-while a loop device or mount is in place.
+One test-only addition, outside the package: TEST_PAUSE_AFTER=module.function (e.g.
+guestfs.mount_device) makes that function print READY after it ran and then sleep, so a test can
+SIGTERM the process while a loop device or mount is in place.
 """
 
 import importlib
 import os
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import seeddata_standin
-
-seeddata_standin.install()
 
 pause = os.environ.get("TEST_PAUSE_AFTER")
 if pause:

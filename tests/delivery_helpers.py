@@ -18,9 +18,12 @@ from instance_cloudimage.env import GanetiEnv, Script, parse_environment
 from instance_cloudimage.variants import Variant, load_variant
 
 from . import guest_images as gi
-from . import seeddata_standin
 
-READER = Path(__file__).with_name("read_seed_with_cloudinit.py")
+# The project's reader (written with the data side): Debian's cloud-init datasource code, user-data
+# processor and config modules, with everything that would change this host recorded instead.
+# The project's reader (written with the data side): Debian's cloud-init datasource code, user-data
+# processor and config modules, with everything that would change this host recorded instead.
+READER = Path(__file__).with_name("cloudinit_reader.py")
 CLOUDINIT_PYTHON = "/usr/bin/python3"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx0ZXN0a2V5Zm9ydGVzdGluZ29ubHkxMjM0NTY3ODkw test@example"
 
@@ -69,21 +72,19 @@ def context(genv: GanetiEnv, variant: Variant, config_dir: Path) -> CreateContex
 
 
 def expected_files(genv: GanetiEnv, variant: Variant, kind: str) -> dict[str, bytes]:
-    """What the data side builds for this instance (the real module, or the stand-in)."""
-    import importlib
+    """What the data side builds for this instance."""
+    from instance_cloudimage.configdrive import build_configdrive
+    from instance_cloudimage.seeddata import build_nocloud, seed_input
 
-    sd = seeddata_standin.install()
-    inp = sd.seed_input(genv, variant)
-    if kind == "nocloud":
-        return dict(sd.build_nocloud(inp).files)
-    builder = getattr(sd, "build_configdrive", None) or importlib.import_module(
-        "instance_cloudimage.configdrive").build_configdrive
-    return dict(builder(inp).files)
+    inp = seed_input(genv, variant, nonce="test")
+    return dict((build_nocloud(inp) if kind == "nocloud" else build_configdrive(inp)).files)
 
 
 def run_reader(kind: str, directory: Path) -> dict[str, Any]:
-    proc = subprocess.run([CLOUDINIT_PYTHON, os.fspath(READER), kind, os.fspath(directory)],
-                          capture_output=True, check=False)
+    """What cloud-init reads from a NoCloud seed directory or the root of a config drive."""
+    with tempfile.TemporaryDirectory(prefix="reader-") as work:
+        proc = subprocess.run([CLOUDINIT_PYTHON, os.fspath(READER), kind, os.fspath(directory), work],
+                              capture_output=True, check=False)
     assert proc.returncode == 0, proc.stderr.decode()
     out: dict[str, Any] = json.loads(proc.stdout)
     return out

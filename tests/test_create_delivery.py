@@ -64,7 +64,7 @@ def test_create_grows_and_seeds(os_dir: Path, tmp_path: Path) -> None:
     start_, size = gi.partition_offsets(disk)[1]
     assert 320 * M - (start_ + size) < M  # grown to the end of the disk
     result = dh.read_nocloud_in_guest(disk)
-    assert result["claimed"] and result["hostname"] == "vm1.example.org"
+    assert result["claimed"] and result["fqdn"] == "vm1.example.org"
     assert result["instance_id"] and result["instance_id"] != "nocloud"
     assert_nothing_left(disk)
 
@@ -107,5 +107,5 @@ def test_rename_script_updates_the_seed(os_dir: Path, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, os.fspath(DRIVER), "rename", os.fspath(os_dir / "rename")],
                           env=env, capture_output=True, check=False, cwd=os_dir)
     assert proc.returncode == 0, proc.stderr.decode()
-    assert dh.read_nocloud_in_guest(disk)["hostname"] == "vm2.example.org"
+    assert dh.read_nocloud_in_guest(disk)["fqdn"] == "vm2.example.org"
     assert_nothing_left(disk)

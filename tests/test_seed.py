@@ -23,11 +23,6 @@ from . import guest_images as gi
 ROOT = Partition(1, 0, 100, "", "ext4")
 
 
-@pytest.fixture(autouse=True)
-def _standin() -> None:
-    dh.seeddata_standin.install()
-
-
 def disks(tmp_path: Path, n: int) -> list[Path]:
     return [gi.blank(tmp_path / f"disk{i}.img", 4) for i in range(n)]
 
@@ -147,8 +142,9 @@ def check_nocloud(result: dict, genv, variant) -> None:  # type: ignore[no-untyp
     meta = yaml.safe_load(expected["meta-data"])
     assert result["claimed"] is True
     assert result["instance_id"] == meta["instance-id"] != "nocloud"
-    assert result["hostname"] == "vm1.example.org"
+    assert result["fqdn"] == "vm1.example.org"
     assert result["userdata_raw"] == expected["user-data"].decode()
+    assert dh.KEY in result["public_keys"]
 
 
 @pytest.mark.integration
@@ -230,7 +226,8 @@ def test_configdrive_disk_has_both_trees(tmp_path: Path) -> None:
     expected = json.loads(dh.expected_files(genv, variant, "configdrive")["openstack/latest/meta_data.json"])
     result = dh.read_fat_seed(drive, "configdrive")
     assert result["instance_id"] == expected["uuid"]
-    assert result["hostname"] == "vm1.example.org"
+    assert result["fqdn"] == "vm1.example.org"
+    assert dh.KEY in result["public_keys"]
 
 
 @pytest.mark.integration
@@ -275,3 +272,26 @@ def test_flamingo_ssh_dir_symlink_is_refused(tmp_path: Path) -> None:
         seed.deliver_seed(dh.context(genv, variant, tmp_path / "etc"), stack)
     assert list(host.iterdir()) == []
     assert gi.no_loops(img)
+
+
+@pytest.mark.integration
+def test_reinstall_writes_a_fresh_seed(tmp_path: Path) -> None:
+    img = gi.gpt_root_first(tmp_path / "disk0.img")
+    drive = gi.blank(tmp_path / "disk1.img", 16)
+    variant = dh.make_variant(tmp_path / "etc")
+    ids = []
+    for reinstall in (False, True, True):
+        genv = dh.ganeti_env([img, drive], params={"seed": "nocloud-disk"}, reinstall=reinstall)
+        with ExitStack() as stack:
+            seed.deliver_seed(dh.context(genv, variant, tmp_path / "etc"), stack)
+        ids.append(dh.read_fat_seed(drive, "nocloud")["instance_id"])
+    assert ids[0] == genv.require_instance().uuid
+    assert len(set(ids)) == 3  # cloud-init runs its per-instance modules again after each reinstall
+
+
+@pytest.mark.integration
+def test_explicit_nocloud_fs_without_filesystem(tmp_path: Path) -> None:
+    img = gi.no_linux_fs(tmp_path / "disk0.img")
+    with pytest.raises(SeedError, match="cannot seed the guest filesystem: no ext4") as e:
+        deliver(tmp_path, [img], seed="nocloud-fs")
+    assert "seed=nocloud-disk" in str(e.value)

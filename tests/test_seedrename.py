@@ -32,11 +32,6 @@ from . import guest_images as gi
 R = make_renamer("old.example.org", "new.example.org")
 
 
-@pytest.fixture(autouse=True)
-def _standin() -> None:
-    dh.seeddata_standin.install()
-
-
 def test_renamer_maps_fqdn_and_short_name_only() -> None:
     assert (R("old.example.org"), R("old"), R("other"), R("old.example")) == ("new.example.org", "new", None, None)
 
@@ -110,7 +105,7 @@ def test_rename_updates_the_nocloud_dir_keeping_the_instance_id(tmp_path: Path) 
     before = dh.read_nocloud_in_guest(img)
     rename([img])
     after = dh.read_nocloud_in_guest(img)
-    assert before["hostname"] == "old.example.org" and after["hostname"] == "new.example.org"
+    assert before["fqdn"] == "old.example.org" and after["fqdn"] == "new.example.org"
     assert after["instance_id"] == before["instance_id"]
     assert "old" not in after["userdata_raw"]  # wherever the builder put the name, the old one is gone
     assert after["file_modes"]["meta-data"] == (0o600, 0)
@@ -126,7 +121,7 @@ def test_rename_updates_a_seed_disk(tmp_path: Path, seed_kind: str, reader: str)
     before = dh.read_fat_seed(drive, reader)
     rename([img, drive])
     after = dh.read_fat_seed(drive, reader)
-    assert (before["hostname"], after["hostname"]) == ("old.example.org", "new.example.org")
+    assert (before["fqdn"], after["fqdn"]) == ("old.example.org", "new.example.org")
     assert after["instance_id"] == before["instance_id"]
     if reader == "configdrive":
         legacy = gi.sh("mcopy", "-n", "-i", os.fspath(drive), "::/openstack/2012-08-10/meta_data.json", "-",
@@ -150,7 +145,7 @@ def test_rename_keeps_an_explicit_hostname(tmp_path: Path) -> None:
     img = gi.gpt_root_first(tmp_path / "disk0.img")
     create(tmp_path, [img], hostname="fixed.example.org")
     rename([img], hostname="fixed.example.org")
-    assert dh.read_nocloud_in_guest(img)["hostname"] == "fixed.example.org"
+    assert dh.read_nocloud_in_guest(img)["fqdn"] == "fixed.example.org"
 
 
 @pytest.mark.integration
