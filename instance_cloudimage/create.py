@@ -20,10 +20,12 @@ from .detect import DetectedImage, detect_format
 from .env import Disk, GanetiEnv, Instance
 from .errors import EnvironmentError_, ParameterError, UnsafeImage, UserError
 from .formats import normalize_declared
+from .grow import grow_requested, grow_root
 from .hookenv import HookFacts
 from .hooks import HookPlan, Phase, plan_hooks, run_hooks
 from .log import complete_step
 from .params import validate_parameters
+from .seed import deliver_seed
 from .source import FetchedImage, ImageRef, fetch_image, resolve_image
 from .variants import Variant, host_architecture, load_variant
 
@@ -121,9 +123,13 @@ def run_create(genv: GanetiEnv, site: SiteConfig, *, plan: HookPlan | None = Non
         run_hooks(plan, Phase.PRE_WRITE, facts, site)
         with complete_step("writing the image"):
             write_image(Path(fetched.path), detected, ctx.disk.path or "")
+        if grow_requested(genv.params, ctx.variant):
+            with complete_step("growing the root filesystem to the end of the disk"):
+                grow_root(ctx.disk.path or "", ctx.arch, stack)
+        with complete_step("seeding the guest agent"):
+            deliver_seed(ctx, stack)  # mounts and unmounts the guest itself, if it needs to
         # Its own stack, so that the guest is unmounted before the post hooks run.
         with ExitStack() as guest:
-            # The seed is to be written into this same mount, before the post-write hooks.
             if plan.for_phase(Phase.POST_WRITE):
                 run_hooks(plan, Phase.POST_WRITE, mount_guest_for_hooks(ctx, facts, guest), site)
         run_hooks(plan, Phase.POST, facts, site)

@@ -80,6 +80,10 @@ class HookFailed(UserError):
     """An administrator's hook failed or was refused."""
 
 
+class GrowError(UserError):
+    """The root partition or its filesystem could not be grown to fill the disk."""
+
+
 class CommandError(CloudImageError):
     """An external command failed.  Carries argv, exit code and stderr."""
 

@@ -3,7 +3,8 @@
 export streams disk EXPORT_INDEX to stdout in the compact format of diskstream.py (or raw, if
 the site asks), after announcing on EXP_SIZE_FD how many bytes to expect.  import reads either
 that format or a plain raw disk from another provider (told apart by the magic), onto
-IMPORT_DEVICE.  rename never fails the job for a cosmetic reason.
+IMPORT_DEVICE.  rename puts the new name into the instance's seeds (seedrename.py) and never fails
+the job for a cosmetic reason.
 
 Both import and export run with Ganeti's non-reset environment (LC_ALL=C, the node daemon's
 variables); that is harmless, since env.py parses only the variables it knows.
@@ -24,6 +25,7 @@ from .diskwrite import DiskWriter
 from .env import GanetiEnv
 from .errors import CommandError, ConversionError, EnvironmentError_, UserError
 from .log import Progress, format_size
+from .seedrename import rename_seeds
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +182,10 @@ def run_import(genv: GanetiEnv, site: SiteConfig, source: BinaryIO | None = None
 # --- rename -------------------------------------------------------------------------------------
 
 RenameStep = Callable[[GanetiEnv, SiteConfig], None]
-# Steps that change the disk for a new name (the seed's hostname joins here).
-RENAME_STEPS: Sequence[tuple[str, RenameStep]] = ()
+# Steps that change the disk for a new name.
+RENAME_STEPS: Sequence[tuple[str, RenameStep]] = (
+    ("put the new name into the seed", rename_seeds),
+)
 
 
 def run_rename(genv: GanetiEnv, site: SiteConfig, steps: Sequence[tuple[str, RenameStep]] | None = None) -> None:

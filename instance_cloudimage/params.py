@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from .config import SiteConfig
 from .errors import ParameterError
 from .seedparams import check_hostname, check_nameservers, check_password_hash, check_search, parse_choice
+from .settings import parse_bool
 from .variants import CHECKSUM_RE
 
 Check = Callable[[str, SiteConfig], None]
@@ -71,6 +72,11 @@ def check_arch(value: str, site: SiteConfig) -> None:
         raise ParameterError("arch must be a machine name such as x86_64 or aarch64")
 
 
+def check_grow_root(value: str, site: SiteConfig) -> None:
+    try:
+        parse_bool(value)
+    except ValueError:
+        raise ParameterError("grow_root must be yes or no") from None
 def check_ssh_authorized_keys(value: str, site: SiteConfig) -> None:
     from .sshkeys import parse_authorized_keys
 
@@ -102,6 +108,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               check_image_checksum),
     Parameter("arch", "Machine architecture of the image to use (default: the node's, e.g. x86_64)",
               check_arch),
+    Parameter("grow_root", "Grow the root partition and filesystem to the end of disk 0 on the node: yes or no "
+              "(default: the variant's GrowRoot; cloud-init grows on first boot by itself)", check_grow_root),
     Parameter("hostname", "Guest host name, short or fully qualified (default: the instance name)",
               check_hostname),
     Parameter("ssh_authorized_keys", "OpenSSH public keys for the image's default user (root on flamingo), "

@@ -138,7 +138,7 @@ def test_cache_fetch_prefetches_a_variant_and_create_then_needs_no_image_request
     cfg = write_site(tmp_path / "etc")
     (cfg / "variants").mkdir()
     (cfg / "variants" / "test.conf").write_text(
-        "[Variant]\nArchitectures = x86_64 aarch64\n"
+        "[Variant]\nArchitectures = x86_64 aarch64\nSeed = none\n"  # the test image has no filesystem
         f"[Image]\nURL = {state.url('/pub/i1.qcow2')}\nChecksumURL = {state.url('/pub/SHA256SUMS')}\n")
     proc = cache_cmd(tmp_path, "fetch", "test", "--arch", "x86_64")
     assert proc.returncode == 0, proc.stderr

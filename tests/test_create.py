@@ -31,6 +31,20 @@ def make_raw(path: Path, size_mib: int = 16) -> Path:
     return path
 
 
+def without_seed(site: Site) -> None:
+    """For tests that compare the disk with the image byte for byte, or write images without a
+    filesystem: a site override of the demo variant turns seeding off (test_seed.py covers it),
+    and the shipped post-write hooks are masked, since mounting the guest rewrites its superblock."""
+    from instance_cloudimage.resources import shipped_dir
+
+    (site.config_dir / "variants").mkdir(exist_ok=True)
+    (site.config_dir / "variants" / "demo.conf").write_text("[Variant]\nSeed = none\n")
+    masks = site.config_dir / "hooks.d" / "post-write.d"
+    masks.mkdir(parents=True, exist_ok=True)
+    for hook in (shipped_dir("hooks.d") / "post-write.d").iterdir():
+        (masks / hook.name).symlink_to("/dev/null")
+
+
 def compare(disk: Path, image: Path, fmt: str) -> None:
     # -s: strict, so a disk larger than the image must be zero beyond the image's end.
     subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", fmt, str(disk), str(image)],
@@ -38,6 +52,7 @@ def compare(disk: Path, image: Path, fmt: str) -> None:
 
 
 def test_demo_variant_creates_a_real_disk(site: Site, tmp_path: Path) -> None:
+    without_seed(site)
     disk = tmp_path / "disk.img"
     r = cli("create", "--disk", str(disk), "--variant", "demo", *site.cli_args())
     assert r.returncode == 0, r.stderr
@@ -52,6 +67,7 @@ def test_demo_variant_creates_a_real_disk(site: Site, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_image_parameter_with_raw_and_qcow2(site: Site, tmp_path: Path, fmt: str) -> None:
+    without_seed(site)
     raw = make_raw(site.images / "src.raw")
     image = raw
     if fmt == "qcow2":
@@ -67,6 +83,7 @@ def test_image_parameter_with_raw_and_qcow2(site: Site, tmp_path: Path, fmt: str
 
 
 def test_checksum_parameter_is_enforced(site: Site, tmp_path: Path) -> None:
+    without_seed(site)
     raw = make_raw(site.images / "src.raw", 4)
     import hashlib
 

@@ -573,7 +573,7 @@ def test_create_with_replaced_local_image(tmp_path: Path) -> None:
     site = make_site(tmp_path, allowed_dirs=(os.fspath(images),))
     write_hook(site.paths.site_hooks / "pre-fetch.d" / "10-local",
                f'printf "image=%s\\nimage_checksum=sha256:%s\\nimage_format=raw\\n" {raw} {digest} > "$HOOK_RESULT"\n')
-    env = create_env(tmp_path)
+    env = create_env(tmp_path) | {"OSP_SEED": "none"}  # random bytes: no guest filesystem to seed
     run_create(parse_environment(env, Script.CREATE), site,
                plan=plan_hooks(site.paths, "demo", shipped=tmp_path / "none"))
     with open(env["DISK_0_PATH"], "rb") as f:

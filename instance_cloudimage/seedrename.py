@@ -1,0 +1,204 @@
+"""rename: put the instance's new name into the seeds it already has.
+
+The seed is edited in place, never rebuilt: secret parameters (a password hash, user-data) are not
+available to rename, and a new instance-id would make cloud-init redo its first boot.  Only the
+values equal to the old name change: ``local-hostname``/``hostname`` in meta-data, ``hostname``/
+``name`` in meta_data.json, top-level ``hostname:``/``fqdn:`` in cloud-config user-data (plain or
+inside MIME parts), and a guest ``/etc/hostname`` holding exactly the old name (flamingo images).
+Nothing here fails the job: Ganeti treats a failed rename as a warning anyway, and a hostname is
+cosmetic next to the instance's data.
+"""
+
+from __future__ import annotations
+
+import email
+import email.encoders
+import email.policy
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+
+import yaml
+
+from .config import SiteConfig
+from .env import GanetiEnv
+from .errors import CloudImageError
+from .guestfiles import guest_dir, read_guest_file, write_guest_file
+from .guestfs import mount_guest_root
+from .partitions import find_guest_layout
+from .seed import NOCLOUD_NAMES, NOCLOUD_PARENT, NOCLOUD_SUBDIR
+from .seeddisk import copy_into_fat, read_from_fat, seed_label_of
+from .variants import host_architecture
+
+log = logging.getLogger(__name__)
+
+Renamer = Callable[[str], str | None]
+CONFIGDRIVE_META = ("openstack/latest/meta_data.json", "openstack/2012-08-10/meta_data.json")
+CONFIGDRIVE_USER = ("openstack/latest/user_data", "openstack/2012-08-10/user_data")
+TOP_LEVEL_NAME_RE = re.compile(rb"^(?P<key>hostname|fqdn)(?P<sep>:[ \t]*)(?P<q>['\"]?)(?P<value>[A-Za-z0-9.-]+)(?P=q)"
+                               rb"(?P<tail>[ \t]*(#.*)?)$", re.MULTILINE)
+
+
+def make_renamer(old: str, new: str) -> Renamer:
+    """Map the old name (FQDN or its first label) to the new one; None for any other value."""
+    old_short, new_short = old.split(".")[0], new.split(".")[0]
+
+    def rename(value: str) -> str | None:
+        if value == old:
+            return new
+        if value == old_short:
+            return new_short
+        return None
+    return rename
+
+
+def rename_metadata_yaml(data: bytes, rename: Renamer) -> bytes | None:
+    try:
+        md = yaml.safe_load(data)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(md, dict):
+        return None
+    changed = False
+    for key in ("local-hostname", "hostname"):
+        value = md.get(key)
+        if isinstance(value, str) and (renamed := rename(value)) is not None:
+            md[key], changed = renamed, True
+    return yaml.safe_dump(md, default_flow_style=False, sort_keys=False).encode() if changed else None
+
+
+def rename_metadata_json(data: bytes, rename: Renamer) -> bytes | None:
+    try:
+        md = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(md, dict):
+        return None
+    changed = False
+    for key in ("hostname", "name"):
+        value = md.get(key)
+        if isinstance(value, str) and (renamed := rename(value)) is not None:
+            md[key], changed = renamed, True
+    return (json.dumps(md, indent=2) + "\n").encode() if changed else None
+
+
+def rename_cloud_config(text: bytes, rename: Renamer) -> bytes | None:
+    """Rewrite top-level ``hostname:``/``fqdn:`` lines holding the old name; the rest stays byte for byte."""
+    changed = False
+
+    def sub(m: re.Match[bytes]) -> bytes:
+        nonlocal changed
+        renamed = rename(m.group("value").decode())
+        if renamed is None:
+            return m.group(0)
+        changed = True
+        return m.group("key") + m.group("sep") + m.group("q") + renamed.encode() + m.group("q") + m.group("tail")
+
+    out = TOP_LEVEL_NAME_RE.sub(sub, text)
+    return out if changed else None
+
+
+def rename_user_data(data: bytes, rename: Renamer) -> bytes | None:
+    """Rename inside cloud-config user-data, plain or as text/cloud-config parts of a MIME multipart."""
+    head = data.lstrip()[:200].lower()
+    if head.startswith(b"#cloud-config"):
+        return rename_cloud_config(data, rename)
+    if b"content-type:" not in head or b"multipart" not in head:
+        return None
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    changed = False
+    for part in msg.walk():
+        if part.get_content_type() != "text/cloud-config":
+            continue
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes) or (new := rename_cloud_config(payload, rename)) is None:
+            continue
+        was_base64 = (part.get("Content-Transfer-Encoding") or "").lower() == "base64"
+        del part["Content-Transfer-Encoding"]
+        part.set_payload(new)
+        if was_base64:
+            email.encoders.encode_base64(part)
+        else:
+            part["Content-Transfer-Encoding"] = "8bit" if any(b > 127 for b in new) else "7bit"
+        changed = True
+    return msg.as_bytes() if changed else None
+
+
+def rename_seed_files(files: Mapping[str, bytes], rename: Renamer) -> dict[str, bytes]:
+    """The seed files whose content changes, by relative path (NoCloud or config-drive names)."""
+    out: dict[str, bytes] = {}
+    for path, data in files.items():
+        if path == "meta-data":
+            new = rename_metadata_yaml(data, rename)
+        elif path in CONFIGDRIVE_META:
+            new = rename_metadata_json(data, rename)
+        elif path == "user-data" or path in CONFIGDRIVE_USER:
+            new = rename_user_data(data, rename)
+        else:
+            new = None
+        if new is not None:
+            out[path] = new
+    return out
+
+
+def rename_seed_disk(path: str, label: str, rename: Renamer) -> int:
+    names = ("meta-data", "user-data") if label.lower() == "cidata" else CONFIGDRIVE_META + CONFIGDRIVE_USER
+    files = {n: data for n in names if (data := read_from_fat(path, n)) is not None}
+    changed = rename_seed_files(files, rename)
+    if changed:
+        copy_into_fat(path, changed)
+    return len(changed)
+
+
+def rename_guest(disk_path: str, arch: str, rename: Renamer, *, edit_hostname: bool = True) -> int:
+    """Update the NoCloud seed directory and /etc/hostname in the guest filesystem of ``disk_path``."""
+    find_guest_layout(disk_path, arch)  # SeedError before anything is attached when there is no FS
+    count = 0
+    with ExitStack() as stack:
+        mounted = mount_guest_root(disk_path, stack, arch=arch)
+        try:
+            with guest_dir(mounted.path, NOCLOUD_PARENT) as parent, \
+                    guest_dir(parent, NOCLOUD_SUBDIR, shown_below=NOCLOUD_PARENT) as seed_dir:
+                files = {n: d for n in NOCLOUD_NAMES if (d := read_guest_file(seed_dir, n)) is not None}
+                for name, data in rename_seed_files(files, rename).items():
+                    write_guest_file(seed_dir, name, data)
+                    count += 1
+        except CloudImageError as e:
+            log.debug("no NoCloud seed directory to update: %s", e)
+        if edit_hostname:
+            with guest_dir(mounted.path, "etc") as etc:
+                current = read_guest_file(etc, "hostname", limit=4096)
+                renamed = rename(current.decode(errors="replace").strip()) if current else None
+                if renamed is not None:
+                    write_guest_file(etc, "hostname", renamed.encode() + b"\n", mode=0o644)
+                    count += 1
+    return count
+
+
+def rename_seeds(genv: GanetiEnv, site: SiteConfig | None = None) -> None:
+    """Put the new instance name into every seed found; warn (never raise) on a disk's problem."""
+    instance = genv.require_instance()
+    old, new = genv.old_instance_name or "", instance.name
+    if genv.params.get("hostname"):
+        log.info("the hostname parameter is set; the seed keeps it")
+        return
+    if not old or old == new:
+        log.info("instance name unchanged; nothing to update in the seed")
+        return
+    rename = make_renamer(old, new)
+    arch = genv.params.get("arch") or host_architecture()
+    for disk in instance.disks:
+        if disk.path is None or disk.access != "rw":
+            continue
+        try:
+            if disk.index == 0:
+                n = rename_guest(disk.path, arch, rename)
+            elif (label := seed_label_of(disk.path)) is not None:
+                n = rename_seed_disk(disk.path, label, rename)
+            else:
+                continue
+            log.info("disk %d: %d seed file(s) now carry the name %s", disk.index, n, new)
+        except (CloudImageError, OSError, ValueError) as e:
+            log.warning("disk %d: the seed keeps the old name (%s)", disk.index, e)
