@@ -1,0 +1,39 @@
+"""ruff and mypy (strict, configured in pyproject.toml) as tests, so CI enforces them.
+
+Skipped when the tool is not installed, except under CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tool(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    found = os.fspath(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+            pytest.fail(f"{name} is not installed (pip install -e '.[test]')")
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+def run(*argv: str) -> None:
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)  # noqa: S603
+    assert result.returncode == 0, f"{' '.join(argv)}\n{result.stdout}{result.stderr}"
+
+
+def test_ruff() -> None:
+    run(tool("ruff"), "check", "instance_cloudimage", "tests")
+
+
+def test_mypy() -> None:
+    run(tool("mypy"))
