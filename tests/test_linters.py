@@ -1,4 +1,4 @@
-"""ruff and mypy (strict, configured in pyproject.toml) as tests, so CI enforces them.
+"""ruff, mypy (strict, configured in pyproject.toml) and shellcheck as tests, so CI enforces them.
 
 Skipped when the tool is not installed, except under CI=true.
 """
@@ -37,3 +37,8 @@ def test_ruff() -> None:
 
 def test_mypy() -> None:
     run(tool("mypy"))
+
+
+def test_shellcheck() -> None:
+    scripts = [ROOT / ".ci" / "setup", ROOT / ".ci" / "run", *sorted(ROOT.glob("tests/**/*.sh"))]
+    run(tool("shellcheck"), *map(os.fspath, scripts))
