@@ -57,3 +57,14 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert commands[0].startswith(".venv/bin/instance-cloudimage create ")
     ci_run = (ROOT / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci_run, f"CI must run the README's test command: {commands[1]}"
+
+
+def test_node_packages_are_those_of_ci_packages_txt() -> None:
+    node_packages = []
+    for line in (ROOT / ".ci" / "packages.txt").read_text().splitlines():
+        name, _, comment = line.partition("#")
+        if name.strip() and comment.strip() != "test":
+            node_packages.append(name.strip())
+    m = re.search(r'gnt-cluster command "apt-get install -y --no-install-recommends (.*?)"', README, re.S)
+    assert m, "README has no apt-get line for the nodes"
+    assert m.group(1).replace("\\", " ").split() == node_packages
