@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 from ganeti_cluster import (
+    BRIDGE,
     CLUSTER_SH,
     DOMAIN,
+    LOOP_IMG_DIR,
     OS_DIR,
     OS_LOG_DIR,
     GanetiCluster,
@@ -31,6 +33,7 @@ from ganeti_cluster import (
     run_logged,
 )
 
+HOSTS = Path("/etc/hosts")
 LOCK_FILE = Path("/run/lock/instance-cloudimage-ganeti-tests.lock")
 LOCK_TIMEOUT = 1800.0
 
@@ -62,6 +65,19 @@ def skip_or_fail(reason: str) -> None:
     if in_ci():
         pytest.fail(f"{reason} (CI=true: Ganeti tests must run in CI)", pytrace=False)
     pytest.skip(reason)
+
+
+def bridge_exists() -> bool:
+    return Path("/sys/class/net", BRIDGE).exists()
+
+
+def loop_devices_of(directory: Path) -> list[str]:
+    """Loop devices whose backing file is inside ``directory``."""
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        if backing.read_text().strip().startswith(os.fspath(directory) + "/"):
+            found.append(backing.parent.parent.name)
+    return found
 
 
 def run_cluster_sh(action: str, log: Path) -> GntResult:
@@ -124,6 +140,8 @@ def _run_cluster(work: Path, log: Path) -> Iterator[GanetiCluster]:
         d.mkdir()
     (config_dir / "defaults.conf").write_text(f"[Images]\nAllowedDirectories = {image_dir}\n")
     logs_before = frozenset(OS_LOG_DIR.iterdir()) if OS_LOG_DIR.is_dir() else frozenset()
+    hosts_before = HOSTS.read_text()
+    bridge_before = bridge_exists()
     try:
         result = run_cluster_sh("setup", log)
         if result.returncode != 0:
@@ -142,6 +160,14 @@ def _run_cluster(work: Path, log: Path) -> Iterator[GanetiCluster]:
         result = run_cluster_sh("teardown", log)
         if result.returncode != 0:
             pytest.fail(f"cluster teardown failed (see {log}):\n{result.describe()}", pytrace=False)
+        leftovers = [what for what, left in (
+            ("/etc/hosts is not restored", HOSTS.read_text() != hosts_before),
+            (f"bridge {BRIDGE} is left", bridge_exists() and not bridge_before),
+            ("the cluster configuration is left", Path("/var/lib/ganeti/config.data").exists()),
+            ("loop devices of the loopfile provider are left", bool(loop_devices_of(LOOP_IMG_DIR))),
+        ) if left]
+        if leftovers:
+            pytest.fail(f"cluster teardown left state behind: {'; '.join(leftovers)} (see {log})", pytrace=False)
 
 
 def exports(cluster: GanetiCluster) -> set[str]:
