@@ -1,0 +1,186 @@
+"""A real single-node Ganeti cluster for the tests in this directory.
+
+The session-scoped ``ganeti_cluster`` fixture builds the cluster with cluster.sh, installs our
+OS definition into it with ``instance-cloudimage install`` (config and cache in a temporary
+directory), and tears everything down at the end, also when tests fail: instances and exports
+removed, cluster destroyed, daemons stopped, bridge, /etc/hosts and file-storage-paths restored.
+
+Every test here is marked ``ganeti``.  Without root or without Ganeti the tests are skipped with
+the reason; under CI (``CI=true``) they fail instead, so CI can never pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ganeti_cluster import (
+    BRIDGE,
+    CLUSTER_SH,
+    DOMAIN,
+    LOOP_IMG_DIR,
+    OS_DIR,
+    OS_LOG_DIR,
+    GanetiCluster,
+    GntResult,
+    gnt,
+    run_logged,
+)
+
+HOSTS = Path("/etc/hosts")
+LOCK_FILE = Path("/run/lock/instance-cloudimage-ganeti-tests.lock")
+LOCK_TIMEOUT = 1800.0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.ganeti)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def why_no_cluster() -> str | None:
+    """Why this machine cannot run the cluster tests, or None."""
+    if sys.platform != "linux":
+        return "Ganeti tests need Linux"
+    if os.geteuid() != 0:
+        return "Ganeti tests need root (run: sudo .venv/bin/pytest)"
+    for tool in ("/usr/sbin/gnt-cluster", "/usr/lib/ganeti/daemon-util"):
+        if not os.path.exists(tool):
+            return f"Ganeti is not installed ({tool} missing; run: sudo .ci/setup)"
+    return None
+
+
+def skip_or_fail(reason: str) -> None:
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: Ganeti tests must run in CI)", pytrace=False)
+    pytest.skip(reason)
+
+
+def bridge_exists() -> bool:
+    return Path("/sys/class/net", BRIDGE).exists()
+
+
+def loop_devices_of(directory: Path) -> list[str]:
+    """Loop devices whose backing file is inside ``directory``."""
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        if backing.read_text().strip().startswith(os.fspath(directory) + "/"):
+            found.append(backing.parent.parent.name)
+    return found
+
+
+def run_cluster_sh(action: str, log: Path) -> GntResult:
+    result = run_logged(["bash", os.fspath(CLUSTER_SH), action], env={
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}, cwd="/")
+    with open(log, "a") as f:
+        f.write(result.describe() + "\n")
+    return result
+
+
+def acquire_lock() -> int:
+    """One test session per machine owns the cluster; others wait for it."""
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    deadline = time.monotonic() + LOCK_TIMEOUT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                pytest.fail(f"another test session has held {LOCK_FILE} for {LOCK_TIMEOUT:.0f}s")
+            time.sleep(2)
+
+
+def instance_cloudimage_command() -> str:
+    """The console script of the environment running the tests (the project's venv)."""
+    beside = Path(sys.executable).parent / "instance-cloudimage"
+    if beside.exists():
+        return os.fspath(beside)
+    found = shutil.which("instance-cloudimage")
+    if found is None:
+        pytest.fail("instance-cloudimage is not installed in this environment (pip install -e .)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def ganeti_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GanetiCluster]:
+    reason = why_no_cluster()
+    if reason:
+        skip_or_fail(reason)
+    lock_fd = acquire_lock()
+    work = tmp_path_factory.mktemp("ganeti")
+    log = work / "cluster.log"
+    try:
+        status = run_cluster_sh("status", log).returncode
+        if status == 2:
+            skip_or_fail("a Ganeti cluster not made by the tests is configured on this machine")
+        if status == 0:  # left over from a killed session
+            run_cluster_sh("teardown", log)
+        yield from _run_cluster(work, log)
+    finally:
+        os.close(lock_fd)
+
+
+def _run_cluster(work: Path, log: Path) -> Iterator[GanetiCluster]:
+    config_dir, cache_dir, image_dir = work / "etc", work / "cache", work / "images"
+    for d in (config_dir, cache_dir, image_dir):
+        d.mkdir()
+    (config_dir / "defaults.conf").write_text(f"[Images]\nAllowedDirectories = {image_dir}\n")
+    logs_before = frozenset(OS_LOG_DIR.iterdir()) if OS_LOG_DIR.is_dir() else frozenset()
+    hosts_before = HOSTS.read_text()
+    bridge_before = bridge_exists()
+    try:
+        result = run_cluster_sh("setup", log)
+        if result.returncode != 0:
+            pytest.fail(f"cluster setup failed:\n{result.describe()}", pytrace=False)
+        shutil.rmtree(OS_DIR, ignore_errors=True)
+        install = run_logged([instance_cloudimage_command(), "install", "--os-dir", os.fspath(OS_DIR),
+                              "--config-dir", os.fspath(config_dir), "--cache-dir", os.fspath(cache_dir)])
+        if install.returncode != 0:
+            pytest.fail(f"instance-cloudimage install failed:\n{install.describe()}", pytrace=False)
+        node = gnt("gnt-cluster", "getmaster").stdout.strip()
+        assert node.endswith("." + DOMAIN), node
+        yield GanetiCluster(node=node, config_dir=config_dir, cache_dir=cache_dir, image_dir=image_dir,
+                            work_dir=work, logs_before=logs_before)
+    finally:
+        shutil.rmtree(OS_DIR, ignore_errors=True)
+        result = run_cluster_sh("teardown", log)
+        if result.returncode != 0:
+            pytest.fail(f"cluster teardown failed (see {log}):\n{result.describe()}", pytrace=False)
+        leftovers = [what for what, left in (
+            ("/etc/hosts is not restored", HOSTS.read_text() != hosts_before),
+            (f"bridge {BRIDGE} is left", bridge_exists() and not bridge_before),
+            ("the cluster configuration is left", Path("/var/lib/ganeti/config.data").exists()),
+            ("loop devices of the loopfile provider are left", bool(loop_devices_of(LOOP_IMG_DIR))),
+        ) if left]
+        if leftovers:
+            pytest.fail(f"cluster teardown left state behind: {'; '.join(leftovers)} (see {log})", pytrace=False)
+
+
+def exports(cluster: GanetiCluster) -> set[str]:
+    out = cluster.gnt("gnt-backup", "list", "--no-headers", "-o", "export").stdout
+    return set(out.split())
+
+
+@pytest.fixture(autouse=True)
+def _remove_what_the_test_added(ganeti_cluster: GanetiCluster) -> Iterator[None]:
+    """Each test starts from the same cluster: its new instances and exports go afterwards."""
+    instances_before, exports_before = set(ganeti_cluster.instances()), exports(ganeti_cluster)
+    yield
+    for name in sorted(set(ganeti_cluster.instances()) - instances_before):
+        ganeti_cluster.remove_instance(name, check=False)
+    for name in sorted(exports(ganeti_cluster) - exports_before):
+        ganeti_cluster.remove_export(name, check=False)

@@ -1,0 +1,296 @@
+"""Helpers for tests that drive a real single-node Ganeti cluster (see conftest.py, cluster.sh).
+
+``GanetiCluster`` wraps the Ganeti CLI the way an administrator uses it: every command runs with
+a clean environment (``env -i PATH=... LANG=C.UTF-8``) because the daemons and, through them,
+the OS import/export scripts inherit it.  Output goes through temporary files rather than
+pipes, so a daemon that keeps an inherited descriptor open can never hang a test.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CLUSTER_SH = HERE / "cluster.sh"
+
+GNT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+OS_NAME = "cloudimage"
+OS_DIR = Path("/srv/ganeti/os") / OS_NAME
+OS_LOG_DIR = Path("/var/log/ganeti/os")
+FILE_STORAGE_DIR = Path("/srv/ganeti/file-storage")
+LOOP_IMG_DIR = Path("/srv/ganeti/loop-images")
+EXPORT_DIR = Path("/var/lib/ganeti/export")
+DOMAIN = "example.test"
+BRIDGE = "gntbr0"
+DEFAULT_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class GntResult:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        """stdout and stderr together: Ganeti prints job errors on either."""
+        return self.stdout + self.stderr
+
+    def describe(self) -> str:
+        return f"$ {' '.join(self.argv)}\n(exit {self.returncode})\n{self.output}"
+
+
+class GntError(AssertionError):
+    """A Ganeti command failed where the test expected success."""
+
+    def __init__(self, result: GntResult) -> None:
+        super().__init__(result.describe())
+        self.result = result
+
+
+def run_logged(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+               timeout: float = DEFAULT_TIMEOUT, cwd: str | None = None) -> GntResult:
+    """Run ``argv`` with stdin closed and its output captured through files."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,  # noqa: S603
+                              env=dict(env) if env is not None else None, timeout=timeout, cwd=cwd,
+                              check=False)
+        out.seek(0)
+        err.seek(0)
+        return GntResult(tuple(argv), proc.returncode, out.read().decode(errors="replace"),
+                         err.read().decode(errors="replace"))
+
+
+def gnt(*args: str, check: bool = True, timeout: float = DEFAULT_TIMEOUT) -> GntResult:
+    """Run a Ganeti command (``gnt("gnt-instance", "list")``) with Ganeti's clean environment."""
+    result = run_logged(args, env=GNT_ENV, timeout=timeout, cwd="/")
+    if check and result.returncode != 0:
+        raise GntError(result)
+    return result
+
+
+def escape_option_value(value: str) -> str:
+    """Ganeti splits ``-O`` lists at commas; a backslash keeps a comma inside a value."""
+    return value.replace(",", "\\,")
+
+
+def format_options(params: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={escape_option_value(v)}" for k, v in params.items())
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    index: int
+    template: str
+    logical_id: tuple[str, ...]
+    on_primary: str | None  # the device path while the disk is assembled
+
+
+_DISK_RE = re.compile(r"^\s+- disk/(\d+): (\w+), size")
+
+
+def parse_disks(info_text: str) -> list[DiskInfo]:
+    """The disks in ``gnt-instance info`` output."""
+    disks: list[DiskInfo] = []
+    current: dict[str, object] | None = None
+
+    def flush() -> None:
+        if current is not None:
+            disks.append(DiskInfo(int(str(current["index"])), str(current["template"]),
+                                  tuple(current.get("logical_id", ())),  # type: ignore[arg-type]
+                                  current.get("on_primary")))  # type: ignore[arg-type]
+
+    for line in info_text.splitlines():
+        m = _DISK_RE.match(line)
+        if m:
+            flush()
+            current = {"index": m.group(1), "template": m.group(2)}
+            continue
+        if current is None:
+            continue
+        stripped = line.strip()
+        if stripped.startswith("logical_id:"):
+            current["logical_id"] = tuple(str(x) for x in ast.literal_eval(stripped.split(":", 1)[1].strip()))
+        elif stripped.startswith("on primary:"):
+            current["on_primary"] = stripped.split(":", 1)[1].strip().split(" (")[0]
+    flush()
+    return disks
+
+
+@dataclass
+class GanetiCluster:
+    """The running test cluster and what the tests installed into it."""
+
+    node: str  # the master node's FQDN
+    config_dir: Path  # --config-dir baked into the installed OS
+    cache_dir: Path  # --cache-dir baked into the installed OS
+    image_dir: Path  # allowed directory ([Images] AllowedDirectories) for the image parameter
+    work_dir: Path
+    logs_before: frozenset[Path] = field(default_factory=frozenset)
+
+    # --- commands ------------------------------------------------------------------------------
+
+    def gnt(self, *args: str, check: bool = True, timeout: float = DEFAULT_TIMEOUT) -> GntResult:
+        return gnt(*args, check=check, timeout=timeout)
+
+    @staticmethod
+    def fqdn(short: str) -> str:
+        return short if "." in short else f"{short}.{DOMAIN}"
+
+    # --- instances -----------------------------------------------------------------------------
+
+    def disk_option(self, index: int, template: str, size: str, extra: str = "") -> str:
+        spec = f"{index}:size={size}"
+        if template == "ext":
+            spec += ",provider=loopfile"
+        return spec + (f",{extra}" if extra else "")
+
+    def add_instance(
+        self,
+        name: str,
+        template: str = "file",
+        variant: str = "demo",
+        params: Mapping[str, str] | None = None,
+        private: Mapping[str, str] | None = None,
+        secret: Mapping[str, str] | None = None,
+        nics: Sequence[str] | None = None,
+        disks: Sequence[str] | None = None,
+        disk_size: str = "128M",
+        extra: Iterable[str] = (),
+        check: bool = True,
+    ) -> GntResult:
+        """``gnt-instance add -o cloudimage+<variant>``, not started.
+
+        ``nics`` are ``--net`` values (``"0:network=net1,ip=pool"``); None keeps Ganeti's
+        default of one bridged NIC, ``[]`` gives ``--no-nics``.  ``disks`` are ``--disk``
+        values; the default is one disk of ``disk_size`` (on the loopfile provider for ext).
+        """
+        argv = ["gnt-instance", "add", "-o", f"{OS_NAME}+{variant}", "-t", template,
+                "-B", "memory=128M", "--no-start", "--no-name-check", "--no-ip-check", "-n", self.node]
+        for d in disks if disks is not None else [self.disk_option(0, template, disk_size)]:
+            argv += ["--disk", d]
+        if nics is not None and not nics:
+            argv.append("--no-nics")
+        for n in nics or ():
+            argv += ["--net", n]
+        if params:
+            argv += ["-O", format_options(params)]
+        if private:
+            argv += ["--os-parameters-private", format_options(private)]
+        if secret:
+            argv += ["--os-parameters-secret", format_options(secret)]
+        argv += list(extra)
+        argv.append(self.fqdn(name))
+        return self.gnt(*argv, check=check)
+
+    def remove_instance(self, name: str, check: bool = True) -> GntResult:
+        return self.gnt("gnt-instance", "remove", "-f", "--ignore-failures", self.fqdn(name), check=check)
+
+    def reinstall(self, name: str, params: Mapping[str, str] | None = None,
+                  private: Mapping[str, str] | None = None, secret: Mapping[str, str] | None = None,
+                  check: bool = True) -> GntResult:
+        """Note Ganeti 3.0 replaces the stored parameters by exactly these (pitfall 9)."""
+        argv = ["gnt-instance", "reinstall", "-f"]
+        if params:
+            argv += ["-O", format_options(params)]
+        if private:
+            argv += ["--os-parameters-private", format_options(private)]
+        if secret:
+            argv += ["--os-parameters-secret", format_options(secret)]
+        return self.gnt(*argv, self.fqdn(name), check=check)
+
+    def rename(self, old: str, new: str, check: bool = True) -> GntResult:
+        # Without -f, rename asks for confirmation and silently exits 1 with no TTY (pitfall 5).
+        return self.gnt("gnt-instance", "rename", "-f", "--no-ip-check", "--no-name-check",
+                        self.fqdn(old), self.fqdn(new), check=check)
+
+    def export(self, name: str, check: bool = True) -> GntResult:
+        return self.gnt("gnt-backup", "export", "-n", self.node, self.fqdn(name), check=check)
+
+    def export_dir(self, name: str) -> Path:
+        return EXPORT_DIR / self.fqdn(name)
+
+    def import_(self, exported: str, name: str, template: str = "file", disk_size: str = "128M",
+                extra: Iterable[str] = (), check: bool = True) -> GntResult:
+        """``gnt-backup import`` of ``exported``'s export as ``name`` with a new MAC (pitfall 6)."""
+        return self.gnt("gnt-backup", "import", "-t", template,
+                        "--disk", self.disk_option(0, template, disk_size), "--net", "0:mac=generate",
+                        "-n", self.node, "--no-name-check", "--no-ip-check", "--src-node", self.node,
+                        "--src-dir", os.fspath(self.export_dir(exported)), *extra, self.fqdn(name),
+                        check=check)
+
+    def remove_export(self, name: str, check: bool = True) -> GntResult:
+        return self.gnt("gnt-backup", "remove", self.fqdn(name), check=check)
+
+    def instances(self) -> list[str]:
+        out = self.gnt("gnt-instance", "list", "--no-headers", "-o", "name").stdout
+        return out.split()
+
+    def info(self, name: str) -> str:
+        return self.gnt("gnt-instance", "info", self.fqdn(name)).stdout
+
+    def disks_of(self, name: str) -> list[DiskInfo]:
+        return parse_disks(self.info(name))
+
+    def disk_path_of(self, name: str, index: int = 0) -> Path:
+        """A regular file holding the disk's bytes, readable without activating the disk.
+
+        file template: the disk file under /srv/ganeti/file-storage; ext (loopfile provider):
+        the image file behind the loop device.
+        """
+        disk = self.disks_of(name)[index]
+        if disk.template == "file":
+            return Path(disk.logical_id[1])
+        if disk.template == "ext" and disk.logical_id[0] == "loopfile":
+            return LOOP_IMG_DIR / f"{disk.logical_id[1]}.img"
+        raise AssertionError(f"no file behind disk {index} of {name}: {disk}")
+
+    # --- networks ------------------------------------------------------------------------------
+
+    def add_network(self, name: str, network: str, gateway: str | None = None,
+                    network6: str | None = None, gateway6: str | None = None,
+                    tags: Sequence[str] = (), mode: str = "bridged", link: str = BRIDGE) -> None:
+        """``gnt-network add`` and connect it to the default node group."""
+        argv = ["gnt-network", "add", f"--network={network}"]
+        if gateway:
+            argv.append(f"--gateway={gateway}")
+        if network6:
+            argv.append(f"--network6={network6}")
+        if gateway6:
+            argv.append(f"--gateway6={gateway6}")
+        if tags:
+            argv.append(f"--tags={','.join(tags)}")
+        self.gnt(*argv, name)
+        self.gnt("gnt-network", "connect", f"--nic-parameters=mode={mode},link={link}", name)
+
+    def remove_network(self, name: str) -> None:
+        self.gnt("gnt-network", "disconnect", name, check=False)
+        self.gnt("gnt-network", "remove", name)
+
+    # --- the OS scripts' logs ------------------------------------------------------------------
+
+    def os_logs(self, kind: str | None = None, instance: str | None = None) -> list[Path]:
+        """Log files Ganeti wrote for our OS scripts during this session, oldest first.
+
+        ``kind``: add (create and reinstall), rename, import, export.  Ganeti names them
+        ``<kind>-cloudimage+<variant>-<instance>[-<new>|-disk<N>]-<timestamp>.log``.
+        """
+        if not OS_LOG_DIR.is_dir():
+            return []
+        pattern = rf"^{re.escape(kind) if kind else '[a-z]+'}-{OS_NAME}(\+[^/]*?)?-"
+        if instance is not None:
+            pattern += rf"(.*-)?{re.escape(self.fqdn(instance))}-"
+        found = [p for p in OS_LOG_DIR.iterdir()
+                 if p not in self.logs_before and re.match(pattern, p.name)]
+        return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+
+    def read_os_logs(self, kind: str | None = None, instance: str | None = None) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.os_logs(kind, instance))
