@@ -60,7 +60,7 @@ def run_logged(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                timeout: float = DEFAULT_TIMEOUT, cwd: str | None = None) -> GntResult:
     """Run ``argv`` with stdin closed and its output captured through files."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,  # noqa: S603
+        proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                               env=dict(env) if env is not None else None, timeout=timeout, cwd=cwd,
                               check=False)
         out.seek(0)
