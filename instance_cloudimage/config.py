@@ -62,6 +62,9 @@ SITE_SETTINGS = (
     Setting("Hooks", "PassSecrets", "hooks_pass_secrets", parse_bool, False,
             "pass password_hash and user_data to hooks"),
     Setting("Hooks", "Timeout", "hook_timeout", parse_positive_float, 600.0, "seconds per hook"),
+    Setting("Disks", "WipedByGaneti", "disks_wiped", parse_bool, False,
+            "new block devices read back zeros (gnt-cluster modify --prealloc-wipe-disks yes, or thin "
+            "storage): zero blocks of an image are then skipped on a first install"),
 )
 
 

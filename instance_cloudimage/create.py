@@ -7,21 +7,18 @@ be undone (temp files, loop devices, mounts) is registered on one ExitStack.
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 
 from .config import SiteConfig
-from .convert import write_image
-from .detect import DetectedImage, detect_format
+from .deploy import deploy_image
 from .env import Disk, GanetiEnv, Instance
-from .errors import EnvironmentError_, ParameterError, UnsafeImage
-from .formats import normalize_declared
-from .log import complete_step
+from .errors import EnvironmentError_, ParameterError
+from .log import complete_step, format_size
 from .params import validate_parameters
-from .source import FetchedImage, ImageRef, fetch_image, resolve_image
+from .source import ImageRef, open_image, resolve_image
 from .variants import Variant, host_architecture, load_variant
+from .writer import open_disk
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +56,17 @@ def prepare(genv: GanetiEnv, site: SiteConfig) -> CreateContext:
     return CreateContext(genv, site, instance, variant, arch, disk)
 
 
-def check_declared_format(ref: ImageRef, detected: DetectedImage) -> None:
-    if ref.declared_format != "auto" and normalize_declared(ref.declared_format) != detected.format:
-        raise UnsafeImage(f"image was declared as {ref.declared_format} but its content is "
-                          f"{detected.format.value}", "fix the variant's [Image] Format")
-
-
-def open_and_detect(fetched: FetchedImage) -> DetectedImage:
-    fd = os.open(fetched.path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return detect_format(fd)
-    finally:
-        os.close(fd)
+def write_image(ctx: CreateContext, ref: ImageRef, stack: ExitStack) -> None:
+    """Open the disk, then stream or convert the image onto it (deploy.py)."""
+    wiped = bool(ctx.site.get("disks_wiped")) and not ctx.instance.reinstall
+    target = open_disk(ctx.disk.path or "", wiped=wiped, stack=stack)
+    with complete_step(f"fetching {ref.describe()}"):
+        stream = open_image(ref, ctx.site, stack)
+    with complete_step("writing the image"):
+        done = deploy_image(stream, ref.declared_format, target, ctx.site.paths.cache_dir / "tmp", stack)
+    written = "" if done.written is None else f", {format_size(done.written)} written"
+    log.info("wrote a %s image of %s onto %s%s", done.detected.details, format_size(done.detected.virtual_size),
+             ctx.disk.describe(), written)
 
 
 def run_create(genv: GanetiEnv, site: SiteConfig) -> None:
@@ -80,11 +76,5 @@ def run_create(genv: GanetiEnv, site: SiteConfig) -> None:
     log.info("installing %s (variant %s, %s) onto %s", ctx.instance.name, ctx.variant.name, ctx.arch,
              ctx.disk.describe())
     with ExitStack() as stack:
-        with complete_step(f"fetching {ref.describe()}"):
-            fetched = fetch_image(ref, site, stack)
-        detected = open_and_detect(fetched)
-        check_declared_format(ref, detected)
-        log.info("image is %s, virtual size %d bytes", detected.details, detected.virtual_size)
-        with complete_step("writing the image"):
-            write_image(Path(fetched.path), detected, ctx.disk.path or "")
+        write_image(ctx, ref, stack)
     log.info("instance %s installed", ctx.instance.name)
