@@ -195,14 +195,8 @@ def spool(source: Readable, target: DiskTarget, spool_dir: Path, stack: ExitStac
     return path
 
 
-def convert_random_access(stream: ImageStream, source: Readable, layers: list[Layer],
-                          declared: DiskFormat | None, target: DiskTarget, spool_dir: Path,
-                          stack: ExitStack) -> Deployed:
-    if layers:
-        path = spool(source, target, spool_dir, stack)
-        finish_layers(stream, layers)
-    else:
-        path = Path(stream.finish().path)
+def write_from_file(path: Path, declared: DiskFormat | None, target: DiskTarget) -> DetectedImage:
+    """Vet the whole verified file (our inspector, then qemu-img info), then qemu-img convert it."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         detected = inspect_file(ImageFile(fd))
@@ -213,7 +207,7 @@ def convert_random_access(stream: ImageStream, source: Readable, layers: list[La
     if detected.needs_qemu:
         inspect_with_qemu(path, detected)
     convert_file(path, detected, target)
-    return Deployed(detected, (), None)
+    return detected
 
 
 def deploy_image(stream: ImageStream, declared: str, target: DiskTarget, spool_dir: Path,
@@ -221,19 +215,21 @@ def deploy_image(stream: ImageStream, declared: str, target: DiskTarget, spool_d
     """Write the image in ``stream`` onto ``target``.  Raises a UserError on any refusal."""
     declared_fmt = None if declared == "auto" else normalize_declared(declared)
     inner = unwrap(stream, target, stack)
-    src, layers = inner.source, inner.layers
     found = identify(inner.head)
     check_announced(inner.announced, found, target)
-    log.info("image content: %s%s", found.details,
-             "".join(f" in {w.value}" for w in reversed(inner.wrappers)))
-    if found.format is not DiskFormat.RAW:
+    log.info("image content: %s%s", found.details, "".join(f" in {w.value}" for w in reversed(inner.wrappers)))
+    if found.format is DiskFormat.RAW and declared_fmt not in (None, DiskFormat.RAW, DiskFormat.VPC):
+        check_declared(declared_fmt, found)  # refuse before writing; a fixed VHD shows at the end
+    elif found.format is not DiskFormat.RAW:
         check_declared(declared_fmt, found)
-        done = convert_random_access(stream, src, layers, declared_fmt, target, spool_dir, stack)
+    wrappers = tuple(inner.wrappers)
+    local = getattr(stream, "local_path", None) is not None
+    if found.format is DiskFormat.RAW and (inner.layers or not local):
+        done = stream_raw(stream, inner.source, inner.layers, found, declared_fmt, target)
+        return Deployed(done.detected, wrappers, done.written)
+    if inner.layers:
+        path = spool(inner.source, target, spool_dir, stack)
+        finish_layers(stream, inner.layers)
     else:
-        if declared_fmt not in (None, DiskFormat.RAW, DiskFormat.VPC):
-            check_declared(declared_fmt, found)
-        if getattr(stream, "local_path", None) is not None and not layers:
-            done = convert_random_access(stream, src, layers, declared_fmt, target, spool_dir, stack)
-        else:
-            done = stream_raw(stream, src, layers, found, declared_fmt, target)
-    return Deployed(done.detected, tuple(inner.wrappers), done.written)
+        path = Path(stream.finish().path)
+    return Deployed(write_from_file(path, declared_fmt, target), wrappers, None)

@@ -241,17 +241,89 @@ class PipeDecoder(Layer):
         self.thread.join(timeout=10)
 
 
+class ZstdFrames:
+    """Walks the zstd frame and block headers of the compressed bytes as they are read.
+
+    python-zstandard's stream_reader returns a truncated frame's data without any error; this
+    walker knows whether the input ended on a frame boundary (zstd_compression_format.md).
+    """
+
+    def __init__(self, source: Readable, what: str) -> None:
+        self.source = source
+        self.what = what
+        self.header = bytearray()
+        self.want = 4  # header bytes still needed for the current step
+        self.step = "magic"
+        self.skip = 0
+        self.checksum = False
+        self.frames = 0
+
+    def read(self, n: int = CHUNK) -> bytes:
+        data = self.source.read(n)
+        self.feed(data)
+        return data
+
+    def feed(self, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            if self.skip:
+                k = min(self.skip, len(data) - pos)
+                self.skip -= k
+                pos += k
+                continue
+            k = min(self.want - len(self.header), len(data) - pos)
+            self.header += data[pos:pos + k]
+            pos += k
+            if len(self.header) == self.want:
+                self.advance(bytes(self.header))
+
+    def advance(self, h: bytes) -> None:
+        self.header.clear()
+        if self.step == "magic":
+            magic = struct.unpack("<I", h)[0]
+            if magic == 0xFD2FB528:
+                self.step, self.want = "descriptor", 1
+            elif magic & 0xFFFFFFF0 == 0x184D2A50:
+                self.step, self.want = "skippable", 4
+            else:
+                raise ConversionError(f"the {self.what} has data that is not zstd after a frame")
+        elif self.step == "skippable":
+            self.step, self.want, self.skip = "magic", 4, struct.unpack("<I", h)[0]
+        elif self.step == "descriptor":
+            d = h[0]
+            single = (d >> 5) & 1
+            self.checksum = bool(d & 4)
+            self.skip = (0 if single else 1) + (0, 1, 2, 4)[d & 3] + (single, 2, 4, 8)[d >> 6]
+            self.step, self.want = "block", 3
+        elif self.step == "block":
+            header = int.from_bytes(h, "little")
+            kind, size = (header >> 1) & 3, header >> 3
+            self.skip = 1 if kind == 1 else size
+            if header & 1:  # the frame's last block
+                self.skip += 4 if self.checksum else 0
+                self.frames += 1
+                self.step, self.want = "magic", 4
+
+    def check_complete(self) -> None:
+        if self.step != "magic" or self.header or self.skip or not self.frames:
+            raise ConversionError(f"the {self.what} is truncated (it ends inside a zstd frame)",
+                                  "download it again; check its checksum")
+
+
 class FileDecoder(Layer):
     """An in-process decoder: zstandard, or a stdlib module when the tool is missing."""
 
     def __init__(self, wrapper: Wrapper, source: Readable, what: str) -> None:
         self.what = what
         self.reader: Any
+        self.frames: ZstdFrames | None = None
         fileobj: Any = source  # the stdlib decoders only call read()
         if wrapper is Wrapper.ZSTD:
             import zstandard
 
-            self.reader = zstandard.ZstdDecompressor().stream_reader(fileobj, read_size=CHUNK,
+            self.frames = ZstdFrames(source, what)
+            tapped: Any = self.frames  # stream_reader only calls read()
+            self.reader = zstandard.ZstdDecompressor().stream_reader(tapped, read_size=CHUNK,
                                                                      read_across_frames=True)
         elif wrapper is Wrapper.XZ:
             import lzma
@@ -268,7 +340,10 @@ class FileDecoder(Layer):
 
     def readinto(self, buf: bytearray | memoryview) -> int:
         try:
-            return int(self.reader.readinto(buf))
+            n = int(self.reader.readinto(buf))
+            if n == 0 and self.frames is not None:
+                self.frames.check_complete()
+            return n
         except CloudImageError:
             raise  # from the source below us (a download error, a checksum mismatch)
         except Exception as e:  # zstandard.ZstdError, lzma.LZMAError, EOFError, gzip.BadGzipFile...

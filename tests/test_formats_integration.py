@@ -302,3 +302,14 @@ def test_cli_create_refuses_an_image_larger_than_the_disk(src: Path, work: Path,
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1
     assert "1073741824 bytes" in errors[0] and "41943040 bytes" in errors[0]
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a tmpfs at /dev/shm")
+def test_disk_on_tmpfs(src: Path, work: Path) -> None:
+    disk = Path("/dev/shm") / f"cloudimage-test-{os.getpid()}.img"
+    try:
+        new_disk(disk, SIZE)
+        deploy(qemu_convert(src, work / "shm.qcow2", "qcow2"), disk)
+        compare(disk, src)
+    finally:
+        disk.unlink(missing_ok=True)

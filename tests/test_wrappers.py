@@ -6,6 +6,7 @@ import gzip
 import io
 import lzma
 import os
+import struct
 import tarfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -82,6 +83,35 @@ def test_announced_sizes(tmp_path: Path) -> None:
     assert xz_announced_size(xz) == len(payload)
     assert announced_size(Wrapper.XZ, b"", tmp_path / "missing") is None
     assert announced_size(Wrapper.BZIP2, b"BZh9", None) is None
+
+
+def zstd_frames(*chunks: bytes) -> bytes:
+    import zstandard
+
+    return b"".join(zstandard.ZstdCompressor(write_checksum=True).compress(c) for c in chunks)
+
+
+def decode_zstd(data: bytes) -> bytes:
+    from instance_cloudimage.wrappers import open_decoder
+
+    decoder = open_decoder(Wrapper.ZSTD, Source(data, 1000), "zstd-compressed image")
+    out = bytearray()
+    buf = bytearray(CHUNK)
+    while n := decoder.readinto(buf):
+        out += buf[:n]
+    return bytes(out)
+
+
+def test_zstd_frames_skippable_frames_and_truncation() -> None:
+    a, b = os.urandom(300_000), bytes(2 * MiB)
+    skippable = struct.pack("<II", 0x184D2A53, 5) + b"hello"
+    assert decode_zstd(zstd_frames(a) + skippable + zstd_frames(b)) == a + b
+    whole = zstd_frames(a, b)
+    for cut in (1, 5, 100, len(whole) // 2):
+        with pytest.raises(ConversionError, match="truncated"):
+            decode_zstd(whole[:-cut])
+    with pytest.raises(ConversionError, match="data that is not zstd after a frame"):
+        decode_zstd(whole + b"trailing junk")
 
 
 def test_tar_member_selection_and_rest_of_archive() -> None:
