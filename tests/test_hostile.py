@@ -200,7 +200,7 @@ def test_truncated_compressed_images_fail(kind: str, work: Path, tmp_path: Path)
 def test_encrypted_qcow2(work: Path, tmp_path: Path) -> None:
     image = work / "luks.qcow2"
     sh("qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=123456",
-       "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", image, "16M")
+       "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=100", image, "16M")
     refused(image, tmp_path, UnsafeImage, "encrypted")
 
 
@@ -212,7 +212,7 @@ def test_encrypted_qcow2(work: Path, tmp_path: Path) -> None:
 ])
 def test_refused_formats(fmt: str, match: str, work: Path, tmp_path: Path) -> None:
     image = work / f"x.{fmt}"
-    extra = ["--object", "secret,id=sec0,data=123456", "-o", "key-secret=sec0,iter-time=10"] if fmt == "luks" else []
+    extra = ["--object", "secret,id=sec0,data=123456", "-o", "key-secret=sec0,iter-time=100"] if fmt == "luks" else []
     sh("qemu-img", "create", "-q", "-f", fmt, *extra, image, "16M")
     refused(image, tmp_path, UnsupportedFormat, match)
 
