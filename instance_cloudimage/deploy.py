@@ -109,7 +109,7 @@ class Unwrapped:
     announced: int | None  # the content's size as the innermost wrapper announces it
 
 
-def unwrap(stream: ImageStream, target: DiskTarget, stack: ExitStack) -> Unwrapped:
+def unwrap(stream: ImageStream, stack: ExitStack) -> Unwrapped:
     """Peel the wrappers, identified by their magic bytes, off the stream."""
     head = stream.peek(HEAD_SIZE)
     local = getattr(stream, "local_path", None)
@@ -214,7 +214,7 @@ def deploy_image(stream: ImageStream, declared: str, target: DiskTarget, spool_d
                  stack: ExitStack) -> Deployed:
     """Write the image in ``stream`` onto ``target``.  Raises a UserError on any refusal."""
     declared_fmt = None if declared == "auto" else normalize_declared(declared)
-    inner = unwrap(stream, target, stack)
+    inner = unwrap(stream, stack)
     found = identify(inner.head)
     check_announced(inner.announced, found, target)
     log.info("image content: %s%s", found.details, "".join(f" in {w.value}" for w in reversed(inner.wrappers)))

@@ -79,6 +79,8 @@ FORMATS: dict[str, tuple[Callable[[Path, Path], Path], DiskFormat, str]] = {
     "vhd fixed": (lambda s, w: qemu_convert(s, w / "f.vhd", "vpc", "-o", "subformat=fixed"), DiskFormat.VPC,
                   "vhd (fixed)"),
     "vhdx": (lambda s, w: qemu_convert(s, w / "x.vhdx", "vhdx"), DiskFormat.VHDX, "vhdx"),
+    "vhdx fixed": (lambda s, w: qemu_convert(s, w / "xf.vhdx", "vhdx", "-o", "subformat=fixed"), DiskFormat.VHDX,
+                   "vhdx"),
 }
 
 
