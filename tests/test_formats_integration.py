@@ -27,6 +27,7 @@ from imagetools import (
 )
 
 from instance_cloudimage import wrappers
+from instance_cloudimage.errors import UnsafeImage
 from instance_cloudimage.formats import DiskFormat, Wrapper
 
 pytestmark = pytest.mark.integration
@@ -315,3 +316,35 @@ def test_disk_on_tmpfs(src: Path, work: Path) -> None:
         compare(disk, src)
     finally:
         disk.unlink(missing_ok=True)
+
+
+def test_stream_optimized_vmdk_with_a_footer(src: Path, work: Path, tmp_path: Path) -> None:
+    """VMware's one-pass writers put the grain directory offset in a footer (GD_AT_END)."""
+    import struct
+
+    data = bytearray(qemu_convert(src, work / "foot.vmdk", "vmdk", "-o", "subformat=streamOptimized").read_bytes())
+    header = bytes(data[:512])
+    data[56:64] = struct.pack("<Q", 0xFFFFFFFFFFFFFFFF)  # the header defers to the footer
+    footer_marker = struct.pack("<QII", 0, 0, 3).ljust(512, b"\0")
+    image = tmp_path / "footer.vmdk"
+    image.write_bytes(bytes(data) + footer_marker + header + bytes(512))
+    disk = new_disk(tmp_path / "disk", SIZE)
+    assert deploy(image, disk).detected.details == "vmdk streamOptimized"
+    compare(disk, src)
+    image.write_bytes(bytes(data) + footer_marker + header[:200])  # cut inside the footer
+    with pytest.raises(UnsafeImage, match="truncated: its footer is missing"):
+        deploy(image, new_disk(tmp_path / "disk2", SIZE))
+
+
+def test_declared_format_narrows_detection(src: Path, work: Path, tmp_path: Path) -> None:
+    fixed = qemu_convert(src, work / "f.vhd", "vpc", "-o", "subformat=fixed")
+    for declared in ("raw", "vhd", "auto"):
+        disk = new_disk(tmp_path / "disk", 40 * MiB)
+        assert deploy(fixed, disk, declared=declared).detected.details == "vhd (fixed)"
+        compare(disk, src)
+    with pytest.raises(UnsafeImage, match="declared as vhd but its content is raw"):
+        deploy(src, new_disk(tmp_path / "disk", SIZE), declared="vhd")  # known only at the end: scrubbed
+    with open(tmp_path / "disk", "rb") as f:
+        assert f.read(MiB) == bytes(MiB)
+    with pytest.raises(UnsafeImage, match="declared as qcow2 but its content is raw"):
+        deploy(src, new_disk(tmp_path / "disk", SIZE), declared="qcow2")

@@ -296,3 +296,10 @@ def test_good_image_next_to_the_corpus_still_works(work: Path, tmp_path: Path) -
     disk = new_disk(tmp_path / "disk", DISK)
     deploy(qemu_convert(src, work / "good.qcow2", "qcow2"), disk)
     compare(disk, src)
+
+
+def test_uncompressed_raw_larger_than_the_disk(work: Path, tmp_path: Path) -> None:
+    image = new_disk(work / "large.raw", DISK + MiB)
+    for local in (False, True):
+        message = refused(image, tmp_path, ImageTooLarge, "larger than the disk", local=local)
+        assert f"{DISK + MiB} bytes" in message and f"{DISK} bytes" in message
