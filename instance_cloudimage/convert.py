@@ -1,116 +1,138 @@
-"""Writing a verified, detected image onto the instance's disk with qemu-img.
+"""Converting a verified, inspected image file onto the instance's disk with qemu-img.
 
-``qemu-img`` always gets an explicit ``-f`` and its source through ``--image-opts`` so that no
-path string is ever parsed as a protocol (image-safety.md §C.13, §D.20); ``qemu-img info`` runs
-under resource limits as a second opinion on our own inspector (§C.17).
+``qemu-img`` always gets the detected format (``driver=`` of ``--image-opts``, the equivalent
+of ``-f``) and both files through image options, so that no path string is ever parsed as a
+protocol or ``json:`` (image-safety.md §C.13, §D.20).  ``qemu-img info`` runs under resource
+limits as a second opinion on our own inspector, and only after it (§C.17).
 """
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import json
 import logging
 import os
-import stat
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .detect import DetectedImage
 from .errors import CommandError, ConversionError, ImageTooLarge, UnsafeImage
-from .formats import DiskFormat
+from .formats import DetectedImage, DiskFormat, display_name
 from .log import format_size
 from .process import Limits, run, run_text
+from .writer import DiskTarget
 
 log = logging.getLogger(__name__)
 
-BLKGETSIZE64 = 0x80081272
 INFO_LIMITS = Limits(address_space=1024**3, cpu_seconds=30)
 # qemu-img convert reserves address space per thread; MALLOC_ARENA_MAX keeps it under 2 GiB.
 CONVERT_LIMITS = Limits(address_space=2 * 1024**3)
 CONVERT_ENV = {"MALLOC_ARENA_MAX": "3"}
+VMDK_TYPES = ("monolithicSparse", "streamOptimized")
 
 
-def image_opts(fmt: DiskFormat, path: Path) -> str:
-    """An --image-opts string; commas in values must be doubled."""
-    return f"driver={fmt.value},file.driver=file,file.filename={os.fspath(path).replace(',', ',,')}"
+def opt(value: str) -> str:
+    """An --image-opts value: commas must be doubled."""
+    return value.replace(",", ",,")
+
+
+def image_opts(fmt: DiskFormat, path: Path, size: int | None = None) -> str:
+    opts = f"driver={fmt.value},file.driver=file,file.filename={opt(os.path.abspath(path))}"
+    return opts + (f",size={size}" if size is not None else "")
+
+
+def target_opts(target: DiskTarget) -> str:
+    driver = "host_device" if target.is_block else "file"
+    return f"driver=raw,file.driver={driver},file.filename={opt(target.path)}"
+
+
+def last_line(e: CommandError) -> str:
+    text = e.stderr.strip()
+    return text.splitlines()[-1] if text else f"exit code {e.returncode}"
 
 
 def target_size(path: str) -> int:
     """Size in bytes of a block device or regular file."""
-    st = os.stat(path)
-    if stat.S_ISBLK(st.st_mode):
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
-            return int(struct.unpack("Q", buf)[0])
-        finally:
-            os.close(fd)
-    return st.st_size
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def check_fits(virtual_size: int, target: DiskTarget) -> None:
+    """Raise ImageTooLarge (naming both sizes) unless the image fits on the disk."""
+    if virtual_size > target.size:
+        raise ImageTooLarge(
+            f"image virtual size {format_size(virtual_size)} ({virtual_size} bytes) is larger than "
+            f"the disk, {format_size(target.size)} ({target.size} bytes)",
+            "create the instance with a larger disk 0",
+        )
 
 
 def inspect_with_qemu(path: Path, detected: DetectedImage) -> dict[str, Any]:
-    """``qemu-img info -f <detected>`` under limits; refuse anything our inspector missed."""
+    """``qemu-img info`` with the detected format, under limits; refuse what our inspector missed."""
+    name = display_name(detected.format)
     try:
         out = run_text(["qemu-img", "info", "--output=json", "--image-opts", image_opts(detected.format, path)],
                        limits=INFO_LIMITS, env=CONVERT_ENV, timeout=120)
     except CommandError as e:
-        raise UnsafeImage(f"qemu-img cannot read the {detected.format.value} image: "
-                          f"{e.stderr.strip().splitlines()[-1] if e.stderr.strip() else 'no reason given'}") from None
+        raise UnsafeImage(f"qemu-img cannot read the {name} image: {last_line(e)}") from None
     info: dict[str, Any] = json.loads(out)
-    fmt = info.get("format")
-    if fmt != detected.format.value:
-        raise UnsafeImage(f"qemu-img reads the image as {fmt}, our inspector as {detected.format.value}")
+    if info.get("format") != detected.format.value:
+        raise UnsafeImage(f"qemu-img reads the image as {info.get('format')}, our inspector as {name}")
     if info.get("backing-filename") or info.get("full-backing-filename"):
-        raise UnsafeImage("image has a backing file, which could read host files")
+        raise UnsafeImage("image has a backing file, which could copy host files into the instance")
     if info.get("encrypted"):
-        raise UnsafeImage("image is encrypted")
+        raise UnsafeImage(f"{name} image is encrypted", "decrypt it first")
     if info.get("dirty-flag"):
-        raise UnsafeImage("image is marked dirty")
+        raise UnsafeImage(f"{name} image is marked dirty", "repair it with qemu-img check -r all")
     data = (info.get("format-specific") or {}).get("data") or {}
     if data.get("data-file"):
-        raise UnsafeImage("image uses an external data file, which could read host files")
+        raise UnsafeImage("image uses an external data file, which could copy host files into the instance")
     if data.get("corrupt"):
-        raise UnsafeImage("image is marked corrupt")
+        raise UnsafeImage(f"{name} image is marked corrupt")
+    if detected.format is DiskFormat.VMDK:
+        if data.get("create-type") not in VMDK_TYPES:
+            raise UnsafeImage(f"qemu-img reads the VMDK as {str(data.get('create-type'))[:32]}")
+        for extent in data.get("extents") or []:
+            if extent.get("filename") != os.path.abspath(path):
+                raise UnsafeImage("VMDK image has an extent outside the file, which could copy host files")
     if int(info.get("virtual-size", -1)) != detected.virtual_size:
-        raise UnsafeImage("qemu-img and our inspector disagree about the image's virtual size")
+        raise UnsafeImage(f"qemu-img and our inspector disagree about the {name} image's virtual size "
+                          f"({info.get('virtual-size')} and {detected.virtual_size} bytes)")
     return info
 
 
-def check_fits(virtual_size: int, disk_path: str) -> int:
-    """Raise ImageTooLarge unless the image fits; return the disk's size."""
-    size = target_size(disk_path)
-    if virtual_size > size:
-        raise ImageTooLarge(
-            f"image virtual size {format_size(virtual_size)} ({virtual_size} bytes) is larger than "
-            f"the disk, {format_size(size)} ({size} bytes)",
-            "create the instance with a larger disk 0",
-        )
-    return size
-
-
-@dataclass(frozen=True)
-class WriteResult:
-    bytes_virtual: int
-    disk_size: int
-
-
-def write_image(source: Path, detected: DetectedImage, disk_path: str) -> WriteResult:
-    """Convert ``source`` (format ``detected``) onto ``disk_path`` (block device or file)."""
-    disk_size = check_fits(detected.virtual_size, disk_path)
-    inspect_with_qemu(source, detected)
-    argv = [
-        "qemu-img", "convert", "-n", "-p" if os.isatty(2) else "-q",
-        "-t", "writeback", "-W", "-m", "8",
-        "--image-opts", image_opts(detected.format, source),
-        "-O", "raw", disk_path,
-    ]
-    log.info("writing %s image (%s virtual) onto %s", detected.format.value,
-             format_size(detected.virtual_size), disk_path)
+def supports_direct_io(target: DiskTarget) -> bool:
+    """O_DIRECT fails on tmpfs and some file systems; qemu-img -t none needs it."""
     try:
-        run(argv, stdout=None, limits=CONVERT_LIMITS, env=CONVERT_ENV)
+        fd = os.open(target.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return False
+        raise
+    os.close(fd)
+    return True
+
+
+def convert_file(source: Path, detected: DetectedImage, target: DiskTarget) -> None:
+    """Write the image file ``source`` onto ``target`` with qemu-img convert.
+
+    A random-access format must have passed inspect_file and inspect_with_qemu; raw data (also a
+    fixed VHD's, limited to its data size) needs neither: ``driver=raw`` reads nothing else.
+    """
+    if detected.needs_qemu:
+        fmt, size = detected.format, None
+    else:
+        fmt, size = DiskFormat.RAW, detected.raw_data_size
+    cache = "none" if supports_direct_io(target) else "writeback"
+    argv = ["qemu-img", "convert", "-n", "-q", "-t", cache, "-W", "-m", "16"]
+    if target.known_zero:
+        argv.append("--target-is-zero")
+    argv += ["--image-opts", image_opts(fmt, source, size), "--target-image-opts", target_opts(target)]
+    log.info("writing the %s image (%s virtual) with qemu-img", detected.details,
+             format_size(detected.virtual_size))
+    try:
+        run(argv, limits=CONVERT_LIMITS, env=CONVERT_ENV)
     except CommandError as e:
-        reason = e.stderr.strip().splitlines()[-1] if e.stderr.strip() else f"exit code {e.returncode}"
-        raise ConversionError(f"qemu-img convert failed: {reason}") from None
-    return WriteResult(detected.virtual_size, disk_size)
+        raise ConversionError(f"qemu-img convert failed: {last_line(e)}") from None

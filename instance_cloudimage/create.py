@@ -9,25 +9,25 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-import os
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import SiteConfig
-from .convert import write_image
-from .detect import DetectedImage, detect_format
+from .deploy import deploy_image
 from .env import Disk, GanetiEnv, Instance
-from .errors import EnvironmentError_, ParameterError, UnsafeImage, UserError
-from .formats import normalize_declared
+from .errors import EnvironmentError_, ParameterError, UserError
+from .formats import DetectedImage
 from .grow import grow_requested, grow_root
 from .hookenv import HookFacts
 from .hooks import HookPlan, Phase, plan_hooks, run_hooks
-from .log import complete_step
+from .log import complete_step, format_size
 from .params import validate_parameters
 from .seed import deliver_seed
-from .source import FetchedImage, ImageRef, fetch_image, resolve_image
+from .source import ImageRef, open_image, resolve_image
 from .variants import Variant, host_architecture, load_variant
+from .writer import open_disk
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +65,23 @@ def prepare(genv: GanetiEnv, site: SiteConfig) -> CreateContext:
     return CreateContext(genv, site, instance, variant, arch, disk)
 
 
-def check_declared_format(ref: ImageRef, detected: DetectedImage) -> None:
-    if ref.declared_format != "auto" and normalize_declared(ref.declared_format) != detected.format:
-        raise UnsafeImage(f"image was declared as {ref.declared_format} but its content is "
-                          f"{detected.format.value}", "fix the variant's [Image] Format")
+def write_image(ctx: CreateContext, ref: ImageRef, stack: ExitStack,
+                before_write: Callable[[DetectedImage, Path | None], None] | None = None) -> DetectedImage:
+    """Open the disk, then stream or convert the image onto it (deploy.py).
 
-
-def open_and_detect(fetched: FetchedImage) -> DetectedImage:
-    fd = os.open(fetched.path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return detect_format(fd)
-    finally:
-        os.close(fd)
+    ``before_write`` runs once the image is detected and vetted, before the disk is touched.
+    """
+    wiped = bool(ctx.site.get("disks_wiped")) and not ctx.instance.reinstall
+    target = open_disk(ctx.disk.path or "", wiped=wiped, stack=stack)
+    with complete_step(f"fetching {ref.describe()}"):
+        stream = open_image(ref, ctx.site, stack)
+    with complete_step("writing the image"):
+        done = deploy_image(stream, ref.declared_format, target, ctx.site.paths.cache_dir / "tmp", stack,
+                            before_write=before_write)
+    written = "" if done.written is None else f", {format_size(done.written)} written"
+    log.info("wrote a %s image of %s onto %s%s", done.detected.details, format_size(done.detected.virtual_size),
+             ctx.disk.describe(), written)
+    return done.detected
 
 
 def mount_guest_for_hooks(ctx: CreateContext, facts: HookFacts, stack: ExitStack) -> HookFacts:
@@ -113,16 +118,14 @@ def run_create(genv: GanetiEnv, site: SiteConfig, *, plan: HookPlan | None = Non
     with ExitStack() as stack:
         ref = run_hooks(plan, Phase.PRE_FETCH, facts, site)
         facts = dataclasses.replace(facts, image=ref)
-        with complete_step(f"fetching {ref.describe()}"):
-            fetched = fetch_image(ref, site, stack)
-        detected = open_and_detect(fetched)
-        check_declared_format(ref, detected)
-        log.info("image is %s, virtual size %d bytes", detected.details, detected.virtual_size)
-        facts = dataclasses.replace(facts, image_path=fetched.path, image_format=detected.format.value,
-                                    image_virtual_size=detected.virtual_size)
-        run_hooks(plan, Phase.PRE_WRITE, facts, site)
-        with complete_step("writing the image"):
-            write_image(Path(fetched.path), detected, ctx.disk.path or "")
+
+        def pre_write(detected: DetectedImage, image_path: Path | None) -> None:
+            nonlocal facts
+            facts = dataclasses.replace(facts, image_path=image_path, image_format=detected.format.value,
+                                        image_virtual_size=detected.virtual_size)
+            run_hooks(plan, Phase.PRE_WRITE, facts, site)
+
+        write_image(ctx, ref, stack, before_write=pre_write)
         if grow_requested(genv.params, ctx.variant):
             with complete_step("growing the root filesystem to the end of the disk"):
                 grow_root(ctx.disk.path or "", ctx.arch, stack)

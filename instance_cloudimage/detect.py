@@ -1,114 +1,143 @@
 """Format detection from the image's content: a security boundary.
 
-Never trust an extension, a Content-Type or qemu-img's probing.  Our own header inspector
-decides; ``qemu-img info -f <detected>`` is only a second opinion (see inspect_with_qemu in
-convert.py).  Formats we do not write are refused by name.
+Never trust an extension, a Content-Type or qemu-img's probing.  Every signature qemu's probes
+look for (all at the start of the file) is checked, plus the raw layouts (MBR, GPT, ISO 9660/UDF);
+a file carrying more than one (an ISO whose system area holds a qcow2 header, a "raw" image
+starting with a VMDK header) is refused, since qemu, libmagic and a guest would each read it
+differently.  The per-format inspectors then vet the whole file; ``qemu-img info -f <detected>``
+is only a second opinion (convert.inspect_with_qemu).  libmagic only describes content in
+messages: it calls such a polyglot "ISO 9660" (image-safety.md §C.14, §C.19).
 """
 
 from __future__ import annotations
 
-import os
+import logging
 import struct
-from dataclasses import dataclass
 
 from .errors import UnsafeImage, UnsupportedFormat
-from .formats import DiskFormat
+from .formats import DetectedImage, DiskFormat
+from .imagefile import ImageFile
+from .inspect_qcow2 import inspect_qcow2
+from .inspect_vhd import fixed_vhd_data_size, inspect_vdi, inspect_vhd, inspect_vhdx
+from .inspect_vmdk import inspect_vmdk, looks_like_descriptor
 
-QCOW_MAGIC = b"QFI\xfb"
-# qcow2 header extension carrying an external data file name
-QCOW2_EXT_DATA_FILE = 0x44415441
-QCOW2_INCOMPAT_DIRTY = 1 << 0
-QCOW2_INCOMPAT_CORRUPT = 1 << 1
-QCOW2_INCOMPAT_DATA_FILE = 1 << 2
-QCOW2_INCOMPAT_KNOWN = 0x1F
+log = logging.getLogger(__name__)
 
-# Formats recognised only to be refused with a clear message.
-REFUSED_MAGICS: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"QEVM", "QED"),
-    (0, b"LUKS\xba\xbe", "LUKS-encrypted"),
-    (0, b"WithoutFreeSpace", "Parallels"),
-    (0, b"WithouFreSpacExt", "Parallels"),
-    (0, b"cloop", "cloop"),
-    (0, b"koly", "DMG"),
+# Enough for every signature: ISO 9660/UDF volume descriptors sit in 32..64 KiB.
+HEAD_SIZE = 128 * 1024
+CONVERT_HINT = "convert it to qcow2 or raw first"
+
+# Signatures at offset 0 that qemu recognises; None = a format we recognise only to refuse it.
+MAGICS: tuple[tuple[bytes, str, DiskFormat | None], ...] = (
+    (b"KDMV", "vmdk", DiskFormat.VMDK),
+    (b"COWD", "VMDK version 3 (ESX COWD)", None),
+    (b"conectix", "vhd", DiskFormat.VPC),
+    (b"vhdxfile", "vhdx", DiskFormat.VHDX),
+    (b"QED\0", "QED", None),
+    (b"LUKS\xba\xbe", "LUKS-encrypted", None),
+    (b"WithoutFreeSpace", "Parallels", None),
+    (b"WithouFreSpacExt", "Parallels", None),
+    (b"Bochs Virtual HD Image", "Bochs", None),
+    (b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop", "cloop", None),
 )
+VDI_SIGNATURE = struct.pack("<I", 0xBEDA107F)
+ISO_IDS = (b"CD001", b"BEA01", b"NSR02", b"NSR03")
+# Bytes that never occur in text files (as file(1) judges): a disk image always has some.
+TEXT_BYTES = bytes([7, 8, 9, 10, 12, 13, 27]) + bytes(range(0x20, 0x100))
 
 
-@dataclass(frozen=True)
-class DetectedImage:
-    format: DiskFormat
-    virtual_size: int
-    details: str = ""
+def container_signatures(head: bytes) -> list[tuple[str, DiskFormat | None]]:
+    found: list[tuple[str, DiskFormat | None]] = []
+    if head[:4] == b"QFI\xfb":
+        version = struct.unpack(">I", head[4:8])[0] if len(head) >= 8 else 0
+        if version in (2, 3):
+            found.append(("qcow2", DiskFormat.QCOW2))
+        else:
+            found.append(("qcow (version 1)" if version == 1 else f"qcow2 version {version}", None))
+    found += [(name, fmt) for magic, name, fmt in MAGICS if head.startswith(magic)]
+    if head[0x40:0x44] == VDI_SIGNATURE:
+        found.append(("vdi", DiskFormat.VDI))
+    if not found and looks_like_descriptor(head):
+        found.append(("VMDK descriptor (flat or split extents in other files)", None))
+    return found
 
 
-def _read_at(fd: int, offset: int, length: int) -> bytes:
-    return os.pread(fd, length, offset)
+def raw_layouts(head: bytes) -> list[str]:
+    found = []
+    if head[510:512] == b"\x55\xaa":
+        entries = [head[446 + 16 * i:462 + 16 * i] for i in range(4)]
+        if all(e[0] in (0, 0x80) for e in entries) and any(e[4] for e in entries):
+            found.append("MBR")
+    if head[512:520] == b"EFI PART" or head[4096:4104] == b"EFI PART":
+        found.append("GPT")
+    if any(head[0x8001 + 2048 * i:0x8006 + 2048 * i] in ISO_IDS for i in range(16)):
+        found.append("ISO 9660")
+    return found
 
 
-def inspect_qcow2(fd: int, file_size: int) -> DetectedImage:
-    """Parse and vet a qcow2 header.  Raises UnsafeImage for anything that reaches outside."""
-    hdr = _read_at(fd, 0, 104)
-    if len(hdr) < 72:
-        raise UnsafeImage("qcow2 header is truncated")
-    version, backing_off, backing_len, cluster_bits, size, crypt = struct.unpack(">IQIIQI", hdr[4:36])
-    if version not in (2, 3):
-        raise UnsupportedFormat(f"qcow version {version} images are not supported", "convert it to qcow2 v3")
-    if backing_off != 0 or backing_len != 0:
-        raise UnsafeImage("qcow2 image has a backing file, which could read host files",
-                          "flatten it first: qemu-img convert -O qcow2 in out")
-    if crypt != 0:
-        raise UnsafeImage("qcow2 image is encrypted", "decrypt it before use")
-    if not 9 <= cluster_bits <= 21:
-        raise UnsafeImage(f"qcow2 cluster size 2^{cluster_bits} is invalid")
-    header_len = 72
-    if version == 3:
-        if len(hdr) < 104:
-            raise UnsafeImage("qcow2 v3 header is truncated")
-        incompat = struct.unpack(">Q", hdr[72:80])[0]
-        header_len = struct.unpack(">I", hdr[100:104])[0]
-        if incompat & QCOW2_INCOMPAT_DATA_FILE:
-            raise UnsafeImage("qcow2 image uses an external data file, which could read host files")
-        if incompat & QCOW2_INCOMPAT_DIRTY:
-            raise UnsafeImage("qcow2 image is marked dirty", "repair it with qemu-img check -r all")
-        if incompat & QCOW2_INCOMPAT_CORRUPT:
-            raise UnsafeImage("qcow2 image is marked corrupt")
-        if incompat & ~QCOW2_INCOMPAT_KNOWN:
-            raise UnsupportedFormat("qcow2 image uses unknown incompatible features")
-        if header_len < 104 or header_len > 1 << cluster_bits:
-            raise UnsafeImage("qcow2 header length is invalid")
-    # Header extensions follow the header, up to the end of the first cluster.
-    off, end = header_len, min(1 << cluster_bits, file_size)
-    while off + 8 <= end:
-        ext_type, ext_len = struct.unpack(">II", _read_at(fd, off, 8))
-        if ext_type == 0:
-            break
-        if ext_type == QCOW2_EXT_DATA_FILE:
-            raise UnsafeImage("qcow2 image names an external data file, which could read host files")
-        off += 8 + ((ext_len + 7) & ~7)
-    if file_size < 1 << cluster_bits:
-        raise UnsafeImage("qcow2 image is truncated (smaller than one cluster)")
-    return DetectedImage(DiskFormat.QCOW2, size, f"qcow2 v{version}")
+def describe_content(head: bytes) -> str:
+    """libmagic's description, for messages only (it never decides)."""
+    try:
+        import magic
+
+        return str(magic.from_buffer(head))[:80]
+    except Exception:  # a diagnostic must never fail the create
+        return "unknown content"
 
 
-def detect_format(fd: int) -> DetectedImage:
-    """Detect the disk format of an open, verified image file.
+def identify(head: bytes) -> DetectedImage:
+    """Identify the format from the first HEAD_SIZE bytes (or the whole image if shorter).
 
-    Raises UnsupportedFormat for formats we recognise but do not write, UnsafeImage for
-    images that could make qemu-img read beyond the file.
+    Raises UnsafeImage when several formats match or the content is text, UnsupportedFormat for
+    formats we recognise but do not write.  A random-access format still needs inspect_file.
     """
-    size = os.fstat(fd).st_size
-    head = _read_at(fd, 0, 512)
-    if head[:4] == QCOW_MAGIC:
-        return inspect_qcow2(fd, size)
-    if head[:4] == b"KDMV" or head[:21] == b"# Disk DescriptorFile":
-        raise UnsupportedFormat("VMDK images are not supported yet")
-    if head[64:68] == b"\x7f\x10\xda\xbe":
-        raise UnsupportedFormat("VDI images are not supported yet")
-    if head[:8] == b"vhdxfile":
-        raise UnsupportedFormat("VHDX images are not supported yet")
-    if _read_at(fd, max(size - 512, 0), 8) == b"conectix" or head[:8] == b"conectix":
-        raise UnsupportedFormat("VHD images are not supported yet")
-    for offset, magic, name in REFUSED_MAGICS:
-        if head[offset:offset + len(magic)] == magic:
-            raise UnsupportedFormat(f"{name} images are not supported",
-                                    "convert it to qcow2 or raw first")
-    return DetectedImage(DiskFormat.RAW, size, "raw")
+    containers = container_signatures(head)
+    layouts = raw_layouts(head)
+    if len(containers) > 1 or (containers and layouts):
+        names = ", ".join([n for n, _ in containers] + layouts)
+        raise UnsafeImage(f"image content matches several formats ({names}); "
+                          "a file that tools read differently is refused")
+    if containers:
+        name, fmt = containers[0]
+        if fmt is None:
+            raise UnsupportedFormat(f"{name} images are not supported", CONVERT_HINT)
+        return DetectedImage(fmt, 0, name)
+    if not head:
+        raise UnsafeImage("image is empty")
+    if not head[:64 * 1024].translate(None, TEXT_BYTES):
+        raise UnsafeImage(f"image is text, not a disk image ({describe_content(head)})",
+                          "check the image URL or path")
+    if layouts:
+        return DetectedImage(DiskFormat.RAW, 0, f"raw ({', '.join(layouts)})")
+    log.info("raw image has no partition table or ISO 9660 volume (libmagic: %s)", describe_content(head))
+    return DetectedImage(DiskFormat.RAW, 0, "raw")
+
+
+def check_tail(tail: bytes, total: int) -> int | None:
+    """Look at the last 512 bytes of a raw image of ``total`` bytes.
+
+    Returns the data size if it is a fixed VHD (raw data plus a footer); raises UnsupportedFormat
+    for a DMG (its "koly" trailer is only at the end).
+    """
+    if tail[:4] == b"koly":
+        raise UnsupportedFormat("DMG images are not supported", CONVERT_HINT)
+    return fixed_vhd_data_size(tail, total)
+
+
+INSPECTORS = {
+    DiskFormat.QCOW2: inspect_qcow2,
+    DiskFormat.VMDK: inspect_vmdk,
+    DiskFormat.VPC: inspect_vhd,
+    DiskFormat.VHDX: inspect_vhdx,
+    DiskFormat.VDI: inspect_vdi,
+}
+
+
+def inspect_file(img: ImageFile) -> DetectedImage:
+    """Detect and vet a whole image file.  Raises UnsafeImage or UnsupportedFormat."""
+    found = identify(img.read_upto(0, HEAD_SIZE))
+    if found.format is not DiskFormat.RAW:
+        return INSPECTORS[found.format](img)
+    if img.size >= 1024 and check_tail(img.read_at(img.size - 512, 512), img.size) is not None:
+        return inspect_vhd(img)
+    return DetectedImage(DiskFormat.RAW, img.size, found.details)

@@ -254,3 +254,75 @@ def run_streaming(
         proc.stdout.close()
     returncode = proc.wait()
     return StreamedRun(returncode=returncode, timed_out=timed_out)
+class Spawned:
+    """A child running alongside us (a decompressor in a pipeline); see ``spawn``."""
+
+    def __init__(self, argv: list[str], proc: subprocess.Popen[bytes], stderr: IO[bytes]) -> None:
+        self.argv = argv
+        self.proc = proc
+        self._stderr = stderr
+
+    def stderr_text(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read(65536).decode(errors="replace")
+
+    def wait_checked(self, timeout: float | None = None) -> None:
+        """Wait for the child; raise CommandError if it failed."""
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise CommandError(self.argv, -9, f"timed out after {timeout:.0f}s") from None
+        if rc != 0:
+            stderr = self.stderr_text()
+            log.debug("%s exited %d: %s", self.argv[0], rc, stderr.strip())
+            raise CommandError(self.argv, rc, stderr)
+
+    def kill(self) -> None:
+        """Stop the child (if still running) and reap it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                f.close()
+        self._stderr.close()
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    stdin: int | IO[Any] | None = None,
+    stdout: int | IO[Any] | None = subprocess.PIPE,
+    env: Mapping[str, str] | None = None,
+    limits: Limits | None = None,
+) -> Spawned:
+    """Start ``argv`` without waiting, with the same environment and logging policy as ``run``.
+
+    For streaming pipelines only (a decompressor fed through a pipe).  stderr goes to an
+    anonymous temporary file, so a chatty child can never block on it.  The caller must
+    ``close()`` the result (register it on the ExitStack).
+    """
+    import tempfile
+
+    argv = [os.fspath(a) for a in argv]
+    if not os.path.isabs(argv[0]):
+        argv[0] = find_tool(argv[0])
+    log.debug("+ %s &", shlex.join(argv))
+    stderr = tempfile.TemporaryFile()
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
+            argv,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=stdout,
+            stderr=stderr,
+            env=child_environment(env),
+            preexec_fn=limits.apply if limits else None,
+        )
+    except FileNotFoundError as e:
+        stderr.close()
+        raise CommandNotFound(argv[0], PACKAGES.get(os.path.basename(argv[0]))) from e
+    return Spawned(argv, proc, stderr)

@@ -1,0 +1,315 @@
+#!/usr/bin/env python3
+"""Benchmark (not a test): our create against the FASTEST bare pipeline for each input kind.
+
+Builds, once, a realistic cloud image as in ../shared/docs/image-perf.md §1 (2 GiB virtual,
+GPT, one ext4 partition holding a copy of /usr/bin and 6 x 20 MiB of random data) and derives
+every input kind from it: raw, qcow2, zlib-compressed qcow2, streamOptimized vmdk, vhdx, and
+raw wrapped in xz (multi-block, as distros publish), gzip, zstd, bzip2 and a GCE-style sparse
+tar.gz.  Then, in interleaved rounds (the VM is noisy), it times onto a fresh sparse 2 GiB file:
+
+* every bare pipeline candidate for that input (qemu-img convert with several flag sets;
+  ``xz -T0 -dc``/``pigz -dc``/``zstd -dc``/``lbzip2 -dc`` into ``dd conv=sparse``), all durable;
+* ``deploy``: our image pipeline (unwrap, detect, inspect, qemu-img info, stream or convert) in
+  a fresh Python process, from a local file with no checksum, i.e. create minus fetching;
+* ``create``: the whole ``instance-cloudimage create`` command of this checkout.
+
+and prints, per input kind, medians, the ratio to the fastest baseline, bytes allocated on the
+target against the image's non-zero data, and the peak RSS summed over each process tree.
+
+    bench/bench_formats.py [--workdir /var/tmp/cloudimage-bench] [--rounds 5] [--kinds raw xz ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+GiB = 1024**3
+MiB = 1024**2
+HERE = Path(__file__).resolve().parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def sh(cmd: str) -> None:
+    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True)  # noqa: S603 - bench
+
+
+def q(p: Path | str) -> str:
+    return shlex.quote(os.fspath(p))
+
+
+# --- images ----------------------------------------------------------------------------------
+
+def build_raw(work: Path) -> Path:
+    raw = work / "cloud.raw"
+    if raw.exists():
+        return raw
+    tree = work / "tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    (tree / "data").mkdir(parents=True)
+    sh(f"cp -a /usr/bin {q(tree / 'bin')}")
+    for i in range(6):
+        sh(f"head -c 20M /dev/urandom > {q(tree / 'data' / f'random{i}')}")
+    tmp = work / "cloud.raw.tmp"
+    sh(f"truncate -s 2G {q(tmp)} && sgdisk -o -n 1:2048:0 -t 1:8300 {q(tmp)} > /dev/null")  # -q skips the write
+    sectors = 2 * GiB // 512 - 2048 - 33
+    sh(f"mke2fs -q -F -t ext4 -L cloudimg-rootfs -d {q(tree)} -E offset={2048 * 512} {q(tmp)} {sectors // 2}k")
+    shutil.rmtree(tree)
+    tmp.rename(raw)
+    return raw
+
+
+def derive(work: Path, raw: Path) -> dict[str, Path]:
+    recipes = {
+        "raw": ("cloud.raw", None),
+        "qcow2": ("cloud.qcow2", "qemu-img convert -f raw -O qcow2 {raw} {out}"),
+        "qcow2-zlib": ("cloud-c.qcow2", "qemu-img convert -f raw -O qcow2 -c {raw} {out}"),
+        "vmdk-stream": ("cloud-so.vmdk", "qemu-img convert -f raw -O vmdk -o subformat=streamOptimized {raw} {out}"),
+        "vhdx": ("cloud.vhdx", "qemu-img convert -f raw -O vhdx {raw} {out}"),
+        "xz": ("cloud.raw.xz", "xz -T0 -6 -c {raw} > {out}"),
+        "gzip": ("cloud.raw.gz", "pigz -6 -c {raw} > {out}"),
+        "zstd": ("cloud.raw.zst", "zstd -q -T0 -3 -c {raw} > {out}"),
+        "bzip2": ("cloud.raw.bz2", "lbzip2 -9 -c {raw} > {out}"),
+        "tar.gz": ("gce.tar.gz", "tar -C {dir} --format=oldgnu -S -cf - disk.raw | pigz -6 > {out}"),
+    }
+    images = {}
+    for kind, (name, recipe) in recipes.items():
+        out = work / name
+        if recipe and not out.exists():
+            if kind == "tar.gz":
+                d = work / "gce"
+                d.mkdir(exist_ok=True)
+                sh(f"cp --sparse=always {q(raw)} {q(d / 'disk.raw')}")
+            print(f"building {name} ...", flush=True)
+            sh(recipe.format(raw=q(raw), out=q(str(out) + ".tmp"), dir=q(work / "gce")))
+            os.rename(str(out) + ".tmp", out)
+            shutil.rmtree(work / "gce", ignore_errors=True)
+        images[kind] = out
+    return images
+
+
+def nonzero_data(work: Path, raw: Path) -> int:
+    cache = work / "nonzero.json"
+    if cache.exists():
+        return int(json.loads(cache.read_text())["bytes"])
+    total, zero = 0, bytes(4096)
+    with open(raw, "rb") as f:
+        while block := f.read(4 * MiB):
+            for i in range(0, len(block), 4096):
+                if block[i:i + 4096] != zero:
+                    total += 4096
+    cache.write_text(json.dumps({"bytes": total}))
+    return total
+
+
+# --- candidates ------------------------------------------------------------------------------
+
+QEMU_FLAGS = {
+    "qemu-img -t none -W": "-t none -W",
+    "qemu-img -t none -W -m 16": "-t none -W -m 16",
+    "qemu-img -t writeback -W": "-t writeback -W",
+    "qemu-img -t none -W -m 16 --target-is-zero": "-t none -W -m 16 --target-is-zero",
+}
+QEMU_FORMAT = {"raw": "raw", "qcow2": "qcow2", "qcow2-zlib": "qcow2", "vmdk-stream": "vmdk", "vhdx": "vhdx"}
+DECODER = {"xz": "xz -T0 -dc", "gzip": "pigz -dc", "zstd": "zstd -dc", "bzip2": "lbzip2 -dc",
+           "tar.gz": "pigz -dc {img} | tar -xOf - disk.raw"}
+DD = "dd of={tgt} bs=4M iflag=fullblock conv=sparse,notrunc,fdatasync status=none"
+
+
+def baselines(kind: str, image: Path) -> dict[str, str]:
+    if kind in QEMU_FORMAT:
+        fmt = QEMU_FORMAT[kind]
+        return {name: f"qemu-img convert -n -f {fmt} -O raw {flags} {q(image)} {{tgt}}"
+                for name, flags in QEMU_FLAGS.items()}
+    decoder = DECODER[kind]
+    cmd = decoder.format(img=q(image)) if "{img}" in decoder else f"{decoder} {q(image)}"
+    return {f"{decoder.split()[0]} | dd conv=sparse": f"{cmd} | {DD}"}
+
+
+def ours(image: Path, work: Path) -> dict[str, list[str]]:
+    etc = work / "etc"
+    return {
+        "deploy": [sys.executable, os.fspath(HERE / "bench_formats.py"), "deploy", os.fspath(image), "{tgt}"],
+        "create": [os.fspath(VENV_BIN / "instance-cloudimage"), "create", "--disk", "{tgt}", "--variant", "plain",
+                   "--config-dir", os.fspath(etc), "--cache-dir", os.fspath(work / "cache"),
+                   "-O", f"image={image}"],
+    }
+
+
+def write_site(work: Path) -> None:
+    etc = work / "etc"
+    (etc / "variants").mkdir(parents=True, exist_ok=True)
+    (etc / "defaults.conf").write_text(f"[Images]\nAllowedDirectories = {work}\n")
+    (etc / "variants" / "plain.conf").write_text(
+        "[Variant]\nDescription = plain disk\nAgent = none\nSeed = none\nArchitectures = x86_64 aarch64\n"
+        "[Image]\nURL = builtin:demo\n")
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+def tree_rss(pid: int) -> int:
+    """Sum of VmRSS over ``pid`` and all its descendants, in bytes."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return total
+
+
+def run_one(cmd: str | list[str], target: Path) -> tuple[float, int, int]:
+    """Run onto a fresh sparse 2 GiB target; return (seconds, peak tree RSS, bytes allocated)."""
+    target.unlink(missing_ok=True)
+    with open(target, "wb") as f:
+        f.truncate(2 * GiB)
+    if isinstance(cmd, str):
+        argv = ["bash", "-o", "pipefail", "-c", cmd.replace("{tgt}", q(target))]
+    else:
+        argv = [a.replace("{tgt}", os.fspath(target)) for a in cmd]
+    peak = 0
+    start = time.monotonic()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as installed: .pyc cached
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)  # noqa: S603
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, tree_rss(proc.pid))
+            done.wait(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    _, err = proc.communicate()
+    elapsed = time.monotonic() - start
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {argv}\n{err.decode()[-2000:]}")
+    allocated = os.stat(target).st_blocks * 512
+    return elapsed, peak, allocated
+
+
+def check_same(target: Path, raw: Path) -> None:
+    sh(f"qemu-img compare -q -f raw -F raw {q(target)} {q(raw)}")
+
+
+def bench(args: argparse.Namespace) -> None:
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    raw = build_raw(work)
+    images = derive(work, raw)
+    data = nonzero_data(work, raw)
+    write_site(work)
+    target = work / "target.raw"
+    kinds = args.kinds or list(images)
+    plan = {k: {**baselines(k, images[k]), **ours(images[k], work)} for k in kinds}
+    sh(f"PYTHONDONTWRITEBYTECODE= {q(sys.executable)} -m compileall -q {q(HERE.parent / 'instance_cloudimage')}")
+    for path in images.values():  # warm the page cache, as right after a download
+        sh(f"cat {q(path)} > /dev/null")
+    for kind in kinds:  # every candidate once, checked for correctness; not timed
+        for cmd in plan[kind].values():
+            run_one(cmd, target)
+            check_same(target, raw)
+    times: dict[tuple[str, str], list[float]] = {}
+    rss: dict[tuple[str, str], int] = {}
+    alloc: dict[tuple[str, str], int] = {}
+    for rnd in range(args.rounds):
+        for kind in kinds:
+            names = list(plan[kind])
+            shift = rnd % len(names)
+            for name in names[shift:] + names[:shift]:  # rotate the order to cancel drift
+                t, r, a = run_one(plan[kind][name], target)
+                times.setdefault((kind, name), []).append(t)
+                rss[(kind, name)] = max(rss.get((kind, name), 0), r)
+                alloc[(kind, name)] = a
+        print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    report(kinds, plan, images, times, rss, alloc, data)
+
+
+def report(kinds: list[str], plan: dict[str, dict[str, object]], images: dict[str, Path],
+           times: dict[tuple[str, str], list[float]], rss: dict[tuple[str, str], int],
+           alloc: dict[tuple[str, str], int], data: int) -> None:
+    print(f"\nimage: 2 GiB virtual, {data / MiB:.0f} MiB of non-zero data (4 KiB blocks); medians of "
+          f"{len(next(iter(times.values())))} interleaved rounds; target: fresh sparse file\n")
+    print("| input | fastest bare pipeline | median s | deploy s | ratio | create s | ratio "
+          "| written MiB (deploy / best) | peak RSS MiB (best / deploy / create) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for kind in kinds:
+        med = {name: statistics.median(times[(kind, name)]) for name in plan[kind]}
+        base = min((n for n in plan[kind] if n not in ("deploy", "create")), key=lambda n: med[n])
+        print(f"| {kind} ({images[kind].stat().st_size / MiB:.0f} MiB) | `{base}` | {med[base]:.2f} "
+              f"| {med['deploy']:.2f} | {med['deploy'] / med[base]:.2f} "
+              f"| {med['create']:.2f} | {med['create'] / med[base]:.2f} "
+              f"| {alloc[(kind, 'deploy')] / MiB:.0f} / {alloc[(kind, base)] / MiB:.0f} "
+              f"| {rss[(kind, base)] / MiB:.0f} / {rss[(kind, 'deploy')] / MiB:.0f} "
+              f"/ {rss[(kind, 'create')] / MiB:.0f} |")
+    print("\nall candidates (median s):")
+    for kind in kinds:
+        cells = ", ".join(f"{n} {statistics.median(times[(kind, n)]):.2f}" for n in plan[kind])
+        print(f"  {kind}: {cells}")
+
+
+# --- the in-process deploy -------------------------------------------------------------------
+
+def deploy_one(image: str, disk: str) -> None:
+    """Our pipeline from a local file, as source.py hands it over (no checksum configured)."""
+    from contextlib import ExitStack
+
+    from instance_cloudimage.deploy import deploy_image
+    from instance_cloudimage.writer import open_disk
+
+    class Stream:
+        def __init__(self, path: Path) -> None:
+            self.file = open(path, "rb")
+            self.size: int | None = os.fstat(self.file.fileno()).st_size
+            self.local_path = path
+            self.path = path
+
+        def peek(self, n: int) -> bytes:
+            return os.pread(self.file.fileno(), n, self.file.tell())
+
+        def readinto(self, buf: bytearray | memoryview) -> int:
+            return self.file.readinto(buf)
+
+        def read(self, n: int = 4 * MiB) -> bytes:
+            return self.file.read(n)
+
+        def finish(self) -> Stream:
+            return self
+
+    with ExitStack() as stack:
+        target = open_disk(disk, wiped=False, stack=stack)
+        deploy_image(Stream(Path(image)), "auto", target, Path(disk).parent / "spool", stack)
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "deploy":
+        deploy_one(sys.argv[2], sys.argv[3])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default="/var/tmp/cloudimage-bench")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--kinds", nargs="*")
+    bench(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
