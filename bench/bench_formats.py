@@ -40,7 +40,7 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def sh(cmd: str) -> None:
-    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True)  # noqa: S603 - bench
+    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True)
 
 
 def q(p: Path | str) -> str:
@@ -186,7 +186,7 @@ def run_one(cmd: str | list[str], target: Path) -> tuple[float, int, int]:
     peak = 0
     start = time.monotonic()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as installed: .pyc cached
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)  # noqa: S603
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     done = threading.Event()
 
     def sample() -> None:

@@ -22,7 +22,7 @@ SECRET = b"TOP-SECRET-HOST-DATA-0123456789"
 
 def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
     """The tests' one subprocess call (the package itself uses process.run)."""
-    return subprocess.run(argv, **kwargs)  # noqa: S603 - test commands, argv lists
+    return subprocess.run(argv, **kwargs)
 
 
 def sh(*argv: str | os.PathLike[str], input: bytes | None = None) -> bytes:

@@ -12,7 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from imagetools import (
+
+from instance_cloudimage import wrappers
+from instance_cloudimage.errors import UnsafeImage
+from instance_cloudimage.formats import DiskFormat, Wrapper
+
+from .imagetools import (
     MiB,
     compare,
     deploy,
@@ -25,10 +30,6 @@ from imagetools import (
     run,
     sh,
 )
-
-from instance_cloudimage import wrappers
-from instance_cloudimage.errors import UnsafeImage
-from instance_cloudimage.formats import DiskFormat, Wrapper
 
 pytestmark = pytest.mark.integration
 SIZE = 32 * MiB

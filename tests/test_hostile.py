@@ -14,8 +14,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from imagetools import SECRET, MiB, compare, contains, deploy, make_raw_disk, new_disk, qemu_convert, run, sh
-from test_formats_integration import cli_create
 
 from instance_cloudimage.detect import describe_content
 from instance_cloudimage.errors import (
@@ -25,6 +23,9 @@ from instance_cloudimage.errors import (
     UnsupportedFormat,
     UserError,
 )
+
+from .imagetools import SECRET, MiB, compare, contains, deploy, make_raw_disk, new_disk, qemu_convert, run, sh
+from .test_formats_integration import cli_create
 
 pytestmark = pytest.mark.integration
 DISK = 32 * MiB
