@@ -35,12 +35,17 @@ def check_image(value: str, site: SiteConfig) -> None:
     v = value.strip()
     if not v:
         raise ParameterError("image must not be empty")
-    scheme = urlsplit(v).scheme.lower()
+    try:
+        parts = urlsplit(v)
+    except ValueError:
+        # Security: urlsplit's message quotes the host; the URL may be private.
+        raise ParameterError("image is not a valid URL", "check the brackets around an IPv6 address") from None
+    scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
         from .errors import ImageFetchError
         from .urlpolicy import check_url, policy_for
 
-        if not urlsplit(v).hostname:
+        if not parts.hostname:
             raise ParameterError("image URL has no host")
         try:
             # The same address policy as at download time, so verify refuses early.
@@ -49,7 +54,7 @@ def check_image(value: str, site: SiteConfig) -> None:
             raise ParameterError(e.message, e.hint) from None
         return
     if scheme == "file":
-        check_local_image_path(urlsplit(v).path, site, what="image")
+        check_local_image_path(parts.path, site, what="image")
         return
     if scheme:
         raise ParameterError(f"image URL scheme '{scheme}' is not supported",

@@ -110,3 +110,11 @@ def test_verify_script_reports_each_problem_and_fails() -> None:
     assert "image_checksum must be sha256" in bad.stderr
     assert "unknown variant 'nosuch'" in bad.stderr
     assert secret not in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("url", ["https://[SECRET:zz]/x.img", "https://[1::SECRET]/x.img", "https://[SECRET/x.img",
+                                 "http://h]SECRET/x.img"])
+def test_malformed_image_url_is_refused_without_echoing_it(site: SiteConfig, url: str) -> None:
+    problems = validate_parameters({"image": url}, site)
+    assert problems == ["image is not a valid URL (check the brackets around an IPv6 address)"]
+    assert "SECRET" not in problems[0]

@@ -75,3 +75,11 @@ def test_mirror_candidates_longest_prefix_first_then_upstream() -> None:
     urls = [(c.url, c.mirror) for c in candidate_urls("https://cloud.debian.org/images/cloud/x.qcow2", site)]
     assert urls == [("http://m3/dc/x.qcow2", True), ("https://cloud.debian.org/images/cloud/x.qcow2", False)]
     assert [c.url for c in candidate_urls("https://other/x", site)] == ["https://other/x"]
+
+
+@pytest.mark.parametrize("host", ["secret:zz", "1::secret", "a:b"])
+def test_a_malformed_ipv6_host_is_refused_without_quoting_it(host: str) -> None:
+    # Older Pythons (Debian's 3.11.2) let such hosts through urlsplit; ipaddress quotes them.
+    with pytest.raises(ValueError) as e:
+        parse_host(host)
+    assert "secret" not in str(e.value) and host not in str(e.value)
