@@ -107,3 +107,11 @@ def test_site_config_defaults_and_overrides(paths: Paths) -> None:
     paths.site_config.write_text("[HTTP]\nReadTimeout = -1\n")
     with pytest.raises(ConfigError, match="ReadTimeout is invalid"):
         load_site_config(paths)
+
+
+@pytest.mark.parametrize("key", ["URL", "ChecksumURL", "SignatureURL"])
+def test_a_malformed_url_in_a_variant_is_a_config_error(paths: Paths, key: str) -> None:
+    url = "" if key == "URL" else "URL = https://example.org/x.img\n"
+    write_site_variant(paths, "bad", f"[Image]\n{url}{key} = https://[zz/y\n")
+    with pytest.raises(ConfigError, match=rf"\[Image\] {key} is invalid: Invalid IPv6 URL"):
+        load_variant("bad", paths)
