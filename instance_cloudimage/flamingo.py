@@ -90,7 +90,7 @@ def install_keys(root_fd: int, users: Mapping[str, tuple[int, int, str]], user: 
                 guest_dir(home_fd, ".ssh", create=True, uid=uid, gid=gid, shown_below=home) as ssh_fd:
             os.fchown(ssh_fd, uid, gid)
             os.fchmod(ssh_fd, 0o700)
-            existing = read_guest_file(ssh_fd, "authorized_keys")
+            existing = read_guest_file(ssh_fd, "authorized_keys", shown=f"{home}/.ssh/authorized_keys")
             write_guest_file(ssh_fd, "authorized_keys", merge_lines(existing, keys), uid=uid, gid=gid)
     except SeedError as e:
         log.warning("SSH keys for %s not installed: %s", user, e.message)
@@ -101,7 +101,7 @@ def install_keys(root_fd: int, users: Mapping[str, tuple[int, int, str]], user: 
 def add_fstab_entry(root_fd: int) -> None:
     with guest_dir(root_fd, "etc") as etc:
         st = stat_guest_entry(etc, "fstab")
-        current = read_guest_file(etc, "fstab") or b""
+        current = read_guest_file(etc, "fstab", shown="/etc/fstab") or b""
         lines = current.decode(errors="replace").splitlines()
         if any(ln.split()[:1] == ["LABEL=config-2"] for ln in lines if not ln.lstrip().startswith("#")):
             return
@@ -126,7 +126,7 @@ def apply_flamingo_settings(root: Path, configdrive: Mapping[str, bytes], *, fst
             with guest_dir(root_fd, "etc") as etc:
                 write_guest_file(etc, "hostname", hostname.encode() + b"\n", mode=0o644)
         with guest_dir(root_fd, "etc") as etc:
-            passwd = read_guest_file(etc, "passwd")
+            passwd = read_guest_file(etc, "passwd", shown="/etc/passwd")
         users = parse_passwd(passwd.decode(errors="replace") if passwd else "")
         installed = [u for u, keys in keys_by_user(metadata).items() if install_keys(root_fd, users, u, keys)]
         if fstab:

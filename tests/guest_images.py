@@ -8,6 +8,7 @@ builder attaches it also detaches, so leak checks only see what the code under t
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -51,6 +52,7 @@ class Fs:
     label: str | None = None
     files: Mapping[str, str] = field(default_factory=lambda: dict(BASE_FILES))
     symlinks: Mapping[str, str] = field(default_factory=dict)
+    nodes: Mapping[str, str] = field(default_factory=dict)  # path -> "fifo" or "chr" (/dev/null's numbers)
 
 
 @dataclass
@@ -104,6 +106,14 @@ def populate(root: Path, fs: Fs) -> None:
         if p.is_dir() and not p.is_symlink():
             p.rmdir()
         os.symlink(target, p)
+    for rel, kind in fs.nodes.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.unlink(missing_ok=True)
+        if kind == "fifo":
+            os.mkfifo(p)
+        else:
+            os.mknod(p, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
 
 
 def make_fs(path: Path, fs: Fs, offset: int, size: int) -> None:
@@ -186,10 +196,10 @@ def no_linux_fs(path: Path) -> Path:
                       [Fs(1, "vfat", "EFI", files={}), Fs(2, "none")])
 
 
-def hostile(path: Path, links: Mapping[str, str]) -> Path:
+def hostile(path: Path, links: Mapping[str, str], nodes: Mapping[str, str] | None = None) -> Path:
     files = {k: v for k, v in BASE_FILES.items() if not k.startswith("var/lib/cloud")}
     return build_disk(path, 64, "gpt", [Part(None, ROOT_X86_64, "root")],
-                      [Fs(1, "ext4", "cloudimg-rootfs", files=files, symlinks=links)])
+                      [Fs(1, "ext4", "cloudimg-rootfs", files=files, symlinks=links, nodes=nodes or {})])
 
 
 def blank(path: Path, size_mib: int) -> Path:

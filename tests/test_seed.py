@@ -295,3 +295,20 @@ def test_explicit_nocloud_fs_without_filesystem(tmp_path: Path) -> None:
     with pytest.raises(SeedError, match="cannot seed the guest filesystem: no ext4") as e:
         deliver(tmp_path, [img], seed="nocloud-fs")
     assert "seed=nocloud-disk" in str(e.value)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("node", "kind", "shown"), [
+    ("etc/passwd", "chr", "/etc/passwd"), ("etc/passwd", "fifo", "/etc/passwd"),
+    ("etc/fstab", "chr", "/etc/fstab"), ("root/.ssh/authorized_keys", "chr", "/root/.ssh/authorized_keys"),
+])
+def test_flamingo_device_or_fifo_in_the_guest_is_refused(tmp_path: Path, node: str, kind: str, shown: str) -> None:
+    # On the nodev mount a device node cannot even be opened (EACCES): that is the image's doing,
+    # an UnsafeImage, never an OSError traceback.
+    img = gi.hostile(tmp_path / "disk0.img", {}, nodes={node: kind})
+    drive = gi.blank(tmp_path / "disk1.img", 16)
+    genv = dh.ganeti_env([img, drive], params={"ssh_authorized_keys": dh.KEY})
+    variant = dh.make_variant(tmp_path / "etc", agent="flamingo")
+    with pytest.raises(UnsafeImage, match=f"the image's {shown} is not a regular file"), ExitStack() as stack:
+        seed.deliver_seed(dh.context(genv, variant, tmp_path / "etc"), stack)
+    assert gi.no_loops(img) and gi.our_mounts() == []
