@@ -61,15 +61,24 @@ def keys_by_user(metadata: Mapping[str, Any]) -> dict[str, list[str]]:
     return out
 
 
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown
+
+
 def parse_passwd(text: str) -> dict[str, tuple[int, int, str]]:
-    """user → (uid, gid, home) from a guest's /etc/passwd; malformed lines are skipped."""
+    """user → (uid, gid, home) from a guest's /etc/passwd; malformed lines are skipped.
+
+    The file is the image's: a home with '..' or ids chown cannot take are skipped here rather
+    than crash the writer.
+    """
     users: dict[str, tuple[int, int, str]] = {}
     for line in text.splitlines():
         fields = line.split(":")
         if len(fields) < 7 or not fields[2].isdigit() or not fields[3].isdigit():
             continue
-        if fields[5].startswith("/"):
-            users.setdefault(fields[0], (int(fields[2]), int(fields[3]), fields[5]))
+        uid, gid, home = int(fields[2]), int(fields[3]), fields[5]
+        if uid > MAX_ID or gid > MAX_ID or not home.startswith("/") or ".." in home.split("/"):
+            continue
+        users.setdefault(fields[0], (uid, gid, home))
     return users
 
 
@@ -109,7 +118,7 @@ def add_fstab_entry(root_fd: int) -> None:
         write_guest_file(etc, "fstab", merge_lines(current, [FSTAB_LINE]), mode=mode)
     parts = split_guest_path(CONFIG_MOUNT)
     with guest_dir(root_fd, "/".join(parts[:-1]), create=True, mode=0o755) as parent, \
-            guest_dir(parent, parts[-1], create=True, mode=0o755):
+            guest_dir(parent, parts[-1], create=True, mode=0o755, shown_below="/".join(parts[:-1])):
         pass
 
 
