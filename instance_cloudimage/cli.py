@@ -143,21 +143,44 @@ def os_script_main(verb: str, environ: Mapping[str, str] | None = None,
 
 def parse_option_pairs(pairs: Sequence[str]) -> dict[str, str]:
     out = {}
-    for item in pairs:
+    for number, item in enumerate(pairs, 1):
         name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ParameterError(f"-O expects name=value, got an argument without '=' ({name or 'empty'})")
+        # Security: never echo the argument; without '=' it may be the value itself.
+        if not sep:
+            raise ParameterError(f"-O expects name=value; argument {number} has no '='")
+        if not name.strip():
+            raise ParameterError(f"-O expects name=value; argument {number} has no name")
         out[name.strip()] = value
     return out
+
+
+def create_disk_file(disk: Path, size_text: str) -> None:
+    """A sparse disk file of ``size_text`` bytes for a local create.  Raises ParameterError."""
+    try:
+        size = parse_size(size_text)
+    except ValueError:
+        raise ParameterError("--disk-size must be a size such as 10G or 512M") from None
+    try:
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        with open(disk, "xb") as f:
+            try:
+                f.truncate(size)
+            except BaseException:
+                disk.unlink(missing_ok=True)
+                raise
+    except OverflowError:
+        raise ParameterError("--disk-size is too large") from None
+    except FileExistsError:  # from mkdir: a file where a parent directory should be
+        raise ParameterError(f"cannot create the disk file {disk}: a parent is not a directory") from None
+    except OSError as e:
+        raise ParameterError(f"cannot create the disk file {disk}: {e.strerror}") from None
 
 
 def simulated_environment(args: argparse.Namespace) -> dict[str, str]:
     """A Ganeti-like environment for a local create onto ``--disk``."""
     disk = Path(args.disk).absolute()
     if not disk.exists():
-        disk.parent.mkdir(parents=True, exist_ok=True)
-        with open(disk, "wb") as f:
-            f.truncate(parse_size(args.disk_size))
+        create_disk_file(disk, args.disk_size)
     st = disk.stat()
     is_block = stat.S_ISBLK(st.st_mode)
     from .convert import target_size
