@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .download import CHUNK, Hasher
+from .errors import ConfigError
 from .log import Progress
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,12 @@ class EntryInfo:
     last_used: float
     in_use: bool
     sources: tuple[str, ...]
+
+
+def unusable_cache(root: Path, e: OSError) -> ConfigError:
+    why = "it is not a directory" if isinstance(e, FileExistsError) else e.strerror
+    return ConfigError(f"the image cache {root} cannot be used: {why}",
+                       "check the --cache-dir given to 'instance-cloudimage install'")
 
 
 def url_key(url: str) -> str:
@@ -121,8 +128,12 @@ class Cache:
         self.small = root / "small"
 
     def setup(self) -> None:
-        for d in (self.root, self.images, self.urls, self.locks, self.tmp, self.small):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Create the directories.  Raises ConfigError when the cache directory is unusable."""
+        try:
+            for d in (self.root, self.images, self.urls, self.locks, self.tmp, self.small):
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise unusable_cache(self.root, e) from None
 
     # --- locks and the URL index ---------------------------------------------------------------
 

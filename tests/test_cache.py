@@ -173,3 +173,17 @@ def test_name_pattern_picks_the_newest_listed_image(tmp_path: Path, state: Serve
     proc = cache_cmd(tmp_path, "fetch", "fed", "--arch", "x86_64")
     assert proc.returncode == 0, proc.stderr
     assert f"sha256:{sha(images[1])}" in proc.stdout
+
+
+@pytest.mark.parametrize("variant", ["demo", "debian-12"])
+def test_unusable_cache_directory_is_a_config_error(tmp_path: Path, variant: str) -> None:
+    # The cache path names a file: the builtin demo image and a download both need the directory.
+    (tmp_path / "file").write_text("x")
+    cache_dir = tmp_path / "file" / "cache"
+    r = subprocess.run([CLI, "cache", "fetch", variant, "--config-dir", os.fspath(tmp_path / "etc"),
+                        "--cache-dir", os.fspath(cache_dir)], capture_output=True, text=True, check=False)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"instance-cloudimage: error: the image cache {cache_dir} cannot be used: Not a directory "
+        "(check the --cache-dir given to 'instance-cloudimage install')")
