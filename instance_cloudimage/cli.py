@@ -21,9 +21,9 @@ from types import FrameType
 
 from . import __version__
 from .config import DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Paths, SiteConfig, load_site_config
-from .env import GanetiEnv, Script, debug_level_of, parse_environment
+from .env import GanetiEnv, Script, debug_level_of, parse_environment, parse_os_params
 from .errors import CloudImageError, CommandError, ConfigError, ParameterError, UserError
-from .log import setup_logging
+from .log import hide_values, redact, setup_logging
 from .settings import parse_size
 
 log = logging.getLogger("instance_cloudimage")
@@ -40,6 +40,11 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
+def print_traceback() -> None:
+    """The current exception's traceback on stderr, scrubbed like every log line (log.redact)."""
+    sys.stderr.write(redact(traceback.format_exc()))
+
+
 def guarded(prog: str, debug_level: int, fn: Callable[[], None]) -> int:
     """Run ``fn`` under the top-level error policy; return the exit code."""
     setup_logging(prog, debug_level)
@@ -49,23 +54,23 @@ def guarded(prog: str, debug_level: int, fn: Callable[[], None]) -> int:
         return 0
     except UserError as e:
         if debug_level > 0:
-            traceback.print_exc()
+            print_traceback()
         log.error("error: %s", e)
         return e.exit_code
     except CommandError as e:
         if debug_level > 0:
-            traceback.print_exc()
+            print_traceback()
         log.error("error: %s", e)
         return e.exit_code
     except CloudImageError as e:
-        traceback.print_exc()
+        print_traceback()
         log.error("error: %s", e)
         return e.exit_code
     except (KeyboardInterrupt, Terminated):
         log.error("error: interrupted")
         return EXIT_INTERRUPTED
     except Exception as e:  # a bug: keep the traceback
-        traceback.print_exc()
+        print_traceback()
         log.error("internal error: %s: %s (please report this)", type(e).__name__, e)
         return EXIT_BUG
 
@@ -132,6 +137,9 @@ def os_script_main(verb: str, environ: Mapping[str, str] | None = None,
     prog = f"{environ.get('OS_NAME', 'cloudimage')} {verb}"
 
     def body() -> None:
+        from .params import values_to_hide
+
+        hide_values(values_to_hide(parse_os_params(environ)))
         paths = installed_paths(argv[0]) if argv else Paths()
         genv = parse_environment(environ, script)
         dispatch(script, genv, paths, argv[1:])
@@ -208,7 +216,9 @@ def simulated_environment(args: argparse.Namespace) -> dict[str, str]:
 
 def cmd_create(args: argparse.Namespace) -> None:
     from .create import run_create
+    from .params import values_to_hide
 
+    hide_values(values_to_hide(parse_option_pairs(args.os_param)))
     paths = Paths(Path(args.config_dir), Path(args.cache_dir))
     genv = parse_environment(simulated_environment(args), Script.CREATE)
     run_create(genv, load_site_config(paths))
