@@ -591,3 +591,17 @@ def test_shipped_hooks_are_executable_and_inert(tmp_path: Path) -> None:
     facts = make_facts(tmp_path, site)
     for phase in Phase:
         assert run_hooks(plan, phase, facts, site) == facts.image
+
+
+def test_a_replaced_variant_image_is_logged_without_credentials(caplog: pytest.LogCaptureFixture) -> None:
+    from instance_cloudimage.hooks import Hook, parse_pre_fetch_result
+
+    hook = Hook(Phase.PRE_FETCH, "10-mirror", Path("/etc/x/pre-fetch.d/10-mirror"), "site")
+    image = ImageRef(location="https://cloud.example.org/x.img", declared_format="auto", checksum=None,
+                     variant="v")
+    with caplog.at_level(logging.INFO, logger="instance_cloudimage"):
+        new = parse_pre_fetch_result(hook, "image=https://mirror:PASSWORD@mirror.example.org/x.img\n", image,
+                                     SiteConfig())
+    assert new.location == "https://mirror:PASSWORD@mirror.example.org/x.img"
+    assert "replaced the image with https://mirror.example.org/x.img" in caplog.text
+    assert "PASSWORD" not in caplog.text
