@@ -484,6 +484,7 @@ def test_bad_replacement_is_refused(tmp_path: Path, shipped: Path, line: str, ma
 @pytest.fixture
 def fake_guestfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The seam for the delivery branch's guestfs: a real directory stands in for the mount."""
+    import instance_cloudimage.create  # noqa: F401 - imports grow.py, which needs the real guestfs
     root = tmp_path / "guest-root"
     root.mkdir()
     module = types.ModuleType("instance_cloudimage.guestfs")
