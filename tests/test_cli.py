@@ -41,3 +41,38 @@ def test_os_parameter_without_a_value_is_not_echoed(site: Site, tmp_path: Path) 
     r = cli("create", "--disk", str(tmp_path / "d.img"), "-O", "image=/x", "-O", "$6$SECRET", *site.cli_args())
     assert_one_line_error(r, "-O expects name=value; argument 2 has no '='")
     assert "SECRET" not in r.stderr
+
+
+def test_verify_does_no_network_io(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Ganeti runs verify on every node, several times per operation, under a 300 s timeout: it
+    must not resolve names or connect anywhere, even for a URL parameter and a variant whose image
+    comes with a checksum file and a signature."""
+    import socket
+
+    from instance_cloudimage import cli as climod
+
+    calls: list[str] = []
+
+    def refuse(what: str):  # type: ignore[no-untyped-def]
+        def blocked(*args: object, **kwargs: object) -> None:
+            calls.append(what)
+            raise OSError("network I/O in verify")
+        return blocked
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(socket, "gethostbyname", refuse("gethostbyname"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    env = {"OS_API_VERSION": "20", "OS_NAME": "cloudimage", "OS_VARIANT": "debian-12", "DEBUG_LEVEL": "0",
+           "OSP_IMAGE": "https://cloud.example.org/images/x.qcow2", "OSP_IMAGE_CHECKSUM": "sha256:" + "a" * 64,
+           "OSP_USER_DATA": "#include\nhttps://config.example.org/user-data\n", "OSP_HOSTNAME": "vm1.example.org"}
+    monkeypatch.setattr("instance_cloudimage.install.installed_paths",
+                        lambda argv0: climod.Paths(tmp_path / "etc", tmp_path / "cache"))
+    try:
+        assert climod.os_script_main("verify", environ=env, argv=["verify", "parameters"]) == 0
+    finally:
+        import logging
+
+        logging.getLogger("instance_cloudimage").handlers.clear()
+    assert calls == []
+    assert not (tmp_path / "cache").exists()  # nor does it touch the image cache
