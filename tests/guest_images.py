@@ -52,7 +52,8 @@ class Fs:
     label: str | None = None
     files: Mapping[str, str] = field(default_factory=lambda: dict(BASE_FILES))
     symlinks: Mapping[str, str] = field(default_factory=dict)
-    nodes: Mapping[str, str] = field(default_factory=dict)  # path -> "fifo" or "chr" (/dev/null's numbers)
+    # path -> "fifo", "chr" (/dev/null's numbers) or "link:<path>" (a hard link to another file)
+    nodes: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,6 +113,8 @@ def populate(root: Path, fs: Fs) -> None:
         p.unlink(missing_ok=True)
         if kind == "fifo":
             os.mkfifo(p)
+        elif kind.startswith("link:"):
+            os.link(root / kind[len("link:"):], p)
         else:
             os.mknod(p, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
 
