@@ -21,9 +21,9 @@ from types import FrameType
 
 from . import __version__
 from .config import DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Paths, SiteConfig, load_site_config
-from .env import GanetiEnv, Script, debug_level_of, parse_environment, parse_os_params
+from .env import OS_NAME_RE, GanetiEnv, Script, debug_level_of, parse_environment, parse_os_params
 from .errors import CloudImageError, CommandError, ConfigError, ParameterError, UserError
-from .log import hide_values, redact, setup_logging
+from .log import hide_values, printable, setup_logging
 from .settings import parse_size
 
 log = logging.getLogger("instance_cloudimage")
@@ -42,7 +42,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def print_traceback() -> None:
     """The current exception's traceback on stderr, scrubbed like every log line (log.redact)."""
-    sys.stderr.write(redact(traceback.format_exc()))
+    sys.stderr.write(printable(traceback.format_exc()))
 
 
 def guarded(prog: str, debug_level: int, fn: Callable[[], None]) -> int:
@@ -134,7 +134,9 @@ def os_script_main(verb: str, environ: Mapping[str, str] | None = None,
     environ = os.environ if environ is None else environ
     argv = sys.argv if argv is None else argv
     script = Script(verb)
-    prog = f"{environ.get('OS_NAME', 'cloudimage')} {verb}"
+    # Every log line starts with this: a malformed OS_NAME (env.py refuses it) must not garble them.
+    name = environ.get("OS_NAME", "")
+    prog = f"{name if OS_NAME_RE.match(name) else 'cloudimage'} {verb}"
 
     def body() -> None:
         from .params import values_to_hide

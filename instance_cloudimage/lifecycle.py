@@ -47,6 +47,8 @@ def announce_size(genv: GanetiEnv, size: int) -> None:
         os.write(t.size_fd, f"{size}\n".encode())
     except OSError as e:
         log.warning("could not write the export size to EXP_SIZE_FD: %s", e.strerror)
+    except OverflowError:  # a number no descriptor can have
+        log.warning("could not write the export size to EXP_SIZE_FD: it is not a file descriptor")
 
 
 class FdSink:

@@ -39,15 +39,21 @@ def redact(text: str) -> str:
     return text
 
 
+def printable(text: str) -> str:
+    """``text`` scrubbed (redact), with undecodable bytes escaped: Ganeti's environment may hold bytes
+    that are not UTF-8 (Python keeps them as surrogates), and they must not make a line unprintable."""
+    return redact(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        return printable(super().format(record))
 
 
 def setup_logging(prog: str, debug_level: int = 0) -> None:
     """Configure the package logger: INFO, or DEBUG when Ganeti's DEBUG_LEVEL > 0."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter(f"{prog}: %(message)s"))
+    handler.setFormatter(RedactingFormatter(prog.replace("%", "%%") + ": %(message)s"))
     root = logging.getLogger("instance_cloudimage")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug_level > 0 else logging.INFO)
