@@ -387,3 +387,24 @@ def test_flamingo_symlinks_never_reach_the_host(tmp_path: Path, link: str, refus
     assert sorted(p.name for p in host.iterdir()) == ["file"]
     assert (host / "file").read_text() == "host\n"
     assert gi.no_loops(img) and gi.our_mounts() == []
+
+
+def test_seed_files_are_staged_privately(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """They hold the password hash and user-data until mcopy has copied them onto the seed disk."""
+    from instance_cloudimage import seeddisk
+
+    seen: dict[str, int] = {}
+
+    def fake_run(argv: list[str], **kwargs: object) -> None:
+        for arg in argv:
+            if arg.startswith("/") and arg != os.fspath(tmp_path / "disk"):
+                seen[arg] = stat.S_IMODE(os.stat(arg).st_mode)
+                for sub in Path(arg).rglob("*"):
+                    seen[os.fspath(sub)] = stat.S_IMODE(sub.stat().st_mode)
+
+    monkeypatch.setattr(seeddisk, "run", fake_run)
+    seeddisk.copy_into_fat(os.fspath(tmp_path / "disk"), {"user-data": b"#cloud-config\n",
+                                                          "openstack/latest/meta_data.json": b"{}"})
+    files = {p: m for p, m in seen.items() if os.path.basename(p) in ("user-data", "meta_data.json")}
+    assert len(files) == 2 and set(files.values()) == {0o600}, seen
+    assert all(m == 0o700 for p, m in seen.items() if p not in files), seen
