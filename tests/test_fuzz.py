@@ -45,6 +45,8 @@ NASTY = {
     "negative": "-1",
     "nan": "nan",
 }
+# An environment cannot carry a NUL (execve's strings end at it); a file can.
+IN_FILES = NASTY | {"nul": "a\x00b"}
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +154,7 @@ def test_rename_export_import_with_a_nasty_variable(verb: str, name: str, value:
         assert_clean(*run_script(verb, env, capsys))
 
 
-@pytest.mark.parametrize("value", list(NASTY.values()), ids=list(NASTY))
+@pytest.mark.parametrize("value", list(IN_FILES.values()), ids=list(IN_FILES))
 @pytest.mark.parametrize("setting", SITE_SETTINGS, ids=[f"{s.section}.{s.key}" for s in SITE_SETTINGS])
 def test_site_setting_with_a_nasty_value(setting: object, value: str, tmp_path: Path) -> None:
     paths = Paths(tmp_path, tmp_path / "cache")
@@ -165,7 +167,7 @@ def test_site_setting_with_a_nasty_value(setting: object, value: str, tmp_path: 
         pass
 
 
-@pytest.mark.parametrize("value", list(NASTY.values()), ids=list(NASTY))
+@pytest.mark.parametrize("value", list(IN_FILES.values()), ids=list(IN_FILES))
 @pytest.mark.parametrize("setting", VARIANT_SETTINGS, ids=[f"{s.section}.{s.key}" for s in VARIANT_SETTINGS])
 def test_variant_setting_with_a_nasty_value(setting: object, value: str, tmp_path: Path) -> None:
     paths = Paths(tmp_path, tmp_path / "cache")
