@@ -94,6 +94,12 @@ def run_verify(genv: GanetiEnv, paths: Paths, argv: Sequence[str]) -> None:
             from .seeddata import check_variant_parameters
 
             problems.extend(check_variant_parameters(genv.params, variant))
+        arch = genv.params.get("arch")
+        if not problems and arch and not genv.params.get("image"):
+            try:
+                variant.image_for(arch)
+            except UserError as e:
+                problems.append(str(e))
     if problems:
         for p in problems[:-1]:
             log.error("%s", p)

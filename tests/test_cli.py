@@ -76,3 +76,32 @@ def test_verify_does_no_network_io(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         logging.getLogger("instance_cloudimage").handlers.clear()
     assert calls == []
     assert not (tmp_path / "cache").exists()  # nor does it touch the image cache
+
+
+def verify_in_process(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                      capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    import logging
+
+    from instance_cloudimage import cli as climod
+
+    monkeypatch.setattr("instance_cloudimage.install.installed_paths",
+                        lambda argv0: climod.Paths(tmp_path / "etc", tmp_path / "cache"))
+    base = {"OS_API_VERSION": "20", "OS_NAME": "cloudimage", "DEBUG_LEVEL": "0"}
+    try:
+        rc = climod.os_script_main("verify", environ=base | env, argv=["verify", "parameters"])
+    finally:
+        logging.getLogger("instance_cloudimage").handlers.clear()
+    return rc, capsys.readouterr().err
+
+
+def test_verify_refuses_an_arch_the_variant_has_no_image_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # Caught at gnt-instance add, instead of when create looks for the image.
+    rc, err = verify_in_process({"OS_VARIANT": "demo", "OSP_ARCH": "riscv64"}, tmp_path, monkeypatch, capsys)
+    assert rc == 1
+    assert err.strip().splitlines() == [
+        "cloudimage verify: error: variant demo has no image for architecture riscv64 (available: x86_64)"]
+    # With an image of its own the variant's architectures do not matter.
+    rc, err = verify_in_process({"OS_VARIANT": "demo", "OSP_ARCH": "riscv64", "OSP_IMAGE": "https://example.org/x"},
+                                tmp_path, monkeypatch, capsys)
+    assert rc == 0, err
