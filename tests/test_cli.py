@@ -100,7 +100,7 @@ def test_verify_refuses_an_arch_the_variant_has_no_image_for(tmp_path: Path, mon
     rc, err = verify_in_process({"OS_VARIANT": "demo", "OSP_ARCH": "riscv64"}, tmp_path, monkeypatch, capsys)
     assert rc == 1
     assert err.strip().splitlines() == [
-        "cloudimage verify: error: variant demo has no image for architecture riscv64 (available: x86_64)"]
+        "cloudimage verify: error: variant demo has no image for architecture riscv64 (available: x86_64, aarch64)"]
     # With an image of its own the variant's architectures do not matter.
     rc, err = verify_in_process({"OS_VARIANT": "demo", "OSP_ARCH": "riscv64", "OSP_IMAGE": "https://example.org/x"},
                                 tmp_path, monkeypatch, capsys)
