@@ -143,6 +143,9 @@ NEVER_HIDDEN = frozenset({"#cloud-config", "#cloud-config-archive", "#cloud-conf
                           "#part-handler", "#include-once", "## template: jinja", "MIME-Version: 1.0"})
 
 
+BASE64_PREFIX = "base64:"  # as userdata.py reads it
+
+
 def _pieces(text: str) -> list[str]:
     from .sshkeys import KEY_TYPES
 
@@ -170,14 +173,15 @@ def values_to_hide(params: Mapping[str, str]) -> list[str]:
             except ValueError:
                 continue
             out += [x for x in (parts.netloc, parts.path, parts.query) if len(x) >= MIN_HIDDEN]
-        elif name == "user_data" and value.startswith("base64:"):
+        elif name == "user_data" and value.startswith(BASE64_PREFIX):
             import base64
             import binascii
 
             try:
-                out += _pieces(base64.b64decode("".join(value[7:].split())).decode("utf-8", "replace"))
+                decoded = base64.b64decode("".join(value[len(BASE64_PREFIX):].split()))
             except (binascii.Error, ValueError):
-                pass
+                continue
+            out += _pieces(decoded.decode("utf-8", "replace"))
     return out
 
 
