@@ -234,7 +234,23 @@ def no_loops(path: Path, timeout: float = 5.0) -> bool:
     return True
 
 
-def our_mounts() -> list[str]:
-    """Mounts made by the code under test (its mount points are cloudimage-guest-*/cloudimage-grow-*)."""
+def backing_file(device: str) -> str | None:
+    try:
+        with open(f"/sys/block/{os.path.basename(device)}/loop/backing_file") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def our_mounts(*images: Path) -> list[str]:
+    """Mounts made by the code under test (its mount points are cloudimage-guest-*/cloudimage-grow-*).
+
+    With ``images``, only those of loop devices backed by them: other test runs on this shared
+    machine mount their own guests at the same kind of mount point.
+    """
+    wanted = {os.path.realpath(i) for i in images}
     with open("/proc/mounts") as f:
-        return [ln for ln in f if "/cloudimage-guest-" in ln.split()[1] or "/cloudimage-grow-" in ln.split()[1]]
+        mounts = [ln for ln in f if "/cloudimage-guest-" in ln.split()[1] or "/cloudimage-grow-" in ln.split()[1]]
+    if not wanted:
+        return mounts
+    return [ln for ln in mounts if backing_file(ln.split()[0]) in wanted]

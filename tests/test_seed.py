@@ -163,7 +163,7 @@ def test_nocloud_fs_read_back_by_cloud_init(tmp_path: Path, builder) -> None:  #
     check_nocloud(result, genv, variant)
     assert result["dir_mode"] == 0o700
     assert all(mode == (0o600, 0) for mode in result["file_modes"].values())
-    assert gi.no_loops(img) and gi.our_mounts() == []
+    assert gi.no_loops(img) and gi.our_mounts(img) == []
 
 
 @pytest.mark.integration
@@ -240,7 +240,7 @@ def test_hostile_cloud_dir_symlink_never_reaches_the_host(tmp_path: Path, link: 
     with pytest.raises(UnsafeImage, match="/var/lib/cloud is a symbolic link"):
         deliver(tmp_path, [img])
     assert list(host.iterdir()) == []
-    assert gi.no_loops(img) and gi.our_mounts() == []
+    assert gi.no_loops(img) and gi.our_mounts(img) == []
 
 
 @pytest.mark.integration
@@ -312,7 +312,7 @@ def test_flamingo_device_or_fifo_in_the_guest_is_refused(tmp_path: Path, node: s
     variant = dh.make_variant(tmp_path / "etc", agent="flamingo")
     with pytest.raises(UnsafeImage, match=f"the image's {shown} is not a regular file"), ExitStack() as stack:
         seed.deliver_seed(dh.context(genv, variant, tmp_path / "etc"), stack)
-    assert gi.no_loops(img) and gi.our_mounts() == []
+    assert gi.no_loops(img) and gi.our_mounts(img) == []
 
 
 NOCLOUD_COMPONENTS = ["var", "var/lib", "var/lib/cloud", "var/lib/cloud/seed", "var/lib/cloud/seed/nocloud"]
@@ -331,7 +331,7 @@ def test_a_symlink_at_any_seed_path_component_never_reaches_the_host(tmp_path: P
     with pytest.raises(UnsafeImage, match=f"the image's /{where} is a symbolic link"):
         deliver(tmp_path, [img])
     assert list(host.iterdir()) == []
-    assert gi.no_loops(img) and gi.our_mounts() == []
+    assert gi.no_loops(img) and gi.our_mounts(img) == []
 
 
 @pytest.mark.integration
@@ -354,7 +354,7 @@ def test_planted_seed_files_are_replaced_never_written_through(tmp_path: Path) -
         for name, st in entries.items():
             assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == 0, name
             assert stat.S_IMODE(st.st_mode) == 0o600, name
-    assert gi.no_loops(img) and gi.our_mounts() == []
+    assert gi.no_loops(img) and gi.our_mounts(img) == []
 
 
 @pytest.mark.integration
@@ -386,7 +386,7 @@ def test_flamingo_symlinks_never_reach_the_host(tmp_path: Path, link: str, refus
             seed.deliver_seed(dh.context(genv, variant, tmp_path / "etc"), stack)
     assert sorted(p.name for p in host.iterdir()) == ["file"]
     assert (host / "file").read_text() == "host\n"
-    assert gi.no_loops(img) and gi.our_mounts() == []
+    assert gi.no_loops(img) and gi.our_mounts(img) == []
 
 
 def test_seed_files_are_staged_privately(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
