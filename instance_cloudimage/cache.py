@@ -30,6 +30,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import stat
 import tempfile
 import time
 from collections.abc import Iterable
@@ -38,11 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from .download import CHUNK, Hasher
+from .errors import ConfigError
 from .log import Progress
 
 log = logging.getLogger(__name__)
 
 STALE_TEMP_SECONDS = 3600
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -78,6 +82,12 @@ class EntryInfo:
     last_used: float
     in_use: bool
     sources: tuple[str, ...]
+
+
+def unusable_cache(root: Path, e: OSError) -> ConfigError:
+    why = "it is not a directory" if isinstance(e, FileExistsError) else e.strerror
+    return ConfigError(f"the image cache {root} cannot be used: {why}",
+                       "check the --cache-dir given to 'instance-cloudimage install'")
 
 
 def url_key(url: str) -> str:
@@ -121,8 +131,12 @@ class Cache:
         self.small = root / "small"
 
     def setup(self) -> None:
-        for d in (self.root, self.images, self.urls, self.locks, self.tmp, self.small):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Create the directories.  Raises ConfigError when the cache directory is unusable."""
+        try:
+            for d in (self.root, self.images, self.urls, self.locks, self.tmp, self.small):
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise unusable_cache(self.root, e) from None
 
     # --- locks and the URL index ---------------------------------------------------------------
 
@@ -135,13 +149,20 @@ class Cache:
         return fd
 
     def read_index(self, key: str) -> UrlEntry | None:
+        """The index entry of a URL, or None when there is none or it is not one of ours."""
         data = _read_json(self.urls / f"{key}.json")
         if not data:
             return None
         try:
-            return UrlEntry(**data)
+            entry = UrlEntry(**data)
         except TypeError:
             return None
+        texts = (entry.etag, entry.last_modified, entry.url, entry.variant)
+        if not (isinstance(entry.sha256, str) and SHA256_RE.match(entry.sha256) and isinstance(entry.source_key, str)
+                and all(t is None or isinstance(t, str) for t in texts)
+                and isinstance(entry.fetched, int | float)):
+            return None
+        return entry
 
     def write_index(self, key: str, entry: UrlEntry) -> None:
         _write_json(self.urls / f"{key}.json", asdict(entry))
@@ -168,9 +189,16 @@ class Cache:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
+        except OSError as e:  # a symlink or worse where an entry should be: not ours, not used
+            log.warning("ignoring %s in the image cache: %s", path, e.strerror)
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                log.warning("ignoring %s in the image cache: not a regular file", path)
+                os.close(fd)
+                return None
             try:
                 if os.stat(path).st_ino != st.st_ino:
                     raise FileNotFoundError(path)  # evicted and replaced while we waited
@@ -221,7 +249,8 @@ class Cache:
             except OSError:
                 continue
             try:
-                if now - os.fstat(fd).st_mtime >= min_age and _try_lock(fd, fcntl.LOCK_EX):
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and now - st.st_mtime >= min_age and _try_lock(fd, fcntl.LOCK_EX):
                     os.unlink(name)
                     removed += 1
             finally:
@@ -248,10 +277,11 @@ class Cache:
             if p.suffix == ".json" or p.name.startswith("."):
                 continue
             try:
-                st = p.stat()
+                st = p.lstat()
             except FileNotFoundError:
                 continue
-            out.append((st.st_atime, st.st_size, p.name))
+            if stat.S_ISREG(st.st_mode):  # anything else was not put there by us: leave it alone
+                out.append((st.st_atime, st.st_size, p.name))
         return out
 
     def remove_entry(self, sha256: str) -> bool:

@@ -21,9 +21,9 @@ from types import FrameType
 
 from . import __version__
 from .config import DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Paths, SiteConfig, load_site_config
-from .env import GanetiEnv, Script, debug_level_of, parse_environment
+from .env import OS_NAME_RE, GanetiEnv, Script, debug_level_of, parse_environment, parse_os_params
 from .errors import CloudImageError, CommandError, ConfigError, ParameterError, UserError
-from .log import setup_logging
+from .log import hide_values, printable, setup_logging
 from .settings import parse_size
 
 log = logging.getLogger("instance_cloudimage")
@@ -40,6 +40,11 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
+def print_traceback() -> None:
+    """The current exception's traceback on stderr, scrubbed like every log line (log.redact)."""
+    sys.stderr.write(printable(traceback.format_exc()))
+
+
 def guarded(prog: str, debug_level: int, fn: Callable[[], None]) -> int:
     """Run ``fn`` under the top-level error policy; return the exit code."""
     setup_logging(prog, debug_level)
@@ -49,23 +54,23 @@ def guarded(prog: str, debug_level: int, fn: Callable[[], None]) -> int:
         return 0
     except UserError as e:
         if debug_level > 0:
-            traceback.print_exc()
+            print_traceback()
         log.error("error: %s", e)
         return e.exit_code
     except CommandError as e:
         if debug_level > 0:
-            traceback.print_exc()
+            print_traceback()
         log.error("error: %s", e)
         return e.exit_code
     except CloudImageError as e:
-        traceback.print_exc()
+        print_traceback()
         log.error("error: %s", e)
         return e.exit_code
     except (KeyboardInterrupt, Terminated):
         log.error("error: interrupted")
         return EXIT_INTERRUPTED
     except Exception as e:  # a bug: keep the traceback
-        traceback.print_exc()
+        print_traceback()
         log.error("internal error: %s: %s (please report this)", type(e).__name__, e)
         return EXIT_BUG
 
@@ -89,6 +94,12 @@ def run_verify(genv: GanetiEnv, paths: Paths, argv: Sequence[str]) -> None:
             from .seeddata import check_variant_parameters
 
             problems.extend(check_variant_parameters(genv.params, variant))
+        arch = genv.params.get("arch")
+        if not problems and arch and not genv.params.get("image"):
+            try:
+                variant.image_for(arch)
+            except UserError as e:
+                problems.append(str(e))
     if problems:
         for p in problems[:-1]:
             log.error("%s", p)
@@ -129,9 +140,14 @@ def os_script_main(verb: str, environ: Mapping[str, str] | None = None,
     environ = os.environ if environ is None else environ
     argv = sys.argv if argv is None else argv
     script = Script(verb)
-    prog = f"{environ.get('OS_NAME', 'cloudimage')} {verb}"
+    # Every log line starts with this: a malformed OS_NAME (env.py refuses it) must not garble them.
+    name = environ.get("OS_NAME", "")
+    prog = f"{name if OS_NAME_RE.match(name) else 'cloudimage'} {verb}"
 
     def body() -> None:
+        from .params import values_to_hide
+
+        hide_values(values_to_hide(parse_os_params(environ)))
         paths = installed_paths(argv[0]) if argv else Paths()
         genv = parse_environment(environ, script)
         dispatch(script, genv, paths, argv[1:])
@@ -143,21 +159,44 @@ def os_script_main(verb: str, environ: Mapping[str, str] | None = None,
 
 def parse_option_pairs(pairs: Sequence[str]) -> dict[str, str]:
     out = {}
-    for item in pairs:
+    for number, item in enumerate(pairs, 1):
         name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ParameterError(f"-O expects name=value, got an argument without '=' ({name or 'empty'})")
+        # Security: never echo the argument; without '=' it may be the value itself.
+        if not sep:
+            raise ParameterError(f"-O expects name=value; argument {number} has no '='")
+        if not name.strip():
+            raise ParameterError(f"-O expects name=value; argument {number} has no name")
         out[name.strip()] = value
     return out
+
+
+def create_disk_file(disk: Path, size_text: str) -> None:
+    """A sparse disk file of ``size_text`` bytes for a local create.  Raises ParameterError."""
+    try:
+        size = parse_size(size_text)
+    except ValueError:
+        raise ParameterError("--disk-size must be a size such as 10G or 512M") from None
+    try:
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        with open(disk, "xb") as f:
+            try:
+                f.truncate(size)
+            except BaseException:
+                disk.unlink(missing_ok=True)
+                raise
+    except OverflowError:
+        raise ParameterError("--disk-size is too large") from None
+    except FileExistsError:  # from mkdir: a file where a parent directory should be
+        raise ParameterError(f"cannot create the disk file {disk}: a parent is not a directory") from None
+    except OSError as e:
+        raise ParameterError(f"cannot create the disk file {disk}: {e.strerror}") from None
 
 
 def simulated_environment(args: argparse.Namespace) -> dict[str, str]:
     """A Ganeti-like environment for a local create onto ``--disk``."""
     disk = Path(args.disk).absolute()
     if not disk.exists():
-        disk.parent.mkdir(parents=True, exist_ok=True)
-        with open(disk, "wb") as f:
-            f.truncate(parse_size(args.disk_size))
+        create_disk_file(disk, args.disk_size)
     st = disk.stat()
     is_block = stat.S_ISBLK(st.st_mode)
     from .convert import target_size
@@ -185,7 +224,9 @@ def simulated_environment(args: argparse.Namespace) -> dict[str, str]:
 
 def cmd_create(args: argparse.Namespace) -> None:
     from .create import run_create
+    from .params import values_to_hide
 
+    hide_values(values_to_hide(parse_option_pairs(args.os_param)))
     paths = Paths(Path(args.config_dir), Path(args.cache_dir))
     genv = parse_environment(simulated_environment(args), Script.CREATE)
     run_create(genv, load_site_config(paths))

@@ -69,7 +69,12 @@ def build_demo_image(name: str, cache_dir: Path) -> Path:
     out = out_dir / f"demo-{DEMO_VERSION}.qcow2"
     if out.is_file():
         return out
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from .cache import unusable_cache
+
+        raise unusable_cache(cache_dir, e) from None
     log.info("building the demo image in %s", out_dir)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
         raw = Path(tmp) / "demo.raw"

@@ -181,6 +181,18 @@ class _Reader:
         return addr
 
 
+def check_device_path(name: str, path: str) -> None:
+    """``$name`` must be an absolute path to a block device or a regular file (file disks)."""
+    if not os.path.isabs(path):
+        raise EnvironmentError_(f"${name} must be an absolute path, got {path!r}")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise EnvironmentError_(f"${name} {path} is not accessible: {e.strerror}") from None
+    if not (stat.S_ISBLK(mode) or stat.S_ISREG(mode)):
+        raise EnvironmentError_(f"${name} {path} is neither a block device nor a regular file")
+
+
 def _parse_disk(r: _Reader, i: int) -> Disk:
     p = f"DISK_{i}_"
     path = r.optional(p + "PATH")
@@ -188,14 +200,7 @@ def _parse_disk(r: _Reader, i: int) -> Disk:
     if path is None and uri is None:
         raise EnvironmentError_(f"${p}PATH or ${p}URI must be set")
     if path is not None:
-        if not os.path.isabs(path):
-            raise EnvironmentError_(f"${p}PATH must be an absolute path, got {path!r}")
-        try:
-            mode = os.stat(path).st_mode
-        except OSError as e:
-            raise EnvironmentError_(f"${p}PATH {path} is not accessible: {e.strerror}") from None
-        if not (stat.S_ISBLK(mode) or stat.S_ISREG(mode)):
-            raise EnvironmentError_(f"${p}PATH {path} is neither a block device nor a regular file")
+        check_device_path(p + "PATH", path)
     access = r.optional(p + "ACCESS") or "rw"
     if access not in ("rw", "ro"):
         raise EnvironmentError_(f"${p}ACCESS must be rw or ro, got {access!r}")
@@ -284,10 +289,13 @@ def _parse_transfer(r: _Reader, script: Script) -> ImportExport | None:
     word = script.name
     index = r.integer(f"{word}_INDEX")
     assert index is not None
-    device = r.optional(f"{word}_DEVICE") or r.optional(f"{word}_DISK_PATH")
+    device_var = f"{word}_DEVICE" if r.optional(f"{word}_DEVICE") else f"{word}_DISK_PATH"
+    device = r.optional(device_var)
     uri = r.optional(f"{word}_DISK_URI")
     if device is None and uri is None:
         raise EnvironmentError_(f"${word}_DEVICE or ${word}_DISK_URI must be set")
+    if device is not None:
+        check_device_path(device_var, device)
     return ImportExport(index=index, device=device, uri=uri,
                         size_fd=r.integer("EXP_SIZE_FD", required=False))
 

@@ -61,15 +61,24 @@ def keys_by_user(metadata: Mapping[str, Any]) -> dict[str, list[str]]:
     return out
 
 
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown
+
+
 def parse_passwd(text: str) -> dict[str, tuple[int, int, str]]:
-    """user → (uid, gid, home) from a guest's /etc/passwd; malformed lines are skipped."""
+    """user → (uid, gid, home) from a guest's /etc/passwd; malformed lines are skipped.
+
+    The file is the image's: a home with '..' or ids chown cannot take are skipped here rather
+    than crash the writer.
+    """
     users: dict[str, tuple[int, int, str]] = {}
     for line in text.splitlines():
         fields = line.split(":")
         if len(fields) < 7 or not fields[2].isdigit() or not fields[3].isdigit():
             continue
-        if fields[5].startswith("/"):
-            users.setdefault(fields[0], (int(fields[2]), int(fields[3]), fields[5]))
+        uid, gid, home = int(fields[2]), int(fields[3]), fields[5]
+        if uid > MAX_ID or gid > MAX_ID or not home.startswith("/") or ".." in home.split("/"):
+            continue
+        users.setdefault(fields[0], (uid, gid, home))
     return users
 
 
@@ -90,7 +99,7 @@ def install_keys(root_fd: int, users: Mapping[str, tuple[int, int, str]], user: 
                 guest_dir(home_fd, ".ssh", create=True, uid=uid, gid=gid, shown_below=home) as ssh_fd:
             os.fchown(ssh_fd, uid, gid)
             os.fchmod(ssh_fd, 0o700)
-            existing = read_guest_file(ssh_fd, "authorized_keys")
+            existing = read_guest_file(ssh_fd, "authorized_keys", shown=f"{home}/.ssh/authorized_keys")
             write_guest_file(ssh_fd, "authorized_keys", merge_lines(existing, keys), uid=uid, gid=gid)
     except SeedError as e:
         log.warning("SSH keys for %s not installed: %s", user, e.message)
@@ -101,7 +110,7 @@ def install_keys(root_fd: int, users: Mapping[str, tuple[int, int, str]], user: 
 def add_fstab_entry(root_fd: int) -> None:
     with guest_dir(root_fd, "etc") as etc:
         st = stat_guest_entry(etc, "fstab")
-        current = read_guest_file(etc, "fstab") or b""
+        current = read_guest_file(etc, "fstab", shown="/etc/fstab") or b""
         lines = current.decode(errors="replace").splitlines()
         if any(ln.split()[:1] == ["LABEL=config-2"] for ln in lines if not ln.lstrip().startswith("#")):
             return
@@ -109,7 +118,7 @@ def add_fstab_entry(root_fd: int) -> None:
         write_guest_file(etc, "fstab", merge_lines(current, [FSTAB_LINE]), mode=mode)
     parts = split_guest_path(CONFIG_MOUNT)
     with guest_dir(root_fd, "/".join(parts[:-1]), create=True, mode=0o755) as parent, \
-            guest_dir(parent, parts[-1], create=True, mode=0o755):
+            guest_dir(parent, parts[-1], create=True, mode=0o755, shown_below="/".join(parts[:-1])):
         pass
 
 
@@ -126,7 +135,7 @@ def apply_flamingo_settings(root: Path, configdrive: Mapping[str, bytes], *, fst
             with guest_dir(root_fd, "etc") as etc:
                 write_guest_file(etc, "hostname", hostname.encode() + b"\n", mode=0o644)
         with guest_dir(root_fd, "etc") as etc:
-            passwd = read_guest_file(etc, "passwd")
+            passwd = read_guest_file(etc, "passwd", shown="/etc/passwd")
         users = parse_passwd(passwd.decode(errors="replace") if passwd else "")
         installed = [u for u, keys in keys_by_user(metadata).items() if install_keys(root_fd, users, u, keys)]
         if fstab:

@@ -48,28 +48,42 @@ def open_guest_dir(base_fd: int, path: str, *, create: bool = False, mode: int =
     try:
         for name in split_guest_path(path):
             walked.append(name)
-            try:
-                nfd = os.open(name, DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    raise SeedError(f"/{'/'.join(walked)} does not exist in the guest") from None
-                try:
-                    os.mkdir(name, mode, dir_fd=fd)
-                except FileExistsError:
-                    pass  # raced with nothing we know of; the open below decides
-                nfd = os.open(name, DIR_FLAGS, dir_fd=fd)
-                os.fchown(nfd, uid, gid)
-                os.fchmod(nfd, mode)
-            except OSError as e:
-                if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise _refuse_link("/".join(walked)) from None
-                raise
+            nfd = _open_subdir(fd, name, "/".join(walked), create, mode, uid, gid)
             os.close(fd)
             fd = nfd
         return fd
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_subdir(fd: int, name: str, where: str, create: bool, mode: int, uid: int, gid: int) -> int:
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=fd)
+    except FileNotFoundError:
+        if not create:
+            raise SeedError(f"/{where} does not exist in the guest") from None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _refuse_link(where) from None
+        raise SeedError(f"cannot open /{where} in the guest: {e.strerror}") from None
+    try:
+        try:
+            os.mkdir(name, mode, dir_fd=fd)
+        except FileExistsError:
+            pass  # raced with nothing we know of; the open below decides
+        nfd = os.open(name, DIR_FLAGS, dir_fd=fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _refuse_link(where) from None
+        raise SeedError(f"cannot create /{where} in the guest: {e.strerror}") from None
+    try:
+        os.fchown(nfd, uid, gid)
+        os.fchmod(nfd, mode)
+    except OSError as e:
+        os.close(nfd)
+        raise SeedError(f"cannot create /{where} in the guest: {e.strerror}") from None
+    return nfd
 
 
 @contextmanager
@@ -105,6 +119,8 @@ def remove_guest_file(dir_fd: int, name: str) -> bool:
         return False
     except IsADirectoryError:
         raise UnsafeImage(f"the image has a directory where the file {name} is written") from None
+    except OSError as e:  # an immutable entry, a read-only filesystem
+        raise SeedError(f"cannot remove {name} in the guest: {e.strerror}") from None
 
 
 def write_guest_file(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600, uid: int = 0,
@@ -117,8 +133,11 @@ def write_guest_file(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600, 
     _check_name(name)
     tmp = f".{name}.cloudimage-new"
     remove_guest_file(dir_fd, tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                 dir_fd=dir_fd)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dir_fd)
+    except OSError as e:
+        raise SeedError(f"cannot write {name} into the guest: {e.strerror}") from None
     try:
         os.fchown(fd, uid, gid)
         os.fchmod(fd, mode)
@@ -126,42 +145,53 @@ def write_guest_file(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600, 
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
-    except BaseException:
+    except BaseException as e:
         os.close(fd)
         remove_guest_file(dir_fd, tmp)
+        if isinstance(e, OSError):  # a full or read-only guest filesystem, not a bug
+            raise SeedError(f"cannot write {name} into the guest: {e.strerror}") from None
         raise
     os.close(fd)
     try:
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except IsADirectoryError:
+    except OSError as e:
         remove_guest_file(dir_fd, tmp)
-        raise UnsafeImage(f"the image has a directory where the file {name} is written") from None
+        if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+            raise UnsafeImage(f"the image has a directory where the file {name} is written") from None
+        raise SeedError(f"cannot write {name} into the guest: {e.strerror}") from None
 
 
-def read_guest_file(dir_fd: int, name: str, *, limit: int = 1 << 20) -> bytes | None:
+def read_guest_file(dir_fd: int, name: str, *, limit: int = 1 << 20, shown: str | None = None) -> bytes | None:
     """The content of regular file ``name``, or None when it does not exist.
 
-    Refuses symlinks and anything that is not a regular file (a FIFO would block), and files
-    larger than ``limit``.
+    Refuses symlinks and anything that is not a regular file (a FIFO would block; a device node
+    on the nodev mount and a socket cannot even be opened), and files larger than ``limit``.
+    ``shown`` is how messages name the file (default: ``name``).
     """
     _check_name(name)
+    shown = shown or name
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise UnsafeImage(f"the image's {name} is a symbolic link; refusing to follow it") from None
-        raise
+            raise UnsafeImage(f"the image's {shown} is a symbolic link; refusing to follow it") from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.ENXIO, errno.ENODEV, errno.EISDIR):
+            raise UnsafeImage(f"the image's {shown} is not a regular file") from None
+        raise SeedError(f"the guest's {shown} cannot be read: {e.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise UnsafeImage(f"the image's {name} is not a regular file")
+            raise UnsafeImage(f"the image's {shown} is not a regular file")
         if st.st_size > limit:
-            raise SeedError(f"the guest's {name} is larger than {limit} bytes")
+            raise SeedError(f"the guest's {shown} is larger than {limit} bytes")
         chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
+        try:
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        except OSError as e:  # a damaged guest filesystem
+            raise SeedError(f"the guest's {shown} cannot be read: {e.strerror}") from None
         return b"".join(chunks)
     finally:
         os.close(fd)

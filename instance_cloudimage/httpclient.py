@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import __version__
 from .config import SiteConfig
-from .errors import ImageFetchError
+from .errors import ConfigError, ImageFetchError
 from .urlpolicy import UrlPolicy, check_peer, check_resolved, check_url
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,11 @@ class HttpSettings:
 
     @classmethod
     def from_site(cls, site: SiteConfig) -> HttpSettings:
+        """Raises ConfigError for a CABundle that does not exist (requests would raise a bare OSError)."""
+        ca_bundle = site.get("ca_bundle")
+        if ca_bundle and not os.path.exists(ca_bundle):  # a file, or a c_rehash'ed directory
+            raise ConfigError(f"[HTTP] CABundle {ca_bundle} does not exist",
+                              f"fix it in {site.paths.site_config}")
         return cls(
             connect_timeout=float(site.get("connect_timeout")),
             read_timeout=float(site.get("read_timeout")),

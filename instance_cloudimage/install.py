@@ -55,16 +55,20 @@ def install_os(os_dir: Path, paths: Paths, python: str | None = None) -> list[st
         load_variant(name, paths)  # refuse to install a definition with a broken variant
     if not variants:
         raise ConfigError("no variants found; nothing to install")
-    os_dir.mkdir(parents=True, exist_ok=True)
-    for verb in SCRIPTS:
-        _write_atomic(os_dir / verb.value, render_script(verb.value, python), 0o755)
-    _write_atomic(os_dir / "ganeti_api_version", "20\n", 0o644)
-    _write_atomic(os_dir / "variants.list", "".join(f"{v}\n" for v in variants), 0o644)
-    _write_atomic(os_dir / "parameters.list", render_parameters_list(), 0o644)
-    info = {"config_dir": os.fspath(paths.config_dir), "cache_dir": os.fspath(paths.cache_dir)}
-    _write_atomic(os_dir / INSTALL_INFO, json.dumps(info, indent=2) + "\n", 0o644)
-    # A create_untrusted would make Ganeti run the helper-VM path, which needs an install image.
-    (os_dir / "create_untrusted").unlink(missing_ok=True)
+    try:
+        os_dir.mkdir(parents=True, exist_ok=True)
+        for verb in SCRIPTS:
+            _write_atomic(os_dir / verb.value, render_script(verb.value, python), 0o755)
+        _write_atomic(os_dir / "ganeti_api_version", "20\n", 0o644)
+        _write_atomic(os_dir / "variants.list", "".join(f"{v}\n" for v in variants), 0o644)
+        _write_atomic(os_dir / "parameters.list", render_parameters_list(), 0o644)
+        info = {"config_dir": os.fspath(paths.config_dir), "cache_dir": os.fspath(paths.cache_dir)}
+        _write_atomic(os_dir / INSTALL_INFO, json.dumps(info, indent=2) + "\n", 0o644)
+        # A create_untrusted would make Ganeti run the helper-VM path, which needs an install image.
+        (os_dir / "create_untrusted").unlink(missing_ok=True)
+    except OSError as e:
+        why = "a parent is not a directory" if isinstance(e, FileExistsError) else e.strerror
+        raise ConfigError(f"cannot install the OS definition into {os_dir}: {why}") from None
     return variants
 
 

@@ -47,6 +47,8 @@ def announce_size(genv: GanetiEnv, size: int) -> None:
         os.write(t.size_fd, f"{size}\n".encode())
     except OSError as e:
         log.warning("could not write the export size to EXP_SIZE_FD: %s", e.strerror)
+    except OverflowError:  # a number no descriptor can have
+        log.warning("could not write the export size to EXP_SIZE_FD: it is not a file descriptor")
 
 
 class FdSink:
@@ -54,12 +56,22 @@ class FdSink:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.written = 0
 
     def write(self, data: bytes | memoryview, /) -> int:
         view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+                self.written += n
+        except BrokenPipeError:
+            # Ganeti's import side (or the transfer daemon) died: its log says why.
+            raise ConversionError(f"the export stream's reader went away after {self.written} bytes",
+                                  "the import side or the transfer failed; see its log") from None
+        except OSError as e:
+            raise ConversionError(f"writing the export stream failed after {self.written} bytes: "
+                                  f"{e.strerror}") from None
         return len(data)
 
 
@@ -147,6 +159,9 @@ def run_import(genv: GanetiEnv, site: SiteConfig, source: BinaryIO | None = None
     size = target_size(device)
     src = source or open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
     head = read_some(src, ds.HEADER.size)
+    if not head:
+        # No disk is zero bytes long: the export side never sent anything.
+        raise ds.StreamError("the import stream is empty", "the export side failed; see its log")
     with DiskWriter(device) as writer:
         if head[:len(ds.MAGIC)] == ds.MAGIC:
             if len(head) < ds.HEADER.size:

@@ -56,10 +56,12 @@ def check_local_image_path(raw: str, site: SiteConfig, *, what: str = "image") -
 def open_local_image(path: Path) -> int:
     """Open a resolved path read-only without following a (swapped-in) symlink; return the fd."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO swapped in after the check would otherwise block the open forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise ParameterError(f"image file cannot be opened: {e.strerror}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise ParameterError("image file is not a regular file")
+    os.set_blocking(fd, True)
     return fd

@@ -9,18 +9,51 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
 log = logging.getLogger("instance_cloudimage")
 
+HIDDEN = "[hidden]"
+# Longest first, so that a value is replaced before a line or token inside it.
+_hidden: list[str] = []
+
+
+def hide_values(values: Iterable[str]) -> None:
+    """Register strings that must never reach stderr (see params.values_to_hide)."""
+    _hidden[:] = sorted(set(_hidden) | {v for v in values if v}, key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    """``text`` with every registered value replaced by [hidden].
+
+    Security: a safety net only.  Messages never carry a parameter's value in the first place;
+    this catches what no message controls: an internal error's text, a DEBUG_LEVEL=1 traceback, a
+    hook that prints what it was given.
+    """
+    for value in _hidden:
+        if value in text:
+            text = text.replace(value, HIDDEN)
+    return text
+
+
+def printable(text: str) -> str:
+    """``text`` scrubbed (redact), with undecodable bytes escaped: Ganeti's environment may hold bytes
+    that are not UTF-8 (Python keeps them as surrogates), and they must not make a line unprintable."""
+    return redact(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
 
 def setup_logging(prog: str, debug_level: int = 0) -> None:
     """Configure the package logger: INFO, or DEBUG when Ganeti's DEBUG_LEVEL > 0."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    handler.setFormatter(RedactingFormatter(prog.replace("%", "%%") + ": %(message)s"))
     root = logging.getLogger("instance_cloudimage")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug_level > 0 else logging.INFO)

@@ -12,9 +12,14 @@ parameter's address restrictions do not apply to them; the checksum still does.
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from .config import SiteConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,9 +35,21 @@ def candidate_urls(url: str, site: SiteConfig) -> list[Candidate]:
         if url.startswith(prefix) and (best is None or len(prefix) > len(best[0])):
             best = (prefix, targets)
     out = []
+    if best is not None and has_dot_segments(url[len(best[0]):]):
+        # Security: the image parameter can match a prefix too, and mirrors are fetched without the
+        # address policy; '..' (resolved by urllib3 and by web servers, also %-encoded) would reach
+        # any path of the mirror host.
+        log.info("the image URL has '.' or '..' path segments; it is not fetched from a mirror")
+        best = None
     if best is not None:
         prefix, targets = best
         for target in targets.split():
             out.append(Candidate(target + url[len(prefix):], mirror=True))
     out.append(Candidate(url, mirror=False))
     return out
+
+
+def has_dot_segments(path: str) -> bool:
+    """Whether ``path`` (up to its query) has a '.' or '..' segment, also %-encoded or with backslashes."""
+    decoded = unquote(re.split(r"[?#]", path, maxsplit=1)[0])
+    return any(seg in (".", "..") for seg in re.split(r"[/\\]", decoded))

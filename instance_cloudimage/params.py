@@ -35,12 +35,17 @@ def check_image(value: str, site: SiteConfig) -> None:
     v = value.strip()
     if not v:
         raise ParameterError("image must not be empty")
-    scheme = urlsplit(v).scheme.lower()
+    try:
+        parts = urlsplit(v)
+    except ValueError:
+        # Security: urlsplit's message quotes the host; the URL may be private.
+        raise ParameterError("image is not a valid URL", "check the brackets around an IPv6 address") from None
+    scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
         from .errors import ImageFetchError
         from .urlpolicy import check_url, policy_for
 
-        if not urlsplit(v).hostname:
+        if not parts.hostname:
             raise ParameterError("image URL has no host")
         try:
             # The same address policy as at download time, so verify refuses early.
@@ -49,7 +54,7 @@ def check_image(value: str, site: SiteConfig) -> None:
             raise ParameterError(e.message, e.hint) from None
         return
     if scheme == "file":
-        check_local_image_path(urlsplit(v).path, site, what="image")
+        check_local_image_path(parts.path, site, what="image")
         return
     if scheme:
         raise ParameterError(f"image URL scheme '{scheme}' is not supported",
@@ -125,6 +130,59 @@ PARAMETERS: tuple[Parameter, ...] = (
               check_network),
     Parameter("seed", "Seed delivery: auto, nocloud-fs, nocloud-disk, configdrive-disk or none", check_seed),
 )
+
+
+# Values a log must never show, beyond the secret parameters: the image may be a URL with a token or a
+# private path, and keys identify their owners.  Unknown parameters are hidden too.
+PRIVATE = frozenset({"image", "ssh_authorized_keys"})
+MIN_HIDDEN = 6  # shorter pieces are too common to replace ("yes", "auto")
+MIN_HIDDEN_LINE = 12
+MIN_HIDDEN_TOKEN = 16
+# Text our own messages use, which a value may contain as a whole line or token.
+NEVER_HIDDEN = frozenset({"#cloud-config", "#cloud-config-archive", "#cloud-config-jsonp", "#cloud-boothook",
+                          "#part-handler", "#include-once", "## template: jinja", "MIME-Version: 1.0"})
+
+
+BASE64_PREFIX = "base64:"  # as userdata.py reads it
+
+
+def _pieces(text: str) -> list[str]:
+    from .sshkeys import KEY_TYPES
+
+    lines = [ln.strip() for ln in text.splitlines()]
+    tokens = re.split(r"[\s;,]+", text)
+    out = [text.strip(), repr(text)[1:-1]]
+    out += [ln for ln in lines if len(ln) >= MIN_HIDDEN_LINE]
+    out += [t for t in tokens if len(t) >= MIN_HIDDEN_TOKEN and t not in KEY_TYPES]
+    return [p for p in out if len(p) >= MIN_HIDDEN and p not in NEVER_HIDDEN]
+
+
+def values_to_hide(params: Mapping[str, str]) -> list[str]:
+    """What log.redact must scrub for these parameters: secret and private values, their lines, long
+    tokens (key bodies), the parts of an image URL and a base64 user_data decoded."""
+    known = {p.name: p for p in PARAMETERS}
+    out: list[str] = []
+    for name, value in params.items():
+        p = known.get(name)
+        if p is not None and not p.secret and name not in PRIVATE:
+            continue
+        out += _pieces(value)
+        if name == "image":
+            try:
+                parts = urlsplit(value.strip())
+            except ValueError:
+                continue
+            out += [x for x in (parts.netloc, parts.path, parts.query) if len(x) >= MIN_HIDDEN]
+        elif name == "user_data" and value.startswith(BASE64_PREFIX):
+            import base64
+            import binascii
+
+            try:
+                decoded = base64.b64decode("".join(value[len(BASE64_PREFIX):].split()))
+            except (binascii.Error, ValueError):
+                continue
+            out += _pieces(decoded.decode("utf-8", "replace"))
+    return out
 
 
 def parameter_names() -> list[str]:

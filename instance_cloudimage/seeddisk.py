@@ -112,8 +112,11 @@ def copy_into_fat(image: str, files: Mapping[str, bytes]) -> None:
             parts = check_relative(rel)
             tops.add(parts[0])
             target = Path(tmp, *parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+            for depth in range(1, len(parts)):
+                Path(tmp, *parts[:depth]).mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
         try:
             run(["mcopy", "-i", image, "-s", "-Q", "-D", "o", *(os.path.join(tmp, t) for t in sorted(tops)), "::/"],
                 env=MTOOLS_ENV)

@@ -8,6 +8,7 @@ Keys may carry an architecture qualifier, ``URL[aarch64] = ...``, where the sett
 from __future__ import annotations
 
 import configparser
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -65,8 +66,8 @@ def parse_size(value: str) -> int:
 
 def parse_positive_float(value: str) -> float:
     f = float(value)
-    if f <= 0:
-        raise ValueError("must be positive")
+    if not math.isfinite(f) or f <= 0:  # nan <= 0 is false
+        raise ValueError("must be a positive number of seconds")
     return f
 
 

@@ -105,7 +105,11 @@ def parse_host(host: str) -> IPAddress | None:
     if ":" in host:
         if "%" in host:
             raise ValueError("IPv6 zone identifiers are not allowed")
-        return ipaddress.IPv6Address(host)
+        try:
+            return ipaddress.IPv6Address(host)
+        except ipaddress.AddressValueError:
+            # Security: ipaddress quotes the text, and the URL may be private.
+            raise ValueError("malformed IPv6 address") from None
     labels = host.rstrip(".").split(".")
     if all(NUMERIC_LABEL_RE.match(label) for label in labels):
         # Only the canonical dotted quad is accepted; ipaddress refuses leading zeros too.

@@ -52,6 +52,10 @@ CLOUD_CONFIG_HEADER = "#cloud-config\n"
 OUR_PART_NAME = "ganeti-instance-cloudimage.cfg"
 # cloud-init's merger spec: keep the user's values, append to their lists, recurse into mappings.
 OUR_MERGE_TYPE = "dict(no_replace,recurse_list)+list(append)+str()"
+# Real cloud-configs nest a handful of levels; the YAML and JSON parsers (and yaml.safe_dump when
+# we write the merged document) recurse once per level and hit Python's recursion limit at a few
+# hundred, which must be a ParameterError, not a crash.
+MAX_DEPTH = 100
 
 
 class Kind(StrEnum):
@@ -140,9 +144,42 @@ def _gunzip(data: bytes) -> bytes:
     return out
 
 
-def _check_cloud_config(text: str) -> Mapping[str, Any]:
+def _too_deep() -> ParameterError:
+    return ParameterError(f"{PARAM} is nested too deeply (more than {MAX_DEPTH} levels)")
+
+
+def _depth(data: Any) -> int:
+    """How many lists/mappings deep ``data`` goes (iteratively: it may be deeper than the stack)."""
+    deepest = 0
+    todo = [(data, 1)]
+    seen: set[int] = set()
+    while todo:
+        item, level = todo.pop()
+        if not isinstance(item, dict | list) or id(item) in seen:
+            continue
+        seen.add(id(item))  # YAML aliases share objects; each is walked once
+        deepest = max(deepest, level)
+        if deepest > MAX_DEPTH:
+            break
+        children = list(item.keys()) + list(item.values()) if isinstance(item, dict) else item
+        todo.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _load_yaml(text: str) -> Any:
+    """yaml.safe_load, with nesting beyond MAX_DEPTH (or the recursion limit) a ParameterError."""
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise _too_deep() from None
+    if _depth(data) > MAX_DEPTH:
+        raise _too_deep()
+    return data
+
+
+def _check_cloud_config(text: str) -> Mapping[str, Any]:
+    try:
+        data = _load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -171,7 +208,7 @@ def _check_other(kind: Kind, text: str) -> None:
         _check_include(text)
     elif kind is Kind.ARCHIVE:
         try:
-            parts = yaml.safe_load(text)
+            parts = _load_yaml(text)
         except yaml.YAMLError:
             parts = None
         if not isinstance(parts, list):
@@ -194,13 +231,15 @@ def _check_opaque(text: str) -> None:
     if stripped.startswith(("{", "[")):
         try:
             json.loads(text)
+        except RecursionError:
+            raise _too_deep() from None
         except ValueError:
             raise ParameterError(f"{PARAM} looks like JSON but does not parse as JSON") from None
         return
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return
+    except (yaml.YAMLError, RecursionError):
+        return  # not cloud-config, whatever it is
     if isinstance(data, dict) and _TELLTALE_KEYS & {str(k) for k in data}:
         raise ParameterError(f"{PARAM} looks like cloud-config but does not start with #cloud-config",
                              "cloud-init ignores user-data without a header; add '#cloud-config' as line 1")

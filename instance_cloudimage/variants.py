@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .config import Paths
 from .errors import ConfigError, ParameterError
@@ -29,6 +30,13 @@ def parse_checksum(value: str) -> str:
     v = value.strip().lower()
     if not CHECKSUM_RE.match(v):
         raise ValueError("expected sha256:<64 hex digits> or sha512:<128 hex digits>")
+    return v
+
+
+def parse_location(value: str) -> str:
+    """A URL or path; a malformed one (bad IPv6 brackets) is refused here, not when it is fetched."""
+    v = value.strip()
+    urlsplit(v)  # ValueError names the problem
     return v
 
 
@@ -54,14 +62,14 @@ VARIANT_SETTINGS = (
             "grow the root partition and filesystem on the host"),
     Setting("Variant", "Architectures", "architectures", parse_list, ("x86_64",),
             "machine names (uname -m) this variant has images for"),
-    Setting("Image", "URL", "url", parse_str, None, "image URL or path; {arch} is substituted", qualified=True),
+    Setting("Image", "URL", "url", parse_location, None, "image URL or path; {arch} is substituted", qualified=True),
     Setting("Image", "Format", "format", parse_choice("auto", *DECLARABLE_FORMATS), "auto",
             "declared format; the detected one must agree", qualified=True),
     Setting("Image", "Checksum", "checksum", parse_checksum, None, "pinned sha256:/sha512: digest",
             qualified=True),
-    Setting("Image", "ChecksumURL", "checksum_url", parse_str, None,
+    Setting("Image", "ChecksumURL", "checksum_url", parse_location, None,
             "SHA256SUMS/SHA512SUMS/CHECKSUM file; {arch} is substituted", qualified=True),
-    Setting("Image", "SignatureURL", "signature_url", parse_str, None,
+    Setting("Image", "SignatureURL", "signature_url", parse_location, None,
             "detached OpenPGP signature of the checksum file ('inline' for a clear-signed one)",
             qualified=True),
     Setting("Image", "NamePattern", "name_pattern", parse_str, None,

@@ -8,6 +8,7 @@ builder attaches it also detaches, so leak checks only see what the code under t
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -51,6 +52,8 @@ class Fs:
     label: str | None = None
     files: Mapping[str, str] = field(default_factory=lambda: dict(BASE_FILES))
     symlinks: Mapping[str, str] = field(default_factory=dict)
+    # path -> "fifo", "chr" (/dev/null's numbers) or "link:<path>" (a hard link to another file)
+    nodes: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,6 +107,16 @@ def populate(root: Path, fs: Fs) -> None:
         if p.is_dir() and not p.is_symlink():
             p.rmdir()
         os.symlink(target, p)
+    for rel, kind in fs.nodes.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.unlink(missing_ok=True)
+        if kind == "fifo":
+            os.mkfifo(p)
+        elif kind.startswith("link:"):
+            os.link(root / kind[len("link:"):], p)
+        else:
+            os.mknod(p, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
 
 
 def make_fs(path: Path, fs: Fs, offset: int, size: int) -> None:
@@ -186,10 +199,10 @@ def no_linux_fs(path: Path) -> Path:
                       [Fs(1, "vfat", "EFI", files={}), Fs(2, "none")])
 
 
-def hostile(path: Path, links: Mapping[str, str]) -> Path:
+def hostile(path: Path, links: Mapping[str, str], nodes: Mapping[str, str] | None = None) -> Path:
     files = {k: v for k, v in BASE_FILES.items() if not k.startswith("var/lib/cloud")}
     return build_disk(path, 64, "gpt", [Part(None, ROOT_X86_64, "root")],
-                      [Fs(1, "ext4", "cloudimg-rootfs", files=files, symlinks=links)])
+                      [Fs(1, "ext4", "cloudimg-rootfs", files=files, symlinks=links, nodes=nodes or {})])
 
 
 def blank(path: Path, size_mib: int) -> Path:
@@ -221,7 +234,23 @@ def no_loops(path: Path, timeout: float = 5.0) -> bool:
     return True
 
 
-def our_mounts() -> list[str]:
-    """Mounts made by the code under test (its mount points are cloudimage-guest-*/cloudimage-grow-*)."""
+def backing_file(device: str) -> str | None:
+    try:
+        with open(f"/sys/block/{os.path.basename(device)}/loop/backing_file") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def our_mounts(*images: Path) -> list[str]:
+    """Mounts made by the code under test (its mount points are cloudimage-guest-*/cloudimage-grow-*).
+
+    With ``images``, only those of loop devices backed by them: other test runs on this shared
+    machine mount their own guests at the same kind of mount point.
+    """
+    wanted = {os.path.realpath(i) for i in images}
     with open("/proc/mounts") as f:
-        return [ln for ln in f if "/cloudimage-guest-" in ln.split()[1] or "/cloudimage-grow-" in ln.split()[1]]
+        mounts = [ln for ln in f if "/cloudimage-guest-" in ln.split()[1] or "/cloudimage-grow-" in ln.split()[1]]
+    if not wanted:
+        return mounts
+    return [ln for ln in mounts if backing_file(ln.split()[0]) in wanted]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from instance_cloudimage.config import Paths, SiteConfig, load_site_config
+from instance_cloudimage.errors import ChecksumMismatch
 from instance_cloudimage.source import ImageRef, fetch_image, open_image
 
 from .httpfixtures import Server, ServerState, make_qcow2, write_site
@@ -173,3 +174,54 @@ def test_name_pattern_picks_the_newest_listed_image(tmp_path: Path, state: Serve
     proc = cache_cmd(tmp_path, "fetch", "fed", "--arch", "x86_64")
     assert proc.returncode == 0, proc.stderr
     assert f"sha256:{sha(images[1])}" in proc.stdout
+
+
+@pytest.mark.parametrize("variant", ["demo", "debian-12"])
+def test_unusable_cache_directory_is_a_config_error(tmp_path: Path, variant: str) -> None:
+    # The cache path names a file: the builtin demo image and a download both need the directory.
+    (tmp_path / "file").write_text("x")
+    cache_dir = tmp_path / "file" / "cache"
+    r = subprocess.run([CLI, "cache", "fetch", variant, "--config-dir", os.fspath(tmp_path / "etc"),
+                        "--cache-dir", os.fspath(cache_dir)], capture_output=True, text=True, check=False)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"instance-cloudimage: error: the image cache {cache_dir} cannot be used: Not a directory "
+        "(check the --cache-dir given to 'instance-cloudimage install')")
+
+
+def plant_junk(cache_dir: Path) -> tuple[str, str]:
+    """What a careless administrator (or a crash) can leave in a cache: a directory and a symlink
+    named like entries, index files of the wrong shape, a directory among the temp files."""
+    for d in ("images", "urls", "tmp"):
+        (cache_dir / d).mkdir(parents=True, exist_ok=True)
+    as_dir, as_link = "a" * 64, "c" * 64
+    (cache_dir / "images" / as_dir).mkdir()
+    os.symlink("/etc/passwd", cache_dir / "images" / as_link)
+    (cache_dir / "images" / f"{as_link}.json").write_text('{"sha512": "%s"}' % ("d" * 128))
+    (cache_dir / "images" / "b.json").write_text("[1]")
+    (cache_dir / "urls" / "k.json").write_text('{"sha256": 5, "source_key": []}')
+    (cache_dir / "urls" / "j.json").write_text("not json")
+    (cache_dir / "tmp" / "x.part").mkdir()
+    return as_dir, as_link
+
+
+def test_cache_command_survives_junk_in_the_cache(tmp_path: Path) -> None:
+    as_dir, as_link = plant_junk(tmp_path / "cache")
+    for action in (["list"], ["prune"], ["prune", "--all"]):
+        r = subprocess.run([CLI, "cache", *action, "--config-dir", os.fspath(tmp_path / "etc"),
+                            "--cache-dir", os.fspath(tmp_path / "cache")], capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr
+        assert "Traceback" not in r.stderr
+    assert os.path.islink(tmp_path / "cache" / "images" / as_link)  # not ours: left alone
+    assert Path("/etc/passwd").is_file()
+
+
+def test_create_survives_junk_in_the_cache(tmp_path: Path, state: ServerState, images: list[bytes]) -> None:
+    site = site_for(tmp_path, {"Cache": {"MaxSize": "1"}})  # evicts after the download
+    as_dir, as_link = plant_junk(site.paths.cache_dir)
+    # A checksum naming the planted entries must find nothing there, not crash.
+    assert get(site, state.url("/i0.qcow2"), f"sha256:{sha(images[0])}") == f"sha256:{sha(images[0])}"
+    for bogus in (f"sha256:{as_dir}", f"sha256:{as_link}", "sha512:" + "d" * 128):
+        with pytest.raises(ChecksumMismatch):
+            get(site, state.url("/i1.qcow2"), bogus)

@@ -53,7 +53,7 @@ def finish(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
 
 def assert_nothing_left(disk: Path) -> None:
     assert gi.no_loops(disk), "a loop device is still attached"
-    assert gi.our_mounts() == [], "a guest filesystem is still mounted"
+    assert gi.our_mounts(disk) == [], "a guest filesystem is still mounted"
 
 
 def test_create_grows_and_seeds(os_dir: Path, tmp_path: Path) -> None:

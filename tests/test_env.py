@@ -152,3 +152,17 @@ def test_os_parameter_names_follow_ganeti_mangling() -> None:
     assert parse_os_params({"OSP_SSH_AUTHORIZED_KEYS": "k", "OSPX": "no", "OS_NAME": "x"}) == {
         "ssh_authorized_keys": "k"
     }
+
+
+@pytest.mark.parametrize("verb", [Script.EXPORT, Script.IMPORT])
+@pytest.mark.parametrize(("device", "message"), [
+    ("relative/disk", "_DEVICE must be an absolute path"),
+    ("/nonexistent/disk", "_DEVICE /nonexistent/disk is not accessible"),
+    ("/", "_DEVICE / is neither a block device nor a regular file"),
+])
+def test_transfer_device_is_checked_like_a_disk_path(disk: Path, verb: Script, device: str, message: str) -> None:
+    word = verb.name
+    env = create_env(disk, **{f"{word}_INDEX": "0", f"{word}_DEVICE": device})
+    with pytest.raises(EnvironmentError_) as exc:
+        parse_environment(env, verb)
+    assert f"${word}{message}" in str(exc.value)

@@ -99,7 +99,7 @@ def grow_and_check(img: Path, number: int, fstype: str, disk_mib: int) -> None:
     with gi.loop(img, start, size) as dev:
         assert size - fs_size(dev, fstype) < 4 * M  # the filesystem fills the partition
         fsck(dev, fstype)
-    assert gi.no_loops(img) and gi.our_mounts() == []
+    assert gi.no_loops(img) and gi.our_mounts(img) == []
 
 
 @pytest.mark.integration

@@ -118,3 +118,47 @@ def test_split_refuses_dotdot() -> None:
     assert split_guest_path("/var//lib/./cloud/") == ["var", "lib", "cloud"]
     with pytest.raises(ValueError):
         split_guest_path("var/../../etc")
+
+
+def test_read_refuses_a_socket_without_crashing(guest: Path) -> None:
+    # open(2) of a socket fails with ENXIO, of a device node on the nodev guest mount with EACCES:
+    # either is the image's doing and must be an UnsafeImage, not an OSError traceback.
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(os.fspath(guest / "etc/passwd"))
+        with guest_dir(guest, "etc") as etc, pytest.raises(UnsafeImage, match="passwd is not a regular file"):
+            read_guest_file(etc, "passwd")
+
+
+def test_read_error_is_a_seed_error(guest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (guest / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+
+    def broken(fd: int, n: int) -> bytes:
+        raise OSError(5, "Input/output error")
+
+    with guest_dir(guest, "etc") as etc:
+        monkeypatch.setattr(os, "read", broken)
+        with pytest.raises(SeedError, match="the guest's /etc/passwd cannot be read: Input/output error"):
+            read_guest_file(etc, "passwd", shown="/etc/passwd")
+
+
+def test_write_error_is_a_seed_error(guest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    with guest_dir(guest, "etc") as etc:
+        monkeypatch.setattr(os, "write", full)
+        with pytest.raises(SeedError, match="cannot write hostname into the guest: No space left on device"):
+            write_guest_file(etc, "hostname", b"x", **ME)
+    assert sorted(p.name for p in (guest / "etc").iterdir()) == []  # no temporary left behind
+
+
+def test_directory_that_cannot_be_made_is_a_seed_error(guest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    with pytest.raises(SeedError, match="cannot create /var/lib/cloud in the guest: Read-only file system"):
+        with guest_dir(guest, "var/lib/cloud", create=True, **ME):
+            pass

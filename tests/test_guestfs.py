@@ -25,7 +25,7 @@ def mount_line(path: Path) -> str:
 def assert_clean(*images: Path) -> None:
     for img in images:
         assert gi.no_loops(img), f"loop device left on {img}"
-    assert gi.our_mounts() == []
+    assert gi.our_mounts(*images) == []
 
 
 @pytest.mark.parametrize(("builder", "number", "fstype"), [

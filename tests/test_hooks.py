@@ -484,6 +484,7 @@ def test_bad_replacement_is_refused(tmp_path: Path, shipped: Path, line: str, ma
 @pytest.fixture
 def fake_guestfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The seam for the delivery branch's guestfs: a real directory stands in for the mount."""
+    import instance_cloudimage.create  # noqa: F401 - imports grow.py, which needs the real guestfs
     root = tmp_path / "guest-root"
     root.mkdir()
     module = types.ModuleType("instance_cloudimage.guestfs")
@@ -591,3 +592,17 @@ def test_shipped_hooks_are_executable_and_inert(tmp_path: Path) -> None:
     facts = make_facts(tmp_path, site)
     for phase in Phase:
         assert run_hooks(plan, phase, facts, site) == facts.image
+
+
+def test_a_replaced_variant_image_is_logged_without_credentials(caplog: pytest.LogCaptureFixture) -> None:
+    from instance_cloudimage.hooks import Hook, parse_pre_fetch_result
+
+    hook = Hook(Phase.PRE_FETCH, "10-mirror", Path("/etc/x/pre-fetch.d/10-mirror"), "site")
+    image = ImageRef(location="https://cloud.example.org/x.img", declared_format="auto", checksum=None,
+                     variant="v")
+    with caplog.at_level(logging.INFO, logger="instance_cloudimage"):
+        new = parse_pre_fetch_result(hook, "image=https://mirror:PASSWORD@mirror.example.org/x.img\n", image,
+                                     SiteConfig())
+    assert new.location == "https://mirror:PASSWORD@mirror.example.org/x.img"
+    assert "replaced the image with https://mirror.example.org/x.img" in caplog.text
+    assert "PASSWORD" not in caplog.text

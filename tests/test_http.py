@@ -449,3 +449,14 @@ def test_closing_a_stream_mid_download_leaves_nothing(tmp_path: Path, state: Ser
     # The URL lock was released: another fetch proceeds at once.
     _, data = fetch(param_ref(state.url("/img.qcow2")), site)
     assert data == image
+
+
+def test_missing_ca_bundle_is_a_config_error(tmp_path: Path, tls_state: ServerState, image: bytes) -> None:
+    # requests raised a bare OSError for it: an internal error with a traceback.
+    tls_state.files["/img.qcow2"] = image
+    site = site_for(tmp_path, cabundle=tmp_path / "nothing.pem")
+    from instance_cloudimage.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\[HTTP\] CABundle .*nothing.pem does not exist"):
+        fetch(variant_ref(tls_state.url("/img.qcow2"), checksum=sha256(image)), site)
+    assert tls_state.log == []

@@ -60,3 +60,13 @@ def test_install_refuses_a_broken_site_variant(site: Site, tmp_path: Path) -> No
     assert r.returncode == 2
     assert "unknown setting [Image] Nope" in r.stderr
     assert not os.path.exists(tmp_path / "os" / "cloudimage" / "create")
+
+
+def test_install_into_an_unusable_directory_is_one_line(site: Site, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    r = cli("install", "--os-dir", str(tmp_path / "file" / "cloudimage"), *site.cli_args())
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"instance-cloudimage: error: cannot install the OS definition into {tmp_path / 'file' / 'cloudimage'}: "
+        "Not a directory"]

@@ -395,3 +395,32 @@ def test_rename_survives_a_broken_site_config(tmp_path: Path, os_dirs: dict[str,
     proc = subprocess.run([os_dir / "export"], env=export_env, cwd=os_dir, capture_output=True, text=True,
                           check=False)
     assert proc.returncode == 2 and "unknown setting [Nonsense] Key" in proc.stderr
+
+
+def test_empty_import_stream_is_refused(tmp_path: Path, os_dirs: dict[str, Path]) -> None:
+    """No disk is zero bytes long: an empty stream is a transfer that never started, not success."""
+    target = tmp_path / "target"
+    make_target(target, dirty=True)
+    ran = import_(os_dirs["plain"], os.fspath(target), b"")
+    assert_refused(ran, "the import stream is empty")
+    assert target.read_bytes()[:MIB] == b"\xa5" * MIB  # untouched
+
+
+@pytest.mark.parametrize("flavour", ["plain", "raw"])
+def test_export_to_a_reader_that_went_away(tmp_path: Path, os_dirs: dict[str, Path], flavour: str) -> None:
+    disk = tmp_path / "disk0"
+    make_disk(disk)
+    os_dir = os_dirs[flavour]
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run([os_dir / "export"], env=ganeti_env(os_dir, os.fspath(disk), "export"), cwd=os_dir,
+                              stdin=subprocess.DEVNULL, stdout=w, stderr=subprocess.PIPE, check=False)
+    finally:
+        os.close(w)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines()[-1] == (
+        "cloudimage export: error: the export stream's reader went away after 0 bytes "
+        "(the import side or the transfer failed; see its log)")
+    assert "Traceback" not in err

@@ -110,3 +110,31 @@ def test_verify_script_reports_each_problem_and_fails() -> None:
     assert "image_checksum must be sha256" in bad.stderr
     assert "unknown variant 'nosuch'" in bad.stderr
     assert secret not in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("url", ["https://[SECRET:zz]/x.img", "https://[1::SECRET]/x.img", "https://[SECRET/x.img",
+                                 "http://h]SECRET/x.img"])
+def test_malformed_image_url_is_refused_without_echoing_it(site: SiteConfig, url: str) -> None:
+    problems = validate_parameters({"image": url}, site)
+    assert problems == ["image is not a valid URL (check the brackets around an IPv6 address)"]
+    assert "SECRET" not in problems[0]
+
+
+def test_a_fifo_swapped_in_after_the_check_does_not_hang_create(tmp_path: Path) -> None:
+    # A user who may put images into an allowed directory replaces the checked file by a FIFO:
+    # opening it for reading would wait for a writer forever (Ganeti's create timeout is a day).
+    import signal
+
+    from instance_cloudimage.errors import ParameterError
+    from instance_cloudimage.localpath import open_local_image
+
+    fifo = tmp_path / "image.qcow2"
+    os.mkfifo(fifo)
+    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("open blocked")))
+    signal.alarm(5)
+    try:
+        with pytest.raises(ParameterError, match="image file is not a regular file"):
+            open_local_image(fifo)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)

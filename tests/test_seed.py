@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def test_nocloud_fs_read_back_by_cloud_init(tmp_path: Path, builder) -> None:  #
     check_nocloud(result, genv, variant)
     assert result["dir_mode"] == 0o700
     assert all(mode == (0o600, 0) for mode in result["file_modes"].values())
-    assert gi.no_loops(img) and gi.our_mounts() == []
+    assert gi.no_loops(img) and gi.our_mounts(img) == []
 
 
 @pytest.mark.integration
@@ -239,7 +240,7 @@ def test_hostile_cloud_dir_symlink_never_reaches_the_host(tmp_path: Path, link: 
     with pytest.raises(UnsafeImage, match="/var/lib/cloud is a symbolic link"):
         deliver(tmp_path, [img])
     assert list(host.iterdir()) == []
-    assert gi.no_loops(img) and gi.our_mounts() == []
+    assert gi.no_loops(img) and gi.our_mounts(img) == []
 
 
 @pytest.mark.integration
@@ -295,3 +296,115 @@ def test_explicit_nocloud_fs_without_filesystem(tmp_path: Path) -> None:
     with pytest.raises(SeedError, match="cannot seed the guest filesystem: no ext4") as e:
         deliver(tmp_path, [img], seed="nocloud-fs")
     assert "seed=nocloud-disk" in str(e.value)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("node", "kind", "shown"), [
+    ("etc/passwd", "chr", "/etc/passwd"), ("etc/passwd", "fifo", "/etc/passwd"),
+    ("etc/fstab", "chr", "/etc/fstab"), ("root/.ssh/authorized_keys", "chr", "/root/.ssh/authorized_keys"),
+])
+def test_flamingo_device_or_fifo_in_the_guest_is_refused(tmp_path: Path, node: str, kind: str, shown: str) -> None:
+    # On the nodev mount a device node cannot even be opened (EACCES): that is the image's doing,
+    # an UnsafeImage, never an OSError traceback.
+    img = gi.hostile(tmp_path / "disk0.img", {}, nodes={node: kind})
+    drive = gi.blank(tmp_path / "disk1.img", 16)
+    genv = dh.ganeti_env([img, drive], params={"ssh_authorized_keys": dh.KEY})
+    variant = dh.make_variant(tmp_path / "etc", agent="flamingo")
+    with pytest.raises(UnsafeImage, match=f"the image's {shown} is not a regular file"), ExitStack() as stack:
+        seed.deliver_seed(dh.context(genv, variant, tmp_path / "etc"), stack)
+    assert gi.no_loops(img) and gi.our_mounts(img) == []
+
+
+NOCLOUD_COMPONENTS = ["var", "var/lib", "var/lib/cloud", "var/lib/cloud/seed", "var/lib/cloud/seed/nocloud"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("where", NOCLOUD_COMPONENTS)
+@pytest.mark.parametrize("absolute", [True, False], ids=["absolute", "relative"])
+def test_a_symlink_at_any_seed_path_component_never_reaches_the_host(tmp_path: Path, where: str,
+                                                                      absolute: bool) -> None:
+    host = tmp_path / "host"
+    host.mkdir()
+    # Relative: enough '..' to climb out of the mount point to the host's root, wherever it is.
+    target = os.fspath(host) if absolute else "../" * 24 + os.fspath(host).lstrip("/")
+    img = gi.hostile(tmp_path / "disk0.img", {where: target})
+    with pytest.raises(UnsafeImage, match=f"the image's /{where} is a symbolic link"):
+        deliver(tmp_path, [img])
+    assert list(host.iterdir()) == []
+    assert gi.no_loops(img) and gi.our_mounts(img) == []
+
+
+@pytest.mark.integration
+def test_planted_seed_files_are_replaced_never_written_through(tmp_path: Path) -> None:
+    host = tmp_path / "host-file"
+    host.write_text("host\n")
+    seed_dir = "var/lib/cloud/seed/nocloud"
+    img = gi.build_disk(tmp_path / "disk0.img", 64, "gpt", [gi.Part(None, gi.ROOT_X86_64, "root")], [gi.Fs(
+        1, "ext4", "cloudimg-rootfs", files={**gi.BASE_FILES, "etc/shadow": "root:guest-shadow:::\n",
+                                             f"{seed_dir}/.keep": ""},
+        symlinks={f"{seed_dir}/meta-data": os.fspath(host)},
+        nodes={f"{seed_dir}/user-data": "link:etc/shadow", f"{seed_dir}/network-config": "fifo",
+               f"{seed_dir}/vendor-data": "chr"})])
+    deliver(tmp_path, [img])
+    assert host.read_text() == "host\n"
+    with gi.loop(img, *gi.partition_offsets(img)[1]) as dev, gi.mounted(dev) as root:
+        assert (root / "etc/shadow").read_text() == "root:guest-shadow:::\n"
+        entries = {p.name: os.lstat(p) for p in (root / seed_dir).iterdir() if p.name != ".keep"}
+        assert sorted(entries) == ["meta-data", "network-config", "user-data"]  # no vendor-data: removed
+        for name, st in entries.items():
+            assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == 0, name
+            assert stat.S_IMODE(st.st_mode) == 0o600, name
+    assert gi.no_loops(img) and gi.our_mounts(img) == []
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("link", "refused"), [
+    ("etc/hostname", None),  # replaced by a regular file, never written through
+    ("etc/fstab", "the image's /etc/fstab is a symbolic link"),
+    ("etc/passwd", "the image's /etc/passwd is a symbolic link"),
+    ("etc", "the image's /etc is a symbolic link"),
+    ("root", "the image's /root is a symbolic link"),
+    ("root/.ssh/authorized_keys", "the image's /root/.ssh/authorized_keys is a symbolic link"),
+    ("mnt", "the image's /mnt is a symbolic link"),
+])
+def test_flamingo_symlinks_never_reach_the_host(tmp_path: Path, link: str, refused: str | None) -> None:
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "file").write_text("host\n")
+    target = os.fspath(host if link in ("etc", "root", "mnt") else host / "file")
+    files = {k: v for k, v in gi.BASE_FILES.items() if k != link and not k.startswith(link + "/")}
+    img = gi.build_disk(tmp_path / "disk0.img", 64, "gpt", [gi.Part(None, gi.ROOT_X86_64, "root")],
+                        [gi.Fs(1, "ext4", "cloudimg-rootfs", files=files, symlinks={link: target})])
+    drive = gi.blank(tmp_path / "disk1.img", 16)
+    genv = dh.ganeti_env([img, drive], params={"ssh_authorized_keys": dh.KEY})
+    variant = dh.make_variant(tmp_path / "etc", agent="flamingo")
+    with ExitStack() as stack:
+        if refused:
+            with pytest.raises(UnsafeImage, match=refused):
+                seed.deliver_seed(dh.context(genv, variant, tmp_path / "etc"), stack)
+        else:
+            seed.deliver_seed(dh.context(genv, variant, tmp_path / "etc"), stack)
+    assert sorted(p.name for p in host.iterdir()) == ["file"]
+    assert (host / "file").read_text() == "host\n"
+    assert gi.no_loops(img) and gi.our_mounts(img) == []
+
+
+def test_seed_files_are_staged_privately(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """They hold the password hash and user-data until mcopy has copied them onto the seed disk."""
+    from instance_cloudimage import seeddisk
+
+    seen: dict[str, int] = {}
+
+    def fake_run(argv: list[str], **kwargs: object) -> None:
+        for arg in argv:
+            if arg.startswith("/") and arg != os.fspath(tmp_path / "disk"):
+                seen[arg] = stat.S_IMODE(os.stat(arg).st_mode)
+                for sub in Path(arg).rglob("*"):
+                    seen[os.fspath(sub)] = stat.S_IMODE(sub.stat().st_mode)
+
+    monkeypatch.setattr(seeddisk, "run", fake_run)
+    seeddisk.copy_into_fat(os.fspath(tmp_path / "disk"), {"user-data": b"#cloud-config\n",
+                                                          "openstack/latest/meta_data.json": b"{}"})
+    files = {p: m for p, m in seen.items() if os.path.basename(p) in ("user-data", "meta_data.json")}
+    assert len(files) == 2 and set(files.values()) == {0o600}, seen
+    assert all(m == 0o700 for p, m in seen.items() if p not in files), seen

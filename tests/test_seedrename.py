@@ -109,7 +109,7 @@ def test_rename_updates_the_nocloud_dir_keeping_the_instance_id(tmp_path: Path) 
     assert after["instance_id"] == before["instance_id"]
     assert "old" not in after["userdata_raw"]  # wherever the builder put the name, the old one is gone
     assert after["file_modes"]["meta-data"] == (0o600, 0)
-    assert gi.no_loops(img) and gi.our_mounts() == []
+    assert gi.no_loops(img) and gi.our_mounts(img) == []
 
 
 @pytest.mark.integration

@@ -75,3 +75,27 @@ def test_mirror_candidates_longest_prefix_first_then_upstream() -> None:
     urls = [(c.url, c.mirror) for c in candidate_urls("https://cloud.debian.org/images/cloud/x.qcow2", site)]
     assert urls == [("http://m3/dc/x.qcow2", True), ("https://cloud.debian.org/images/cloud/x.qcow2", False)]
     assert [c.url for c in candidate_urls("https://other/x", site)] == ["https://other/x"]
+
+
+@pytest.mark.parametrize("host", ["secret:zz", "1::secret", "a:b"])
+def test_a_malformed_ipv6_host_is_refused_without_quoting_it(host: str) -> None:
+    # Older Pythons (Debian's 3.11.2) let such hosts through urlsplit; ipaddress quotes them.
+    with pytest.raises(ValueError) as e:
+        parse_host(host)
+    assert "secret" not in str(e.value) and host not in str(e.value)
+
+
+@pytest.mark.parametrize("rest", ["../../admin/secret", "a/../../../admin", "%2e%2e/%2E%2e/admin", ".%2e/x",
+                                  "..%2fadmin", "..\\admin", "./../x", "a/..", "x/./y"])
+def test_dot_segments_never_leave_a_mirror_prefix(rest: str) -> None:
+    # The image parameter may match a mirror prefix, and mirrors are fetched without the address
+    # policy: '..' (which urllib3 and web servers resolve) must not reach the rest of the mirror host.
+    site = SiteConfig(mirrors=(("https://cloud.debian.org/images/cloud/", "http://mirror.local/debian-cloud/"),))
+    url = "https://cloud.debian.org/images/cloud/" + rest
+    assert [(c.url, c.mirror) for c in candidate_urls(url, site)] == [(url, False)]
+
+
+def test_dots_inside_names_still_use_the_mirror() -> None:
+    site = SiteConfig(mirrors=(("https://cloud.debian.org/images/cloud/", "http://mirror.local/dc/"),))
+    urls = [c.url for c in candidate_urls("https://cloud.debian.org/images/cloud/a..b/x.y.qcow2", site)]
+    assert urls[0] == "http://mirror.local/dc/a..b/x.y.qcow2"

@@ -173,3 +173,27 @@ def test_opaque_user_data_stays_byte_identical_and_ours_goes_to_vendor_data() ->
 def test_no_user_data_gives_our_cloud_config() -> None:
     out = assemble_for_cloud_init({"manage_etc_hosts": "localhost"}, None)
     assert out.user_data == "#cloud-config\nmanage_etc_hosts: localhost\n" and out.vendor_data is None
+
+
+@pytest.mark.parametrize("text", [
+    "#cloud-config\na: " + "[" * 450 + "]" * 450,  # parses, but dumping it again would not
+    "#cloud-config\na: " + "[" * 1500,
+    "#cloud-config\n" + "a: {" * 1500,
+    "#cloud-config-archive\n" + "[" * 1500,
+    "[" * 1500 + "]" * 1500,  # opaque JSON
+])
+def test_deeply_nested_user_data_is_a_parameter_error(text: str) -> None:
+    with pytest.raises(ParameterError, match="user_data is nested too deeply"):
+        ud = decode_user_data(text)
+        assemble_for_cloud_init({"a": 1}, ud)
+
+
+def test_deeply_nested_free_text_stays_opaque() -> None:
+    # Not JSON and not cloud-config: nothing to check, however YAML would nest it.
+    ud = decode_user_data("x: " + "[" * 1500)
+    assert ud is not None and ud.kind is Kind.OPAQUE
+
+
+def test_reasonably_nested_cloud_config_is_fine() -> None:
+    ud = decode_user_data("#cloud-config\na: " + "[" * 40 + "1" + "]" * 40)
+    assert ud is not None and "1" in assemble_for_cloud_init({"a": 1}, ud).user_data

@@ -107,3 +107,21 @@ def test_site_config_defaults_and_overrides(paths: Paths) -> None:
     paths.site_config.write_text("[HTTP]\nReadTimeout = -1\n")
     with pytest.raises(ConfigError, match="ReadTimeout is invalid"):
         load_site_config(paths)
+
+
+@pytest.mark.parametrize("key", ["URL", "ChecksumURL", "SignatureURL"])
+def test_a_malformed_url_in_a_variant_is_a_config_error(paths: Paths, key: str) -> None:
+    url = "" if key == "URL" else "URL = https://example.org/x.img\n"
+    write_site_variant(paths, "bad", f"[Image]\n{url}{key} = https://[zz/y\n")
+    with pytest.raises(ConfigError, match=rf"\[Image\] {key} is invalid: Invalid IPv6 URL"):
+        load_variant("bad", paths)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e309", "-inf"])
+@pytest.mark.parametrize("key", ["[HTTP]\nConnectTimeout", "[HTTP]\nReadTimeout", "[HTTP]\nRetryBackoff",
+                                 "[Hooks]\nTimeout"])
+def test_site_durations_must_be_finite(paths: Paths, key: str, value: str) -> None:
+    # NaN passed 'must be positive' (nan <= 0 is false) and a hook then "timed out after nans".
+    paths.site_config.write_text(f"{key} = {value}\n")
+    with pytest.raises(ConfigError, match="is invalid: must be a positive number of seconds"):
+        load_site_config(paths)
