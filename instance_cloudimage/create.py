@@ -25,6 +25,7 @@ from .hooks import HookPlan, Phase, plan_hooks, run_hooks
 from .log import complete_step, format_size
 from .params import validate_parameters
 from .seed import deliver_seed
+from .seeddata import seed_input
 from .source import ImageRef, open_image, resolve_image
 from .variants import Variant, host_architecture, load_variant
 from .writer import open_disk
@@ -62,6 +63,10 @@ def prepare(genv: GanetiEnv, site: SiteConfig) -> CreateContext:
                                 "set the disk's access to kernelspace for installation")
     if disk.access != "rw":
         raise EnvironmentError_("disk 0 is read-only; the image cannot be written onto it")
+    if (genv.params.get("seed") or variant.seed) != "none" and variant.agent != "none":
+        # The seed's inputs (host name, keys, user-data against the variant) fail here, before
+        # a download or a write, rather than after the image is on the disk.
+        seed_input(genv, variant)
     return CreateContext(genv, site, instance, variant, arch, disk)
 
 

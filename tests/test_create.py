@@ -140,3 +140,12 @@ def test_bad_option_and_unknown_variant_fail_cleanly(site: Site, tmp_path: Path)
     r = cli("create", "--disk", str(disk), "-O", "novalue", *site.cli_args())
     assert r.returncode == 1 and "-O expects name=value" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_seed_inputs_are_checked_before_any_work(site: Site, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    r = cli("create", "--disk", str(disk), "--disk-size", "8M", "--instance-name", "bad_name!", *site.cli_args())
+    assert r.returncode == 1
+    assert "is not a valid host name" in r.stderr.strip().splitlines()[-1]
+    assert not (site.cache_dir / "builtin").exists()  # nothing was fetched or built
+    assert disk.read_bytes().count(0) == 8 * 1024 * 1024  # nothing was written
