@@ -236,6 +236,9 @@ def rename_seeds(genv: GanetiEnv, site: SiteConfig | None = None) -> None:
                 n = rename_seed_disk(disk.path, label, rename)
             else:
                 continue
-            log.info("disk %d: %d seed file(s) now carry the name %s", disk.index, n, new)
+            if n:
+                log.info("disk %d: %d seed file(s) now carry the name %s", disk.index, n, new)
+            else:
+                log.info("disk %d: nothing on it carries the old name; left untouched", disk.index)
         except (CloudImageError, OSError, ValueError) as e:
             log.warning("disk %d: the seed keeps the old name (%s)", disk.index, e)
