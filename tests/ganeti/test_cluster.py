@@ -2,13 +2,13 @@
 
 Acceptance of issue 2: the OS is valid, instances are created on a file disk and on a real block
 device, bad parameters fail at verify with our message, a failing create shows our one-line
-reason, and reinstall, rename, export and import work.
+reason, and reinstall works (rename, export and import of a seeded instance: test_instance_life.py).
 
 Tests about the image write path compare the disk with the image byte for byte, so nothing else
 may touch the disk: they pass ``seed=none`` (create seeds a cloud-init guest by default) and run
 with the shipped post-write hooks masked (a post-write hook gets the guest filesystem mounted
 read-write, and mounting alone rewrites the ext4 superblock).  The seeded default is checked on
-its own, here and in test_seed_cluster.py.
+its own, here and in test_instance_life.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from ganeti_cluster import OS_DIR, OS_NAME, GanetiCluster
-from guest_disk import read_dump_header, read_seed
+from guest_disk import read_seed
 
 from instance_cloudimage.config import Paths
 from instance_cloudimage.demo import build_demo_image
@@ -224,7 +224,7 @@ def test_image_larger_than_disk_fails_create_naming_both_sizes(ganeti_cluster: G
     assert "(1073741824 bytes)" in error_lines[0] and "(134217728 bytes)" in error_lines[0]
 
 
-# --- reinstall, rename, export, import ---------------------------------------------------------
+# --- reinstall (rename, export and import: test_instance_life.py) ------------------------------
 
 def test_reinstall_writes_the_image_again(ganeti_cluster: GanetiCluster, image_only: dict[str, str]) -> None:
     ganeti_cluster.add_instance("re1", params=image_only)
@@ -236,31 +236,6 @@ def test_reinstall_writes_the_image_again(ganeti_cluster: GanetiCluster, image_o
     ganeti_cluster.reinstall("re1", params=image_only)
     assert_same_content(demo_image(ganeti_cluster), "qcow2", disk)
     assert len(ganeti_cluster.os_logs("add", "re1")) == 2
-
-
-def test_export_import_under_a_new_name(ganeti_cluster: GanetiCluster, image_only: dict[str, str]) -> None:
-    """From a file disk onto a block device under another name.
-
-    Ganeti runs our rename script after the import (old name → new name); without a seed it has
-    nothing to change, so the imported disk is still the image byte for byte.  The seeded
-    lifecycle (export, remove, import, rename) is in test_instance_life.py.
-    """
-    cluster = ganeti_cluster
-    cluster.add_instance("life1", template="file", params=image_only)
-    cluster.export("life1")
-    cluster.import_("life1", "life2", template="ext")
-    exported = cluster.disk_path_of("life1")
-    imported = cluster.disk_path_of("life2")
-    assert_same_content(exported, "raw", imported)
-    assert_same_content(demo_image(cluster), "qcow2", imported)
-    (dump,) = cluster.export_dumps("life1")
-    size = imported.stat().st_size
-    assert read_dump_header(dump).disk_size == size
-    assert dump.stat().st_size < size // 2  # the compact stream: the demo disk is mostly zeros
-    for kind in ("export", "import", "rename"):
-        text = cluster.read_os_logs(kind, "life2" if kind == "rename" else None)
-        assert text and "error" not in text.lower(), f"{kind} log: {text}"
-    assert "disk 0: nothing on it carries the old name; left untouched" in cluster.read_os_logs("rename", "life2")
 
 
 # --- secrets -----------------------------------------------------------------------------------
