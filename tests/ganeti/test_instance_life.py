@@ -112,8 +112,9 @@ def created(ganeti_cluster: GanetiCluster) -> Iterator[Created]:
             communication=no_communication,
         )
     finally:
+        left = cluster.instances()
         for name in (NAME, NEW_NAME):
-            if cluster.fqdn(name) in cluster.instances():
+            if cluster.fqdn(name) in left:
                 cluster.remove_instance(name, check=False)
         disable_communication_network(cluster)
         cluster.remove_network(NETWORK)
