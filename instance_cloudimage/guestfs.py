@@ -151,7 +151,7 @@ def mount_partition(disk_path: str, part: Partition, stack: ExitStack, *, read_o
 
 @dataclass(frozen=True)
 class MountedRoot:
-    """The guest's root filesystem mounted read-write at ``path`` (its /var too, when separate)."""
+    """The guest's root filesystem mounted at ``path`` (its /var too, when separate)."""
 
     path: Path
     root: Partition
@@ -169,34 +169,41 @@ class MountedRoot:
         return self.root_device
 
 
-def mount_var(disk_path: str, layout: GuestLayout, root: Path, stack: ExitStack) -> None:
-    """Mount the separate /var partition on the guest's own /var directory, reached without symlinks."""
+def mount_var(disk_path: str, layout: GuestLayout, root: Path, stack: ExitStack, *, read_only: bool = False) -> None:
+    """Mount the separate /var partition on the guest's own /var directory, reached without symlinks.
+
+    Read-only, a missing /var directory (which read-write would create) is a SeedError.
+    """
     if layout.var is None:
         return
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        var_fd = open_guest_dir(root_fd, "var", create=True, mode=0o755)
+        var_fd = open_guest_dir(root_fd, "var", create=not read_only, mode=0o755)
     finally:
         os.close(root_fd)
     try:
-        device = attach_loop(disk_path, stack, offset=layout.var.start, size=layout.var.size)
+        device = attach_loop(disk_path, stack, offset=layout.var.start, size=layout.var.size, read_only=read_only)
         # Security: the kernel resolves /proc/<pid>/fd/N to exactly the directory we opened; the
         # path string of /var is never re-resolved.  umount later uses root/var, which cannot
         # change while something is mounted on it.
-        mount_device(device, f"/proc/{os.getpid()}/fd/{var_fd}", stack, unmount_as=os.fspath(root / "var"))
+        mount_device(device, f"/proc/{os.getpid()}/fd/{var_fd}", stack, read_only=read_only,
+                     unmount_as=os.fspath(root / "var"))
     finally:
         os.close(var_fd)
 
 
-def mount_guest_root(disk_path: str, stack: ExitStack, *, arch: str, layout: GuestLayout | None = None) -> MountedRoot:
-    """Find and mount the guest's root filesystem (and a separate /var) read-write.
+def mount_guest_root(disk_path: str, stack: ExitStack, *, arch: str, layout: GuestLayout | None = None,
+                     read_only: bool = False) -> MountedRoot:
+    """Find and mount the guest's root filesystem (and a separate /var), read-write unless ``read_only``.
 
-    Everything is registered on ``stack``.  Raises SeedError when the disk has no usable Linux
-    filesystem, UnsafeImage when the image's /var is a symbolic link.
+    Read-only goes through read-only loop devices, so not a byte of the disk changes; a
+    filesystem whose journal needs replaying then fails to mount (SeedError).  Everything is
+    registered on ``stack``.  Raises SeedError when the disk has no usable Linux filesystem,
+    UnsafeImage when the image's /var is a symbolic link.
     """
     layout = layout or find_guest_layout(disk_path, arch)
-    device, where = mount_partition(disk_path, layout.root, stack)
+    device, where = mount_partition(disk_path, layout.root, stack, read_only=read_only)
     if layout.var is not None:
-        mount_var(disk_path, layout, where, stack)
+        mount_var(disk_path, layout, where, stack, read_only=read_only)
     log.debug("guest root %s mounted at %s", layout.root.describe(), where)
     return MountedRoot(path=where, root=layout.root, var=layout.var, table=layout.table, root_device=device)

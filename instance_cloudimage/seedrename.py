@@ -19,6 +19,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
+from pathlib import Path
 
 import yaml
 
@@ -27,7 +28,7 @@ from .env import GanetiEnv
 from .errors import CloudImageError
 from .guestfiles import guest_dir, read_guest_file, write_guest_file
 from .guestfs import mount_guest_root
-from .partitions import find_guest_layout
+from .partitions import GuestLayout, find_guest_layout
 from .seed import NOCLOUD_NAMES, NOCLOUD_PARENT, NOCLOUD_SUBDIR
 from .seeddisk import copy_into_fat, read_from_fat, seed_label_of
 from .variants import host_architecture
@@ -152,28 +153,64 @@ def rename_seed_disk(path: str, label: str, rename: Renamer) -> int:
     return len(changed)
 
 
+def seed_dir_changes(root: Path, rename: Renamer) -> dict[str, bytes]:
+    """The NoCloud seed files in the guest mounted at ``root`` whose content changes."""
+    try:
+        with guest_dir(root, NOCLOUD_PARENT) as parent, \
+                guest_dir(parent, NOCLOUD_SUBDIR, shown_below=NOCLOUD_PARENT) as seed_dir:
+            files = {n: d for n in NOCLOUD_NAMES if (d := read_guest_file(seed_dir, n)) is not None}
+    except CloudImageError as e:
+        log.debug("no NoCloud seed directory to update: %s", e)
+        return {}
+    return rename_seed_files(files, rename)
+
+
+def hostname_change(root: Path, rename: Renamer) -> bytes | None:
+    """The new content of the guest's /etc/hostname when it holds exactly the old name, else None."""
+    with guest_dir(root, "etc") as etc:
+        current = read_guest_file(etc, "hostname", limit=4096)
+    renamed = rename(current.decode(errors="replace").strip()) if current else None
+    return None if renamed is None else renamed.encode() + b"\n"
+
+
+def guest_needs_rename(disk_path: str, layout: GuestLayout, arch: str, rename: Renamer, edit_hostname: bool) -> bool:
+    """Whether anything in the guest carries the old name, looked at through a read-only mount.
+
+    A guest with nothing to rename is then left as it was to the byte (mounting read-write alone
+    rewrites an ext4 superblock): an import's rename keeps the disk identical to the export.  When
+    the read-only mount fails (a journal to replay), assume there is something to do.
+    """
+    try:
+        with ExitStack() as stack:
+            mounted = mount_guest_root(disk_path, stack, arch=arch, layout=layout, read_only=True)
+            if seed_dir_changes(mounted.path, rename):
+                return True
+            return edit_hostname and hostname_change(mounted.path, rename) is not None
+    except (CloudImageError, OSError) as e:
+        log.debug("cannot look at the guest read-only (%s); mounting it read-write", e)
+        return True
+
+
 def rename_guest(disk_path: str, arch: str, rename: Renamer, *, edit_hostname: bool = True) -> int:
     """Update the NoCloud seed directory and /etc/hostname in the guest filesystem of ``disk_path``."""
-    find_guest_layout(disk_path, arch)  # SeedError before anything is attached when there is no FS
+    layout = find_guest_layout(disk_path, arch)  # SeedError before anything is attached when there is no FS
+    if not guest_needs_rename(disk_path, layout, arch, rename, edit_hostname):
+        return 0
     count = 0
     with ExitStack() as stack:
-        mounted = mount_guest_root(disk_path, stack, arch=arch)
-        try:
+        mounted = mount_guest_root(disk_path, stack, arch=arch, layout=layout)
+        changes = seed_dir_changes(mounted.path, rename)
+        if changes:
             with guest_dir(mounted.path, NOCLOUD_PARENT) as parent, \
                     guest_dir(parent, NOCLOUD_SUBDIR, shown_below=NOCLOUD_PARENT) as seed_dir:
-                files = {n: d for n in NOCLOUD_NAMES if (d := read_guest_file(seed_dir, n)) is not None}
-                for name, data in rename_seed_files(files, rename).items():
+                for name, data in changes.items():
                     write_guest_file(seed_dir, name, data)
                     count += 1
-        except CloudImageError as e:
-            log.debug("no NoCloud seed directory to update: %s", e)
-        if edit_hostname:
+        hostname = hostname_change(mounted.path, rename) if edit_hostname else None
+        if hostname is not None:
             with guest_dir(mounted.path, "etc") as etc:
-                current = read_guest_file(etc, "hostname", limit=4096)
-                renamed = rename(current.decode(errors="replace").strip()) if current else None
-                if renamed is not None:
-                    write_guest_file(etc, "hostname", renamed.encode() + b"\n", mode=0o644)
-                    count += 1
+                write_guest_file(etc, "hostname", hostname, mode=0o644)
+            count += 1
     return count
 
 
@@ -199,6 +236,9 @@ def rename_seeds(genv: GanetiEnv, site: SiteConfig | None = None) -> None:
                 n = rename_seed_disk(disk.path, label, rename)
             else:
                 continue
-            log.info("disk %d: %d seed file(s) now carry the name %s", disk.index, n, new)
+            if n:
+                log.info("disk %d: %d seed file(s) now carry the name %s", disk.index, n, new)
+            else:
+                log.info("disk %d: nothing on it carries the old name; left untouched", disk.index)
         except (CloudImageError, OSError, ValueError) as e:
             log.warning("disk %d: the seed keeps the old name (%s)", disk.index, e)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from contextlib import ExitStack
@@ -70,6 +71,20 @@ def test_separate_var_is_mounted_inside_the_root(tmp_path: Path) -> None:
         assert (m.path / "var/log/.keep").exists()
         assert mount_line(m.path / "var")
     assert_clean(img)
+
+
+def test_read_only_mount_changes_no_byte_of_the_disk(tmp_path: Path) -> None:
+    img = gi.separate_var(tmp_path / "var.img")
+    before = hashlib.sha256(img.read_bytes()).hexdigest()
+    with ExitStack() as stack:
+        m = mount_guest_root(str(img), stack, arch="x86_64", read_only=True)
+        assert (m.path / "var/lib/cloud/.keep").exists()
+        for where in (m.path, m.path / "var"):
+            assert "ro" in mount_line(where).split()[3].split(",")
+        with pytest.raises(OSError):
+            (m.path / "written").write_text("x")
+    assert_clean(img)
+    assert hashlib.sha256(img.read_bytes()).hexdigest() == before
 
 
 def test_var_symlink_to_host_is_refused_and_cleaned_up(tmp_path: Path) -> None:

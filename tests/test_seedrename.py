@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -138,6 +139,24 @@ def test_rename_updates_etc_hostname_holding_the_old_name(tmp_path: Path) -> Non
     rename([img])
     with gi.loop(img, *offsets) as dev, gi.mounted(dev) as root:
         assert (root / "etc/hostname").read_text() == "new.example.org\n"
+
+
+@pytest.mark.integration
+def test_rename_with_nothing_to_change_leaves_the_disk_byte_for_byte(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """No seed, /etc/hostname not the old name: the guest is only looked at, read-only.
+
+    Mounting read-write alone rewrites an ext4 superblock; Ganeti runs rename right after an
+    import, whose disk must stay identical to the export.
+    """
+    img = gi.gpt_root_first(tmp_path / "disk0.img")
+    create(tmp_path, [img], seed="none")
+    before = hashlib.sha256(img.read_bytes()).hexdigest()
+    with caplog.at_level(logging.INFO, logger="instance_cloudimage"):
+        rename([img])
+    assert hashlib.sha256(img.read_bytes()).hexdigest() == before
+    assert "disk 0: nothing on it carries the old name; left untouched" in caplog.text
+    assert gi.no_loops(img) and gi.our_mounts() == []
 
 
 @pytest.mark.integration

@@ -27,6 +27,8 @@ from ganeti_cluster import (
     LOOP_IMG_DIR,
     OS_DIR,
     OS_LOG_DIR,
+    SITE_VARIANT,
+    SITE_VARIANT_USER,
     GanetiCluster,
     GntResult,
     gnt,
@@ -139,6 +141,13 @@ def _run_cluster(work: Path, log: Path) -> Iterator[GanetiCluster]:
     for d in (config_dir, cache_dir, image_dir):
         d.mkdir()
     (config_dir / "defaults.conf").write_text(f"[Images]\nAllowedDirectories = {image_dir}\n")
+    # A site's own variant, listed by the installed OS like the shipped ones: the demo image with
+    # a default user, which password_hash needs.
+    (config_dir / "variants").mkdir()
+    (config_dir / "variants" / f"{SITE_VARIANT}.conf").write_text(
+        "[Variant]\nDescription = The demo image as a site variant, with a default user\nAgent = cloud-init\n"
+        f"DefaultUser = {SITE_VARIANT_USER}\nArchitectures = x86_64 aarch64\n"
+        "[Image]\nURL = builtin:demo\nFormat = qcow2\n")
     logs_before = frozenset(OS_LOG_DIR.iterdir()) if OS_LOG_DIR.is_dir() else frozenset()
     hosts_before = HOSTS.read_text()
     bridge_before = bridge_exists()

@@ -13,9 +13,12 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from instance_cloudimage.resources import shipped_dir
 
 HERE = Path(__file__).resolve().parent
 CLUSTER_SH = HERE / "cluster.sh"
@@ -30,6 +33,9 @@ EXPORT_DIR = Path("/var/lib/ganeti/export")
 DOMAIN = "example.test"
 BRIDGE = "gntbr0"
 DEFAULT_TIMEOUT = 600.0
+# The site variant conftest.py puts into the installed OS (the demo image with a default user).
+SITE_VARIANT = "demo-site"
+SITE_VARIANT_USER = "cloud"
 
 
 @dataclass(frozen=True)
@@ -227,6 +233,10 @@ class GanetiCluster:
                         "--src-dir", os.fspath(self.export_dir(exported)), *extra, self.fqdn(name),
                         check=check)
 
+    def export_dumps(self, name: str) -> list[Path]:
+        """The disk dumps (our export scripts' output) in ``name``'s export directory."""
+        return sorted(p for p in self.export_dir(name).iterdir() if p.name != "config.ini")
+
     def remove_export(self, name: str, check: bool = True) -> GntResult:
         return self.gnt("gnt-backup", "remove", self.fqdn(name), check=check)
 
@@ -252,6 +262,53 @@ class GanetiCluster:
         if disk.template == "ext" and disk.logical_id[0] == "loopfile":
             return LOOP_IMG_DIR / f"{disk.logical_id[1]}.img"
         raise AssertionError(f"no file behind disk {index} of {name}: {disk}")
+
+    def field_of(self, name: str, field: str) -> str:
+        """One ``gnt-instance list -o`` field of an instance (uuid, nic.macs, nic.ips, ...)."""
+        return self.gnt("gnt-instance", "list", "--no-headers", "--separator=|", "-o", field,
+                        self.fqdn(name)).stdout.strip()
+
+    # --- site hooks ----------------------------------------------------------------------------
+
+    @contextmanager
+    def site_hooks(self, phase: str, hooks: Mapping[str, str | None]) -> Iterator[Path]:
+        """Hooks in ``<config-dir>/hooks.d/<phase>.d/`` for the duration of the block.
+
+        ``hooks`` maps a name to a script's text, or to None for a mask (the documented symlink to
+        /dev/null, which disables a shipped hook of that name).  Files are root-owned 0755 in
+        root-owned 0755 directories, as the hook runner demands; all of it goes afterwards.
+        """
+        created: list[Path] = []
+        directory = self.config_dir / "hooks.d" / f"{phase}.d"
+        for d in (directory.parent, directory):
+            if not d.exists():
+                d.mkdir(mode=0o755)
+                os.chmod(d, 0o755)  # whatever the umask
+                created.append(d)
+        entries = []
+        try:
+            for name, text in hooks.items():
+                entry = directory / name
+                entries.append(entry)
+                if text is None:
+                    entry.symlink_to("/dev/null")
+                else:
+                    entry.write_text(text)
+                    os.chmod(entry, 0o755)
+            yield directory
+        finally:
+            for entry in entries:
+                entry.unlink(missing_ok=True)
+            for d in reversed(created):
+                d.rmdir()
+
+    @contextmanager
+    def shipped_hooks_masked(self, phase: str = "post-write") -> Iterator[None]:
+        """Every shipped hook of ``phase`` masked for the duration of the block."""
+        shipped = shipped_dir("hooks.d") / f"{phase}.d"
+        names = sorted(p.name for p in shipped.iterdir() if not p.name.startswith(".")) if shipped.is_dir() else []
+        with self.site_hooks(phase, dict.fromkeys(names)):
+            yield
 
     # --- networks ------------------------------------------------------------------------------
 

@@ -2,7 +2,13 @@
 
 Acceptance of issue 2: the OS is valid, instances are created on a file disk and on a real block
 device, bad parameters fail at verify with our message, a failing create shows our one-line
-reason, and reinstall, rename, export and import work.
+reason, and reinstall works (rename, export and import of a seeded instance: test_instance_life.py).
+
+Tests about the image write path compare the disk with the image byte for byte, so nothing else
+may touch the disk: they pass ``seed=none`` (create seeds a cloud-init guest by default) and run
+with the shipped post-write hooks masked (a post-write hook gets the guest filesystem mounted
+read-write, and mounting alone rewrites the ext4 superblock).  The seeded default is checked on
+its own, here and in test_instance_life.py.
 """
 
 from __future__ import annotations
@@ -10,10 +16,12 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from ganeti_cluster import OS_DIR, OS_NAME, GanetiCluster
+from guest_disk import read_seed
 
 from instance_cloudimage.config import Paths
 from instance_cloudimage.demo import build_demo_image
@@ -21,6 +29,16 @@ from instance_cloudimage.params import parameter_names
 from instance_cloudimage.variants import list_variants
 
 pytestmark = pytest.mark.ganeti
+
+# The image and nothing else on the disk.
+IMAGE_ONLY = {"seed": "none"}
+
+
+@pytest.fixture
+def image_only(ganeti_cluster: GanetiCluster) -> Iterator[dict[str, str]]:
+    """OS parameters (and masked shipped post-write hooks) for a create that writes only the image."""
+    with ganeti_cluster.shipped_hooks_masked("post-write"):
+        yield dict(IMAGE_ONLY)
 
 
 def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
@@ -36,6 +54,20 @@ def assert_same_content(image: Path, image_format: str, disk: Path) -> None:
 def demo_image(cluster: GanetiCluster) -> Path:
     """The demo image in the installed OS's cache (built by the first create, or here)."""
     return build_demo_image("demo", cluster.cache_dir)
+
+
+def demo_raw(cluster: GanetiCluster) -> Path:
+    raw = cluster.work_dir / "demo.raw"
+    if not raw.exists():
+        assert qemu_img("convert", "-f", "qcow2", "-O", "raw", os.fspath(demo_image(cluster)),
+                        os.fspath(raw)).returncode == 0
+    return raw
+
+
+def sfdisk_dump(disk: Path) -> str:
+    """The partition table as ``sfdisk --dump`` prints it, without the line naming the device."""
+    out = subprocess.run(["sfdisk", "--dump", os.fspath(disk)], capture_output=True, text=True, check=True).stdout
+    return "\n".join(line.replace(os.fspath(disk), "DISK") for line in out.splitlines())
 
 
 def add_log(cluster: GanetiCluster, name: str) -> str:
@@ -84,18 +116,20 @@ def test_os_list_offers_the_demo_variant(ganeti_cluster: GanetiCluster) -> None:
 
 # --- create ------------------------------------------------------------------------------------
 
-def test_add_on_file_disk_writes_the_image(ganeti_cluster: GanetiCluster) -> None:
-    ganeti_cluster.add_instance("file1", template="file")
+def test_add_on_file_disk_writes_the_image(ganeti_cluster: GanetiCluster, image_only: dict[str, str]) -> None:
+    ganeti_cluster.add_instance("file1", template="file", params=image_only)
     disk = ganeti_cluster.disk_path_of("file1")
     assert disk.is_relative_to("/srv/ganeti/file-storage")
     assert stat.S_ISREG(disk.lstat().st_mode)
     assert_same_content(demo_image(ganeti_cluster), "qcow2", disk)
     log = add_log(ganeti_cluster, "file1")
     assert f"onto disk 0 ({disk})" in log
+    assert "seed delivery: none (seed=none)" in log
     assert "error" not in log.lower()
 
 
-def test_add_on_block_device_writes_the_image(ganeti_cluster: GanetiCluster) -> None:
+def test_add_on_block_device_writes_the_image_and_seeds_by_default(ganeti_cluster: GanetiCluster) -> None:
+    """No seed parameter: the demo variant's agent is cloud-init, so the NoCloud seed goes into its root."""
     ganeti_cluster.add_instance("ext1", template="ext")
     (disk,) = ganeti_cluster.disks_of("ext1")
     assert disk.template == "ext"
@@ -103,7 +137,18 @@ def test_add_on_block_device_writes_the_image(ganeti_cluster: GanetiCluster) -> 
     # The create script was given the loop device, a real block device.
     log = add_log(ganeti_cluster, "ext1")
     assert "onto disk 0 (/dev/loop" in log
-    assert_same_content(demo_image(ganeti_cluster), "qcow2", ganeti_cluster.disk_path_of("ext1"))
+    assert "seed delivery: nocloud-fs (cloud-init agent)" in log
+    backing = ganeti_cluster.disk_path_of("ext1")
+    # The image's partition table as it was; its root filesystem now holds the seed.
+    assert sfdisk_dump(backing) == sfdisk_dump(demo_raw(ganeti_cluster))
+    seed = read_seed(backing)
+    assert seed["dsname"] == "NoCloud"
+    assert seed["instance_id"] == ganeti_cluster.field_of("ext1", "uuid")
+    assert (seed["hostname"], seed["fqdn"]) == ("ext1", ganeti_cluster.fqdn("ext1"))
+    assert seed["modes"]["meta-data"] == (0o600, 0)
+    (iface,) = seed["network"]["interfaces"]
+    assert iface["mac_address"] == ganeti_cluster.field_of("ext1", "nic.macs")
+    assert iface["subnets"][0]["type"] == "dhcp4"  # Ganeti's default NIC has no network
 
 
 def test_debug_flag_logs_the_commands_run(ganeti_cluster: GanetiCluster) -> None:
@@ -179,44 +224,24 @@ def test_image_larger_than_disk_fails_create_naming_both_sizes(ganeti_cluster: G
     assert "(1073741824 bytes)" in error_lines[0] and "(134217728 bytes)" in error_lines[0]
 
 
-# --- reinstall, rename, export, import ---------------------------------------------------------
+# --- reinstall (rename, export and import: test_instance_life.py) ------------------------------
 
-def test_reinstall_writes_the_image_again(ganeti_cluster: GanetiCluster) -> None:
-    ganeti_cluster.add_instance("re1")
+def test_reinstall_writes_the_image_again(ganeti_cluster: GanetiCluster, image_only: dict[str, str]) -> None:
+    ganeti_cluster.add_instance("re1", params=image_only)
     disk = ganeti_cluster.disk_path_of("re1")
     with open(disk, "r+b") as f:  # wreck the partition table and the start of the filesystem
         f.write(os.urandom(2 * 1024 * 1024))
     assert qemu_img("compare", "-f", "qcow2", "-F", "raw", os.fspath(demo_image(ganeti_cluster)),
                     os.fspath(disk)).returncode == 1
-    ganeti_cluster.reinstall("re1")
+    ganeti_cluster.reinstall("re1", params=image_only)
     assert_same_content(demo_image(ganeti_cluster), "qcow2", disk)
     assert len(ganeti_cluster.os_logs("add", "re1")) == 2
 
 
-def test_rename_export_import(ganeti_cluster: GanetiCluster) -> None:
-    cluster = ganeti_cluster
-    cluster.add_instance("life1", template="file")
-    cluster.rename("life1", "life2")
-    assert cluster.fqdn("life2") in cluster.instances()
-    rename_log = cluster.read_os_logs("rename", "life2")
-    assert rename_log and "error" not in rename_log.lower()
-
-    cluster.export("life2")
-    cluster.import_("life2", "life3", template="ext")
-    exported = cluster.disk_path_of("life2")
-    imported = cluster.disk_path_of("life3")
-    assert_same_content(exported, "raw", imported)
-    assert_same_content(demo_image(cluster), "qcow2", imported)
-    (dump,) = [p for p in cluster.export_dir("life2").iterdir() if p.name != "config.ini"]
-    assert_same_content(dump, "raw", imported)
-    for kind in ("export", "import"):
-        text = cluster.read_os_logs(kind)
-        assert text and "error" not in text.lower(), f"{kind} log: {text}"
-
-
 # --- secrets -----------------------------------------------------------------------------------
 
-def test_secret_parameter_reaches_create_but_no_log(ganeti_cluster: GanetiCluster) -> None:
+def test_secret_parameter_reaches_create_but_no_log(ganeti_cluster: GanetiCluster,
+                                                    image_only: dict[str, str]) -> None:
     """A secret image path works and appears nowhere in /var/log/ganeti/os; a NIC on a network."""
     cluster = ganeti_cluster
     token = "s3cr3t-b7c41f"
@@ -224,7 +249,7 @@ def test_secret_parameter_reaches_create_but_no_log(ganeti_cluster: GanetiCluste
     image.write_bytes(demo_image(cluster).read_bytes())
     cluster.add_network("net-sec", "192.0.2.0/24", gateway="192.0.2.1", tags=["test"])
     try:
-        cluster.add_instance("sec1", secret={"image": os.fspath(image)},
+        cluster.add_instance("sec1", params=image_only, secret={"image": os.fspath(image)},
                              nics=["0:network=net-sec,ip=pool"])
         assert_same_content(image, "qcow2", cluster.disk_path_of("sec1"))
         assert cluster.read_os_logs("add", "sec1")

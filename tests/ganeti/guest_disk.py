@@ -1,0 +1,112 @@
+"""Looking into an instance's disk from the host, read-only, the way an administrator would.
+
+The guest's root filesystem is found with the package's own partition code (by GPT type, never by
+number) and mounted read-only through a read-only loop device at the partition's offset, so that
+reading a disk never changes a byte of it.  Seeds are read back by Debian's real cloud-init with
+the project's reader (tests/cloudinit_reader.py, run under /usr/bin/python3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from instance_cloudimage.diskstream import HEADER, MAGIC, Header, parse_header
+from instance_cloudimage.guestfs import attach_loop, mount_partition
+from instance_cloudimage.partitions import GuestLayout, Partition, find_guest_layout
+from tests.delivery_helpers import run_reader
+
+ARCH = "x86_64"
+NOCLOUD_DIR = "var/lib/cloud/seed/nocloud"
+
+
+@dataclass(frozen=True)
+class GuestRoot:
+    path: Path  # the read-only mount point
+    layout: GuestLayout
+    device: str  # the read-only loop device of the root partition
+
+
+@contextmanager
+def guest_root(disk: Path) -> Iterator[GuestRoot]:
+    """The guest's root filesystem of ``disk`` mounted read-only; unmounted and detached afterwards."""
+    layout = find_guest_layout(os.fspath(disk), ARCH)
+    with ExitStack() as stack:
+        device, where = mount_partition(os.fspath(disk), layout.root, stack, read_only=True)
+        yield GuestRoot(where, layout, device)
+
+
+def read_seed(disk: Path) -> dict[str, Any]:
+    """What cloud-init's NoCloud datasource reads from the seed directory in the guest of ``disk``.
+
+    Also ``seed_files``: the raw seed files, and ``modes``: their mode and owner.
+    """
+    with tempfile.TemporaryDirectory(prefix="cluster-seed-") as tmp:
+        copy = Path(tmp) / "nocloud"
+        with guest_root(disk) as root:
+            seed = root.path / NOCLOUD_DIR
+            modes = {p.name: (p.lstat().st_mode & 0o7777, p.lstat().st_uid) for p in seed.iterdir()}
+            shutil.copytree(seed, copy, symlinks=True)
+        result = run_reader("nocloud", copy)
+        result["seed_files"] = {p.name: p.read_bytes() for p in copy.iterdir()}
+    result["modes"] = modes
+    return result
+
+
+def read_guest_file(disk: Path, rel: str) -> bytes | None:
+    """A file of the guest's root filesystem (None when it does not exist)."""
+    with guest_root(disk) as root:
+        path = root.path / rel
+        return path.read_bytes() if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class RootFilesystem:
+    partition: Partition
+    block_count: int
+    block_size: int
+    fsck_clean: bool
+    fsck_output: str
+
+    @property
+    def size(self) -> int:
+        return self.block_count * self.block_size
+
+
+def inspect_root_filesystem(disk: Path) -> RootFilesystem:
+    """The root partition and its ext4 filesystem's size, and whether ``e2fsck -fn`` finds it clean."""
+    layout = find_guest_layout(os.fspath(disk), ARCH)
+    part = layout.root
+    assert part.fstype == "ext4", part
+    with ExitStack() as stack:
+        device = attach_loop(os.fspath(disk), stack, offset=part.start, size=part.size, read_only=True)
+        header = subprocess.run(["dumpe2fs", "-h", device], capture_output=True, text=True, check=True).stdout
+        fsck = subprocess.run(["e2fsck", "-f", "-n", device], capture_output=True, text=True, check=False)
+    fields = dict(line.split(":", 1) for line in header.splitlines() if ":" in line)
+    return RootFilesystem(part, int(fields["Block count"]), int(fields["Block size"]), fsck.returncode == 0,
+                          fsck.stdout + fsck.stderr)
+
+
+def read_dump_header(dump: Path) -> Header:
+    """The header of an export dump, which must be our compact stream (AssertionError otherwise)."""
+    with open(dump, "rb") as f:
+        head = f.read(HEADER.size)
+    if head[:len(MAGIC)] != MAGIC:
+        raise AssertionError(f"{dump} does not start with the compact stream's magic: {head[:len(MAGIC)]!r}")
+    return parse_header(head)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * 1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
