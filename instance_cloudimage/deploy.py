@@ -216,8 +216,9 @@ def deploy_image(stream: ImageStream, declared: str, target: DiskTarget, spool_d
                  before_write: Callable[[DetectedImage, Path | None], None] | None = None) -> Deployed:
     """Write the image in ``stream`` onto ``target``.  Raises a UserError on any refusal.
 
-    ``before_write(detected, local_file_or_None)`` runs after detection and the checks that can
-    be made from the head, before the first byte reaches the disk (the pre-write hooks).
+    ``before_write(detected, file_or_None)`` runs after detection and the checks that can be
+    made from the head, before the first byte reaches the disk (the pre-write hooks); the file
+    is the verified, unwrapped image when one exists, None when raw content is streamed.
     """
     declared_fmt = None if declared == "auto" else normalize_declared(declared)
     inner = unwrap(stream, stack)
@@ -229,11 +230,10 @@ def deploy_image(stream: ImageStream, declared: str, target: DiskTarget, spool_d
     elif found.format is not DiskFormat.RAW:
         check_declared(declared_fmt, found)
     wrappers = tuple(inner.wrappers)
-    local_path = getattr(stream, "local_path", None)
-    local = local_path is not None
-    if before_write is not None:
-        before_write(found, Path(local_path) if local_path is not None and not inner.layers else None)
+    local = getattr(stream, "local_path", None) is not None
     if found.format is DiskFormat.RAW and (inner.layers or not local):
+        if before_write is not None:
+            before_write(found, None)  # streamed: there is no whole file yet
         done = stream_raw(stream, inner.source, inner.layers, found, declared_fmt, target)
         return Deployed(done.detected, wrappers, done.written)
     if inner.layers:
@@ -241,4 +241,6 @@ def deploy_image(stream: ImageStream, declared: str, target: DiskTarget, spool_d
         finish_layers(stream, inner.layers)
     else:
         path = Path(stream.finish().path)
+    if before_write is not None:
+        before_write(found, path)  # verified (and unwrapped); the disk is not touched yet
     return Deployed(write_from_file(path, declared_fmt, target), wrappers, None)

@@ -238,6 +238,9 @@ def validator_of(resp: Opened) -> str | None:
     return resp.header("Last-Modified")
 
 
+ZERO_CHUNK = bytes(4 * CHUNK)
+
+
 def copy_file(src_fd: int, spool: Spool, hasher: Hasher, *, total: int, what: str) -> int:
     """The producer for a local file: copy into the spool while hashing; return the size."""
     pos = 0
@@ -248,9 +251,14 @@ def copy_file(src_fd: int, spool: Spool, hasher: Hasher, *, total: int, what: st
             chunk = os.read(src_fd, 4 * CHUNK)
             if not chunk:
                 break
-            os.pwrite(spool.fd, chunk, pos)
+            # All-zero chunks stay holes in the fresh spool file: a sparse raw image costs its
+            # data, not its virtual size, and reads back the same.
+            if chunk != (ZERO_CHUNK if len(chunk) == len(ZERO_CHUNK) else bytes(len(chunk))):
+                os.pwrite(spool.fd, chunk, pos)
             hasher.update(chunk)
             pos += len(chunk)
+            if pos > os.fstat(spool.fd).st_size:
+                os.ftruncate(spool.fd, pos)
             progress.update(len(chunk))
             spool.advance(pos)
     return pos

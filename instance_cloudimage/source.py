@@ -98,11 +98,15 @@ class ImageStream:
     known in advance (Content-Length), else None.
     """
 
-    def __init__(self, spool: Spool, result: Callable[[], FetchedImage], size: int | None) -> None:
+    def __init__(self, spool: Spool, result: Callable[[], FetchedImage], size: int | None,
+                 local_path: Path | None = None) -> None:
         self._spool = spool
         self._result = result
         self._pos = 0
         self.size = size
+        # Set only when the whole verified image is already a local file (a cache hit): the
+        # writer may then let qemu-img copy it, which skips holes at the disk's speed.
+        self.local_path = local_path
 
     def peek(self, n: int) -> bytes:
         avail = self._spool.wait(self._pos + n)
@@ -171,7 +175,8 @@ def open_remote_image(ref: ImageRef, site: SiteConfig, stack: ExitStack) -> Imag
         handle = opening.handle
         stack.callback(handle.close)
         fetched = FetchedImage(handle.path, handle.size, "sha256:" + handle.digests["sha256"])
-        return ImageStream(Spool(handle.fd, filled=handle.size, done=True), lambda: fetched, handle.size)
+        return ImageStream(Spool(handle.fd, filled=handle.size, done=True), lambda: fetched, handle.size,
+                           local_path=Path(handle.path))
     assert opening.spool is not None and opening.result is not None
     result = opening.result
 
@@ -229,4 +234,5 @@ def open_local(path: Path, ref: ImageRef, site: SiteConfig, stack: ExitStack) ->
         size, digest = sha256[0]
         return FetchedImage(spool_path, size, "sha256:" + digest)
 
+    # No local_path: the spool is still being filled while the writer reads it.
     return ImageStream(spool, done, total)
