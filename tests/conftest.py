@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from .httpfixtures import Server, ServerState
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,3 +63,12 @@ def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         exe = Path(shutil.which("instance-cloudimage") or "instance-cloudimage")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, check=check,
                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
+
+
+@pytest.fixture
+def state() -> Iterator[ServerState]:
+    """A real HTTP server on 127.0.0.1 with its request log and fault switches."""
+    st = ServerState()
+    srv = Server(st)
+    yield st
+    srv.stop()

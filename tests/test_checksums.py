@@ -17,7 +17,7 @@ from instance_cloudimage.errors import ChecksumMismatch, ConfigError, UnsafeImag
 from instance_cloudimage.signature import dearmor, strip_clearsign
 from instance_cloudimage.source import ImageRef, fetch_image
 
-from .httpfixtures import Server, ServerState, write_site
+from .httpfixtures import ServerState, write_site
 
 A = "a" * 64
 B = "b" * 64
@@ -106,14 +106,6 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     for home in homes:
         subprocess.run(["gpgconf", "--kill", "gpg-agent"], env={**os.environ, "GNUPGHOME": os.fspath(home)},
                        check=False)
-
-
-@pytest.fixture
-def state() -> Iterator[ServerState]:
-    st = ServerState()
-    srv = Server(st)
-    yield st
-    srv.stop()
 
 
 IMAGE = os.urandom(300_000)

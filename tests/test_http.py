@@ -34,14 +34,6 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def state() -> Iterator[ServerState]:
-    st = ServerState()
-    srv = Server(st)
-    yield st
-    srv.stop()
-
-
-@pytest.fixture
 def tls_state(cert: tuple[Path, Path]) -> Iterator[ServerState]:
     st = ServerState()
     srv = Server(st, tls=cert)
