@@ -116,7 +116,7 @@ def run_create(genv: GanetiEnv, site: SiteConfig, *, plan: HookPlan | None = Non
     ctx = prepare(genv, site)
     if plan is None:
         plan = plan_hooks(site.paths, ctx.variant.name)  # refused hooks fail before any work
-    ref = resolve_image(ctx.variant, dict(genv.params), ctx.arch)
+    ref = resolve_image(ctx.variant, genv.params, ctx.arch)
     facts = HookFacts(genv, ctx.instance, ctx.variant, ctx.arch, ctx.disk, site.paths.config_dir, ref)
     log.info("installing %s (variant %s, %s) onto %s", ctx.instance.name, ctx.variant.name, ctx.arch,
              ctx.disk.describe())

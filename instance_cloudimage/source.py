@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +69,9 @@ class FetchedImage:
     digest: str  # "sha256:<hex>" of the bytes as fetched
 
 
-def resolve_image(variant: Variant, params: dict[str, str] | object, arch: str) -> ImageRef:
+def resolve_image(variant: Variant, params: Mapping[str, str], arch: str) -> ImageRef:
     """The image to use: the ``image`` parameter if given, else the variant's for ``arch``."""
-    p: dict[str, str] = dict(params) if isinstance(params, dict) else {}
+    p = params
     checksum = p.get("image_checksum", "").strip().lower() or None
     if p.get("image"):
         return ImageRef(location=p["image"].strip(), declared_format="auto", checksum=checksum,

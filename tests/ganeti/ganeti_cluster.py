@@ -88,6 +88,17 @@ def escape_option_value(value: str) -> str:
     return value.replace(",", "\\,")
 
 
+def os_parameter_args(params: Mapping[str, str] | None, private: Mapping[str, str] | None,
+                      secret: Mapping[str, str] | None) -> list[str]:
+    """-O / --os-parameters-private / --os-parameters-secret, each only when given."""
+    argv: list[str] = []
+    for option, values in (("-O", params), ("--os-parameters-private", private),
+                           ("--os-parameters-secret", secret)):
+        if values:
+            argv += [option, format_options(values)]
+    return argv
+
+
 def format_options(params: Mapping[str, str]) -> str:
     return ",".join(f"{k}={escape_option_value(v)}" for k, v in params.items())
 
@@ -187,12 +198,7 @@ class GanetiCluster:
             argv.append("--no-nics")
         for n in nics or ():
             argv += ["--net", n]
-        if params:
-            argv += ["-O", format_options(params)]
-        if private:
-            argv += ["--os-parameters-private", format_options(private)]
-        if secret:
-            argv += ["--os-parameters-secret", format_options(secret)]
+        argv += os_parameter_args(params, private, secret)
         argv += list(extra)
         argv.append(self.fqdn(name))
         return self.gnt(*argv, check=check)
@@ -205,12 +211,7 @@ class GanetiCluster:
                   check: bool = True) -> GntResult:
         """Note Ganeti 3.0 replaces the stored parameters by exactly these (pitfall 9)."""
         argv = ["gnt-instance", "reinstall", "-f"]
-        if params:
-            argv += ["-O", format_options(params)]
-        if private:
-            argv += ["--os-parameters-private", format_options(private)]
-        if secret:
-            argv += ["--os-parameters-secret", format_options(secret)]
+        argv += os_parameter_args(params, private, secret)
         return self.gnt(*argv, self.fqdn(name), check=check)
 
     def rename(self, old: str, new: str, check: bool = True) -> GntResult:
