@@ -49,6 +49,12 @@ HOOK_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 BACKUP_RE = re.compile(r"(~|\.bak|\.orig|\.swp|\.dpkg-[a-z]+|\.rpm(new|save|orig)|\.ucf-[a-z]+)$")
 MASK_TARGET = "/dev/null"
 LAST_LINES = 5
+# A shipped hook may declare, in its first lines, the $CONFDATA entry that enables it.  Without
+# that entry it is left out of the plan, so an unconfigured example costs nothing: above all, no
+# read-write mount of the guest for post-write hooks that would do nothing (the disk of a
+# seed=none create stays byte-identical to the image).
+CONFDATA_DECLARATION_RE = re.compile(rb"^#\s*instance-cloudimage-confdata:\s*([A-Za-z0-9_.-]+)\s*$", re.MULTILINE)
+DECLARATION_WINDOW = 4096
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,27 @@ def check_hook(hook: Hook) -> None:
         check_directory(real.parent)  # a symlinked hook is only as safe as the directory it lives in
 
 
+def declared_confdata(path: Path) -> str | None:
+    """The $CONFDATA entry a shipped hook declares it needs, if any."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(DECLARATION_WINDOW)
+    except OSError:
+        return None  # check_hook reports it
+    match = CONFDATA_DECLARATION_RE.search(head)
+    return match.group(1).decode() if match else None
+
+
+def is_configured(hook: Hook, confdata: Path) -> bool:
+    if hook.origin != "shipped":
+        return True
+    entry = declared_confdata(hook.path)
+    if entry is None or os.path.lexists(confdata / entry):
+        return True
+    log.debug("%s is left out: $CONFDATA/%s does not exist", hook.describe(), entry)
+    return False
+
+
 def is_masked(entry: Path) -> bool:
     return entry.is_symlink() and os.path.realpath(entry) == MASK_TARGET
 
@@ -152,7 +179,7 @@ def hook_roots(paths: Paths, shipped: Path | None = None) -> list[tuple[str, Pat
     return [("shipped", shipped_dir("hooks.d") if shipped is None else shipped), ("site", paths.site_hooks)]
 
 
-def find_hooks(phase: Phase, variant: str, roots: list[tuple[str, Path]]) -> tuple[Hook, ...]:
+def find_hooks(phase: Phase, variant: str, roots: list[tuple[str, Path]], confdata: Path) -> tuple[Hook, ...]:
     """The hooks of ``phase`` for ``variant``, checked, in running order."""
     found: dict[str, Hook] = {}
     for origin, root in roots:
@@ -167,7 +194,7 @@ def find_hooks(phase: Phase, variant: str, roots: list[tuple[str, Path]]) -> tup
                 check_directory(directory.parent)
                 check_directory(directory)
             scan_directory(directory, phase, origin, found)
-    hooks = tuple(found[name] for name in sorted(found))
+    hooks = tuple(found[name] for name in sorted(found) if is_configured(found[name], confdata))
     for hook in hooks:
         check_hook(hook)
     return hooks
@@ -182,7 +209,8 @@ def plan_hooks(paths: Paths, variant: str, *, shipped: Path | None = None) -> Ho
                 if entry.name.endswith(".d") and entry.name[:-2] not in {p.value for p in Phase}:
                     log.warning("%s is not a hook directory and is ignored (phases: %s)", entry,
                                 ", ".join(f"{p.value}.d" for p in Phase))
-    return HookPlan({phase: find_hooks(phase, variant, roots) for phase in Phase})
+    confdata = paths.site_hooks / "confdata"
+    return HookPlan({phase: find_hooks(phase, variant, roots, confdata) for phase in Phase})
 
 
 # --- running ------------------------------------------------------------------------------------

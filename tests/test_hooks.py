@@ -119,6 +119,36 @@ def test_merged_order_overrides_and_masks(tmp_path: Path, shipped: Path) -> None
     ]
 
 
+def test_shipped_hook_declaring_confdata_is_planned_only_when_configured(tmp_path: Path, shipped: Path) -> None:
+    site = make_site(tmp_path)
+    out = tmp_path / "ran.log"
+    decl = "# instance-cloudimage-confdata: thing\n"
+    write_hook(shipped / "post-write.d" / "50-declared", decl + recorder(out, "declared"))
+    write_hook(shipped / "post-write.d" / "60-plain", recorder(out, "plain"))
+    write_hook(site.paths.site_hooks / "post-write.d" / "70-site", decl + recorder(out, "site"))
+
+    names = [h.name for h in plan_hooks(site.paths, "demo", shipped=shipped).for_phase(Phase.POST_WRITE)]
+    assert names == ["60-plain", "70-site"]  # a site hook's declaration means nothing
+
+    (site.paths.site_hooks / "confdata").mkdir()
+    (site.paths.site_hooks / "confdata" / "thing").write_text("")
+    names = [h.name for h in plan_hooks(site.paths, "demo", shipped=shipped).for_phase(Phase.POST_WRITE)]
+    assert names == ["50-declared", "60-plain", "70-site"]
+
+
+def test_the_shipped_examples_are_left_out_until_configured(tmp_path: Path) -> None:
+    site = make_site(tmp_path)
+    plan = plan_hooks(site.paths, "demo")
+    assert all(not plan.for_phase(p) for p in Phase)
+    confdata = site.paths.site_hooks / "confdata"
+    confdata.mkdir(parents=True)
+    (confdata / "serial-console").write_text("")
+    (confdata / "files").mkdir()
+    plan = plan_hooks(site.paths, "demo")
+    assert [h.name for h in plan.for_phase(Phase.POST_WRITE)] == ["50-install-files", "60-serial-console"]
+    assert not plan.for_phase(Phase.PRE_FETCH)
+
+
 def test_byte_order_of_names(tmp_path: Path, shipped: Path) -> None:
     site = make_site(tmp_path)
     out = tmp_path / "order.log"
@@ -582,14 +612,23 @@ def test_create_with_replaced_local_image(tmp_path: Path) -> None:
 
 
 def test_shipped_hooks_are_executable_and_inert(tmp_path: Path) -> None:
-    """The real shipped hooks.d: every hook passes the checks and does nothing unconfigured."""
+    """The real shipped hooks.d: every hook passes the checks, and does nothing without its data.
+
+    The plan leaves an unconfigured example out; the hooks are inert on their own as well, for a
+    site that copies one into its own directory."""
+    from instance_cloudimage.hooks import HookPlan, find_hooks, hook_roots
+
     site = make_site(tmp_path)
-    plan = plan_hooks(site.paths, "demo")
+    enabled = tmp_path / "all-enabled"
+    for entry in ("local-mirror", "files", "serial-console"):
+        (enabled / entry).mkdir(parents=True)
+    roots = [r for r in hook_roots(site.paths) if r[0] == "shipped"]
+    plan = HookPlan({p: find_hooks(p, "demo", roots, enabled) for p in Phase})
     names = {h.name for p in Phase for h in plan.for_phase(p)}
-    assert {"50-local-mirror", "50-install-files", "60-serial-console"} <= names
+    assert names == {"50-local-mirror", "50-install-files", "60-serial-console"}
     for hook in (h for p in Phase for h in plan.for_phase(p)):
         assert os.stat(hook.path).st_mode & stat.S_IXUSR
-    facts = make_facts(tmp_path, site)
+    facts = make_facts(tmp_path, site)  # its CONFDATA holds nothing
     for phase in Phase:
         assert run_hooks(plan, phase, facts, site) == facts.image
 
