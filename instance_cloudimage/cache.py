@@ -39,9 +39,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .download import CHUNK, Hasher
 from .errors import ConfigError
 from .log import Progress
+from .spool import CHUNK, Hasher
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,10 @@ from .deploy import deploy_image
 from .env import Disk, GanetiEnv, Instance
 from .errors import EnvironmentError_, ParameterError, UserError
 from .formats import DetectedImage
-from .grow import grow_requested, grow_root
 from .hookenv import HookFacts
 from .hooks import HookPlan, Phase, plan_hooks, run_hooks
 from .log import complete_step, format_size
-from .params import validate_parameters
-from .seed import deliver_seed
-from .seeddata import seed_input
+from .params import grow_requested, validate_parameters
 from .source import ImageRef, open_image, resolve_image
 from .variants import Variant, host_architecture, load_variant
 from .writer import open_disk
@@ -66,6 +63,8 @@ def prepare(genv: GanetiEnv, site: SiteConfig) -> CreateContext:
     if (genv.params.get("seed") or variant.seed) != "none" and variant.agent != "none":
         # The seed's inputs (host name, keys, user-data against the variant) fail here, before
         # a download or a write, rather than after the image is on the disk.
+        from .seeddata import seed_input
+
         seed_input(genv, variant)
     return CreateContext(genv, site, instance, variant, arch, disk)
 
@@ -131,10 +130,16 @@ def run_create(genv: GanetiEnv, site: SiteConfig, *, plan: HookPlan | None = Non
             run_hooks(plan, Phase.PRE_WRITE, facts, site)
 
         write_image(ctx, ref, stack, before_write=pre_write)
+        # Imported only now: what is not needed before the image is on the disk is no startup
+        # cost for the write (a seed=none create never loads the seed modules or YAML).
         if grow_requested(genv.params, ctx.variant):
+            from .grow import grow_root
+
             with complete_step("growing the root filesystem to the end of the disk"):
                 grow_root(ctx.disk.path or "", ctx.arch, stack)
         with complete_step("seeding the guest agent"):
+            from .seed import deliver_seed
+
             deliver_seed(ctx, stack)  # mounts and unmounts the guest itself, if it needs to
         # Its own stack, so that the guest is unmounted before the post hooks run.
         with ExitStack() as guest:

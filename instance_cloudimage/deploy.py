@@ -198,7 +198,10 @@ def spool(source: Readable, target: DiskTarget, spool_dir: Path, stack: ExitStac
 
 def write_from_file(path: Path, declared: DiskFormat | None, target: DiskTarget) -> DetectedImage:
     """Vet the whole verified file (our inspector, then qemu-img info), then qemu-img convert it."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    if not os.fspath(path).startswith(f"/proc/{os.getpid()}/fd/"):  # not our own pinned descriptor
+        flags |= os.O_NOFOLLOW
+    fd = os.open(path, flags)
     try:
         detected = inspect_file(ImageFile(fd))
     finally:

@@ -15,13 +15,10 @@ error, since the consumer has already seen the old ones.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
-import threading
 import time
-from collections.abc import Callable, Iterable
 
 import requests
 import urllib3
@@ -29,99 +26,13 @@ import urllib3
 from .errors import ImageFetchError, ImageTooLarge
 from .httpclient import HttpClient, Opened
 from .log import Progress
+from .spool import CHUNK, Cancelled, Hasher, Spool
+
+__all__ = ["CHUNK", "BodyDownload", "Cancelled", "Hasher", "Spool", "validator_of"]
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1024 * 1024
 CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-
-
-class Hasher:
-    """sha256 always (the cache key), plus any other algorithm a checksum needs."""
-
-    def __init__(self, algorithms: Iterable[str] = ()) -> None:
-        self.algorithms = sorted({"sha256", *algorithms})
-        self.reset()
-
-    def reset(self) -> None:
-        self._h = {a: hashlib.new(a) for a in self.algorithms}
-
-    def update(self, data: bytes | memoryview) -> None:
-        for h in self._h.values():
-            h.update(data)
-
-    def digests(self) -> dict[str, str]:
-        return {a: h.hexdigest() for a, h in self._h.items()}
-
-
-class Cancelled(BaseException):
-    """The consumer went away; the producer stops at the next chunk."""
-
-
-class Spool:
-    """A file filled by one producer thread and read by one consumer, with a shared state."""
-
-    def __init__(self, fd: int, *, filled: int = 0, done: bool = False) -> None:
-        self.fd = fd
-        self._cond = threading.Condition()
-        self._filled = filled
-        self._done = done
-        self._error: BaseException | None = None
-        self.cancelled = False
-        self.thread: threading.Thread | None = None
-
-    # producer side
-    def advance(self, filled: int) -> None:
-        with self._cond:
-            self._filled = filled
-            self._cond.notify_all()
-
-    def succeed(self) -> None:
-        with self._cond:
-            self._done = True
-            self._cond.notify_all()
-
-    def fail(self, error: BaseException) -> None:
-        with self._cond:
-            self._error = error
-            self._done = True
-            self._cond.notify_all()
-
-    # consumer side
-    def wait(self, want: int) -> int:
-        """Block until ``want`` bytes are there or the body is complete; return what is there."""
-        with self._cond:
-            while self._filled < want and not self._done:
-                self._cond.wait()
-            if self._error is not None:
-                raise self._error
-            return self._filled
-
-    def join(self) -> None:
-        with self._cond:
-            while not self._done:
-                self._cond.wait()
-            if self._error is not None:
-                raise self._error
-
-    def start(self, target: Callable[[], None], name: str) -> None:
-        def run() -> None:
-            try:
-                target()
-            except Cancelled:
-                self.fail(ImageFetchError("the download was cancelled"))
-            except BaseException as e:  # handed to the consumer, who raises it
-                self.fail(e)
-            else:
-                self.succeed()
-
-        self.thread = threading.Thread(target=run, name=name, daemon=True)
-        self.thread.start()
-
-    def cancel(self, timeout: float) -> None:
-        self.cancelled = True
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join(timeout)
 
 
 class BodyDownload:
@@ -236,29 +147,3 @@ def validator_of(resp: Opened) -> str | None:
     if etag and not etag.startswith("W/"):
         return etag
     return resp.header("Last-Modified")
-
-
-ZERO_CHUNK = bytes(4 * CHUNK)
-
-
-def copy_file(src_fd: int, spool: Spool, hasher: Hasher, *, total: int, what: str) -> int:
-    """The producer for a local file: copy into the spool while hashing; return the size."""
-    pos = 0
-    with Progress(f"reading {what}", total) as progress:
-        while True:
-            if spool.cancelled:
-                raise Cancelled()
-            chunk = os.read(src_fd, 4 * CHUNK)
-            if not chunk:
-                break
-            # All-zero chunks stay holes in the fresh spool file: a sparse raw image costs its
-            # data, not its virtual size, and reads back the same.
-            if chunk != (ZERO_CHUNK if len(chunk) == len(ZERO_CHUNK) else bytes(len(chunk))):
-                os.pwrite(spool.fd, chunk, pos)
-            hasher.update(chunk)
-            pos += len(chunk)
-            if pos > os.fstat(spool.fd).st_size:
-                os.ftruncate(spool.fd, pos)
-            progress.update(len(chunk))
-            spool.advance(pos)
-    return pos

@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from .errors import CommandError, GrowError, ParameterError, SeedError
+from .errors import CommandError, GrowError, SeedError
 from .guestfs import attach_loop, make_mount_dir, mount_device
 from .log import format_size
 from .partitions import MBR_EXTENDED, Partition, PartitionTable, choose_guest_layout, read_partition_table
 from .process import run
-from .settings import parse_bool
-from .variants import Variant
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +35,6 @@ class GrowResult:
     old_size: int
     new_size: int
     fstype: str
-
-
-def grow_requested(params: Mapping[str, str], variant: Variant) -> bool:
-    """The ``grow_root`` parameter, else the variant's GrowRoot (off unless a variant says yes)."""
-    raw = (params.get("grow_root") or "").strip()
-    if not raw:
-        return variant.grow_root
-    try:
-        return parse_bool(raw)
-    except ValueError:
-        raise ParameterError("grow_root must be yes or no") from None
 
 
 def _container(table: PartitionTable, part: Partition) -> Partition | None:

@@ -16,7 +16,7 @@ from .config import SiteConfig
 from .errors import ParameterError
 from .seedparams import check_hostname, check_nameservers, check_password_hash, check_search, parse_choice
 from .settings import parse_bool
-from .variants import CHECKSUM_RE
+from .variants import CHECKSUM_RE, Variant
 
 Check = Callable[[str, SiteConfig], None]
 
@@ -213,3 +213,14 @@ def validate_parameters(params: Mapping[str, str], site: SiteConfig) -> list[str
         except ParameterError as e:
             problems.append(str(e))
     return problems
+
+
+def grow_requested(params: Mapping[str, str], variant: Variant) -> bool:
+    """The ``grow_root`` parameter, else the variant's GrowRoot (off unless a variant says yes)."""
+    raw = (params.get("grow_root") or "").strip()
+    if not raw:
+        return variant.grow_root
+    try:
+        return parse_bool(raw)
+    except ValueError:
+        raise ParameterError("grow_root must be yes or no") from None

@@ -2,29 +2,38 @@
 
 ``resolve_image`` decides *what* to fetch (the variant's image, or the ``image`` parameter);
 ``open_image`` returns an ``ImageStream`` over its bytes, and ``fetch_image`` the verified file.
-Remote images go through the cache (remote.py, cache.py); local files are copied into a private
-spool while they are hashed, so qemu-img later reads a file nobody else can change.
+Remote images go through the cache (remote.py, cache.py).  A local file that only root can
+change is used in place, through the descriptor opened after the path checks (qemu-img gets
+``/proc/<pid>/fd/<n>``, so a path swapped afterwards changes nothing); any other local file is
+first copied into a private spool while it is hashed, so qemu-img reads bytes nobody else can
+change after they were checked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import posixpath
+import stat
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .checksums import Digest, lookup_required
 from .config import SiteConfig
-from .download import CHUNK, Hasher, Spool, copy_file
 from .errors import ChecksumMismatch, ParameterError
 from .localpath import open_local_image, resolve_local_image_path
-from .remote import RemoteSpec, make_cache, open_remote, resolve_checksums
+from .spool import CHUNK, Hasher, Spool, copy_file, hash_file
 from .urlpolicy import PARAMETER_URL, redact_url
 from .variants import Variant
+
+if TYPE_CHECKING:
+    from .remote import RemoteSpec
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,8 @@ class ImageRef:
         return redact_url(self.location)
 
     def remote_spec(self) -> RemoteSpec:
+        from .remote import RemoteSpec
+
         return RemoteSpec(url=self.location, checksum=self.checksum, checksum_url=self.checksum_url,
                           signature_url=self.signature_url, keyring=self.keyring,
                           name_pattern=self.name_pattern, from_parameter=self.from_parameter,
@@ -66,7 +77,17 @@ class ImageRef:
 class FetchedImage:
     path: Path
     size: int
-    digest: str  # "sha256:<hex>" of the bytes as fetched
+    # Computed on demand: a local file used in place has not been hashed unless a checksum asked.
+    sha256: Callable[[], str] = field(repr=False, compare=False)
+
+    @cached_property
+    def digest(self) -> str:
+        """"sha256:<hex>" of the bytes as fetched."""
+        return "sha256:" + self.sha256()
+
+
+def known(value: str) -> Callable[[], str]:
+    return lambda: value
 
 
 def resolve_image(variant: Variant, params: Mapping[str, str], arch: str) -> ImageRef:
@@ -170,18 +191,22 @@ def fetch_image(ref: ImageRef, site: SiteConfig, stack: ExitStack) -> FetchedIma
 
 
 def open_remote_image(ref: ImageRef, site: SiteConfig, stack: ExitStack) -> ImageStream:
+    # Imported here: the HTTP stack (requests, urllib3) costs a tenth of a second to import,
+    # which a local image should not pay.
+    from .remote import open_remote
+
     opening = open_remote(ref.remote_spec(), site, stack)
     if opening.handle is not None:
         handle = opening.handle
         stack.callback(handle.close)
-        fetched = FetchedImage(handle.path, handle.size, "sha256:" + handle.digests["sha256"])
+        fetched = FetchedImage(handle.path, handle.size, known(handle.digests["sha256"]))
         return ImageStream(Spool(handle.fd, filled=handle.size, done=True), lambda: fetched, handle.size,
                            local_path=Path(handle.path))
     assert opening.spool is not None and opening.result is not None
     result = opening.result
 
     def done() -> FetchedImage:
-        return FetchedImage(Path(result.path), result.size, "sha256:" + result.sha256)
+        return FetchedImage(Path(result.path), result.size, known(result.sha256))
 
     return ImageStream(opening.spool, done, opening.size)
 
@@ -190,6 +215,8 @@ def expected_local_digest(ref: ImageRef, path: Path, site: SiteConfig) -> Digest
     if ref.checksum:
         return Digest.parse(ref.checksum)
     if ref.checksum_url:
+        from .remote import make_cache, resolve_checksums
+
         checksums = resolve_checksums(ref.remote_spec(), site, make_cache(site))
         return lookup_required(checksums, [posixpath.basename(os.fspath(path)),
                                            posixpath.basename(urlsplit(ref.location).path)])
@@ -203,13 +230,76 @@ def close_unless_busy(fd: int, box: list[Spool]) -> None:
         os.close(fd)
 
 
+def only_root_can_change(st: os.stat_result) -> bool:
+    """Whether nobody but root (or the user running us) can write this inode.
+
+    Named ACL entries that grant write also set the group write bit (the ACL mask), so the mode
+    bits tell the whole story."""
+    return st.st_uid in (0, os.geteuid()) and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
 def open_local(path: Path, ref: ImageRef, site: SiteConfig, stack: ExitStack) -> ImageStream:
-    """Copy a local file into a private spool while hashing it (in a producer thread)."""
     expected = expected_local_digest(ref, path, site)
-    box: list[Spool] = []
     src = open_local_image(path)
+    st = os.fstat(src)
+    if only_root_can_change(st):
+        return open_in_place(src, st.st_size, expected, ref, stack)
+    log.info("copying the image file first: users other than root can change it (uid %d, mode %o)",
+             st.st_uid, stat.S_IMODE(st.st_mode))
+    return copy_local(src, st.st_size, expected, ref, site, stack)
+
+
+def open_in_place(src: int, total: int, expected: Digest | None, ref: ImageRef, stack: ExitStack) -> ImageStream:
+    """Read the file through its descriptor; verify it (if a checksum is expected) as it is read."""
+    box: list[Spool] = []
     stack.callback(close_unless_busy, src, box)
-    total = os.fstat(src).st_size
+    # The pinned inode, for qemu-img and hooks: reopening this never follows the original path.
+    pinned = Path(f"/proc/{os.getpid()}/fd/{src}")
+    known_sha256: list[str] = []
+
+    def sha256() -> str:
+        if not known_sha256:
+            known_sha256.append(hash_whole_file(src))
+        return known_sha256[0]
+
+    if expected is None:
+        spool = Spool(src, filled=total, done=True)
+    else:
+        spool = Spool(src)
+        box.append(spool)
+        checker = hashlib.new(expected.algorithm)
+        hashes = [checker] if expected.algorithm == "sha256" else [checker, hashlib.sha256()]
+        what = ref.describe()
+
+        def produce() -> None:
+            hash_file(src, spool, hashes, total=total, what="the image file")
+            if checker.hexdigest() != expected.hexdigest:
+                raise ChecksumMismatch(f"{what} does not match its {expected.algorithm} checksum",
+                                       "the file is corrupt or the checksum is wrong")
+            known_sha256.append(hashes[-1].hexdigest())
+
+        spool.start(produce, name="verify")
+    return ImageStream(spool, lambda: FetchedImage(pinned, total, sha256), total, local_path=pinned)
+
+
+def hash_whole_file(fd: int) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(4 * CHUNK)
+    view = memoryview(buf)
+    pos = 0
+    while n := os.preadv(fd, [view], pos):
+        h.update(view[:n])
+        pos += n
+    return h.hexdigest()
+
+
+def copy_local(src: int, total: int, expected: Digest | None, ref: ImageRef, site: SiteConfig,
+               stack: ExitStack) -> ImageStream:
+    """Copy the file into a private spool while hashing it (in a producer thread)."""
+    from .remote import make_cache
+
+    box: list[Spool] = []
+    stack.callback(close_unless_busy, src, box)
     cache = make_cache(site)
     fd, spool_path = cache.new_temp("local")
     spool = Spool(fd)
@@ -232,7 +322,7 @@ def open_local(path: Path, ref: ImageRef, site: SiteConfig, stack: ExitStack) ->
 
     def done() -> FetchedImage:
         size, digest = sha256[0]
-        return FetchedImage(spool_path, size, "sha256:" + digest)
+        return FetchedImage(spool_path, size, known(digest))
 
     # No local_path: the spool is still being filled while the writer reads it.
     return ImageStream(spool, done, total)

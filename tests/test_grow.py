@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from instance_cloudimage.errors import GrowError, ParameterError
-from instance_cloudimage.grow import grow_requested, grow_root, growth_limit
+from instance_cloudimage.grow import grow_root, growth_limit
+from instance_cloudimage.params import grow_requested
 from instance_cloudimage.partitions import LINUX_DATA, Partition, PartitionTable
 from instance_cloudimage.settings import ParsedIni
 from instance_cloudimage.variants import Variant
