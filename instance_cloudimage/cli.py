@@ -26,6 +26,7 @@ from .env import OS_NAME_RE, GanetiEnv, Script, debug_level_of, parse_environmen
 from .errors import CloudImageError, CommandError, ConfigError, ParameterError, UserError
 from .log import hide_values, printable, setup_logging
 from .settings import parse_size
+from .uridisk import uri_secrets
 
 log = logging.getLogger("instance_cloudimage")
 
@@ -151,6 +152,7 @@ def os_script_main(verb: str, environ: Mapping[str, str] | None = None,
         hide_values(values_to_hide(parse_os_params(environ)))
         paths = installed_paths(argv[0]) if argv else Paths()
         genv = parse_environment(environ, script)
+        hide_values(s for uri in genv.uris() for s in uri_secrets(uri))
         dispatch(script, genv, paths, argv[1:])
 
     return guarded(prog, debug_level_of(environ), body)

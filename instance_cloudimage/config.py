@@ -105,6 +105,9 @@ SITE_SETTINGS = (
     Setting("Disks", "WipedByGaneti", "disks_wiped", parse_bool, False,
             "new block devices read back zeros (gnt-cluster modify --prealloc-wipe-disks yes, or thin "
             "storage): zero blocks of an image are then skipped on a first install"),
+    Setting("Disks", "StagingDirectory", "staging_dir", parse_str, None,
+            "where a disk reachable only through a URI is staged while it is written or exported "
+            "(default <cache-dir>/staging); needs room for the disk's data, not its size"),
 )
 
 

@@ -25,6 +25,8 @@ from .hooks import HookPlan, Phase, plan_hooks, run_hooks
 from .log import complete_step, format_size
 from .params import grow_requested, validate_parameters
 from .source import ImageRef, open_image, resolve_image
+from .staging import StagedDisks, raise_if_full
+from .uridisk import check_uri
 from .variants import Variant, host_architecture, load_variant
 from .writer import open_disk
 
@@ -38,7 +40,8 @@ class CreateContext:
     instance: Instance
     variant: Variant
     arch: str
-    disk: Disk
+    disk: Disk  # once staged (run_create), a URI-only disk 0 has its staging file as path
+    staged: StagedDisks | None = None
 
 
 def check_parameters(genv: GanetiEnv, site: SiteConfig) -> None:
@@ -56,9 +59,8 @@ def prepare(genv: GanetiEnv, site: SiteConfig) -> CreateContext:
     if not instance.disks:
         raise EnvironmentError_("the instance has no disks; $DISK_COUNT must be at least 1")
     disk = instance.disks[0]
-    if disk.path is None:
-        raise EnvironmentError_("disk 0 is only reachable through a URI (access=userspace); "
-                                "set the disk's access to kernelspace for installation")
+    if disk.path is None and disk.uri is not None:
+        check_uri(disk.uri, "DISK_0_URI")  # before anything is downloaded
     if disk.access != "rw":
         raise EnvironmentError_("disk 0 is read-only; the image cannot be written onto it")
     if (genv.params.get("seed") or variant.seed) != "none" and variant.agent != "none":
@@ -140,35 +142,58 @@ def run_create(genv: GanetiEnv, site: SiteConfig, *, plan: HookPlan | None = Non
     log.info("installing %s (variant %s, %s) onto %s", ctx.instance.name, ctx.variant.name, ctx.arch,
              ctx.disk.describe())
     with ExitStack() as stack:
-        ref = run_hooks(plan, Phase.PRE_FETCH, facts, site)
-        facts = dataclasses.replace(facts, image=ref)
-
-        grow = grow_requested(genv.params, ctx.variant)
-        loading: list[threading.Thread] = []
-
-        def pre_write(detected: DetectedImage, image_path: Path | None) -> None:
-            nonlocal facts
-            facts = dataclasses.replace(facts, image_path=image_path, image_format=detected.format.value,
-                                        image_virtual_size=detected.virtual_size)
-            run_hooks(plan, Phase.PRE_WRITE, facts, site)
-            # From here on the write waits on qemu-img or the disk: load what comes next meanwhile.
-            loading.append(preload(".seed", *((".grow",) if grow else ())))
-
-        write_image(ctx, ref, stack, before_write=pre_write)
-        for thread in loading:
-            thread.join()
-        if grow:
-            from .grow import grow_root
-
-            with complete_step("growing the root filesystem to the end of the disk"):
-                grow_root(ctx.disk.path or "", ctx.arch, stack)
-        with complete_step("seeding the guest agent"):
-            from .seed import deliver_seed
-
-            deliver_seed(ctx, stack)  # mounts and unmounts the guest itself, if it needs to
-        # Its own stack, so that the guest is unmounted before the post hooks run.
-        with ExitStack() as guest:
-            if plan.for_phase(Phase.POST_WRITE):
-                run_hooks(plan, Phase.POST_WRITE, mount_guest_for_hooks(ctx, facts, guest), site)
-        run_hooks(plan, Phase.POST, facts, site)
+        ctx = stage_disk(ctx, stack)
+        try:
+            facts = run_phases(ctx, plan, dataclasses.replace(facts, disk=ctx.disk), stack)
+        except OSError as e:
+            if ctx.staged is None or not ctx.staged.staged:
+                raise
+            raise_if_full(e, site)
+        # A staged disk 0 is on its URI by now: the post hooks see the disk as Ganeti gave it.
+        run_hooks(plan, Phase.POST, dataclasses.replace(facts, disk=ctx.instance.disks[0]), site)
     log.info("instance %s installed", ctx.instance.name)
+
+
+def stage_disk(ctx: CreateContext, stack: ExitStack) -> CreateContext:
+    """Give a URI-only disk 0 a local staging file (staging.py); the steps after it see a file disk."""
+    wiped = bool(ctx.site.get("disks_wiped")) and not ctx.instance.reinstall
+    staged = StagedDisks(ctx.site, stack, target_is_zero=wiped)
+    return dataclasses.replace(ctx, disk=staged.local(ctx.disk, copy_in=False), staged=staged)
+
+
+def run_phases(ctx: CreateContext, plan: HookPlan, facts: HookFacts, stack: ExitStack) -> HookFacts:
+    """Everything before the post hooks; returns the hooks' facts as they ended up."""
+    site = ctx.site
+    ref = run_hooks(plan, Phase.PRE_FETCH, facts, site)
+    facts = dataclasses.replace(facts, image=ref)
+
+    grow = grow_requested(ctx.genv.params, ctx.variant)
+    loading: list[threading.Thread] = []
+
+    def pre_write(detected: DetectedImage, image_path: Path | None) -> None:
+        nonlocal facts
+        facts = dataclasses.replace(facts, image_path=image_path, image_format=detected.format.value,
+                                    image_virtual_size=detected.virtual_size)
+        run_hooks(plan, Phase.PRE_WRITE, facts, site)
+        # From here on the write waits on qemu-img or the disk: load what comes next meanwhile.
+        loading.append(preload(".seed", *((".grow",) if grow else ())))
+
+    write_image(ctx, ref, stack, before_write=pre_write)
+    for thread in loading:
+        thread.join()
+    if grow:
+        from .grow import grow_root
+
+        with complete_step("growing the root filesystem to the end of the disk"):
+            grow_root(ctx.disk.path or "", ctx.arch, stack)
+    with complete_step("seeding the guest agent"):
+        from .seed import deliver_seed
+
+        deliver_seed(ctx, stack)  # mounts and unmounts the guest itself, if it needs to
+    # Its own stack, so that the guest is unmounted before the post hooks run.
+    with ExitStack() as guest:
+        if plan.for_phase(Phase.POST_WRITE):
+            run_hooks(plan, Phase.POST_WRITE, mount_guest_for_hooks(ctx, facts, guest), site)
+    if ctx.staged is not None:
+        ctx.staged.write_back()
+    return facts

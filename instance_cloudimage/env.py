@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from .errors import EnvironmentError_
+from .uridisk import redact_uri
 
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 SUPPORTED_API_VERSIONS = (20,)
@@ -53,7 +54,7 @@ class Disk:
         return self.path is not None and os.path.isfile(self.path)
 
     def describe(self) -> str:
-        return f"disk {self.index} ({self.path or self.uri})"
+        return f"disk {self.index} ({self.path or redact_uri(self.uri or '')})"
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,13 @@ class GanetiEnv:
     instance: Instance | None = None
     old_instance_name: str | None = None
     transfer: ImportExport | None = None
+
+    def uris(self) -> list[str]:
+        """Every disk URI Ganeti passed (they may carry credentials: see uridisk.uri_secrets)."""
+        found = [d.uri for d in (self.instance.disks if self.instance else ()) if d.uri]
+        if self.transfer is not None and self.transfer.uri:
+            found.append(self.transfer.uri)
+        return found
 
     def require_instance(self) -> Instance:
         if self.instance is None:

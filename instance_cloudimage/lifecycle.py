@@ -3,8 +3,11 @@
 export streams disk EXPORT_INDEX to stdout in the compact format of diskstream.py (or raw, if
 the site asks), after announcing on EXP_SIZE_FD how many bytes to expect.  import reads either
 that format or a plain raw disk from another provider (told apart by the magic), onto
-IMPORT_DEVICE.  rename puts the new name into the instance's seeds (seedrename.py) and never fails
-the job for a cosmetic reason.
+IMPORT_DEVICE.  A disk reachable only through a URI (IMPORT_DISK_URI/EXPORT_DISK_URI) goes
+through a local staging file (staging.py): export copies it out of the URI first, import writes
+the whole stream into it and copies it onto the URI only once the stream checked out.  rename puts
+the new name into the instance's seeds (seedrename.py) and never fails the job for a cosmetic
+reason.
 
 Both import and export run with Ganeti's non-reset environment (LC_ALL=C, the node daemon's
 variables); that is harmless, since env.py parses only the variables it knows.
@@ -15,7 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from . import diskstream as ds
@@ -24,18 +30,76 @@ from .convert import target_size
 from .diskwrite import DiskWriter
 from .env import GanetiEnv
 from .errors import CommandError, ConversionError, EnvironmentError_, UserError
-from .log import Progress, format_size
+from .log import Progress, complete_step, format_size
 from .seedrename import rename_seeds
+from .staging import make_staging_file, raise_if_full
+from .uridisk import check_uri, copy_from_uri, copy_to_uri, redact_uri, uri_size
 
 log = logging.getLogger(__name__)
 
 
-def transfer_device(genv: GanetiEnv) -> str:
+@dataclass(frozen=True)
+class TransferDisk:
+    """The disk of an import or export, as a local path: the device, or a URI's staging file."""
+
+    path: str
+    uri: str | None = None  # set when ``path`` is a staging file standing in for this URI
+
+    def describe(self) -> str:
+        return redact_uri(self.uri) if self.uri else self.path
+
+
+def transfer_uri(genv: GanetiEnv, word: str) -> str | None:
+    """The transfer's URI when the disk has no device path (access=userspace), else None.
+
+    ``word``: IMPORT or EXPORT, naming the variables.  Raises EnvironmentError_.
+    """
     t = genv.transfer
-    if t is None or t.device is None:
-        raise EnvironmentError_("this disk is only reachable through a URI, which import/export "
-                                "does not support; use kernelspace disk access")
-    return t.device
+    if t is None or (t.device is None and t.uri is None):  # env.py sees to it that one is set
+        raise EnvironmentError_(f"${word}_DEVICE or ${word}_DISK_URI must be set")
+    if t.device is not None:
+        return None
+    check_uri(t.uri or "", f"{word}_DISK_URI")
+    return t.uri
+
+
+@contextmanager
+def staging_errors(site: SiteConfig) -> Iterator[None]:
+    """Running out of staging space is a one-line error, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise_if_full(e, site)
+
+
+def transfer_disk(genv: GanetiEnv, site: SiteConfig, stack: ExitStack, word: str) -> TransferDisk:
+    """The local path to read (EXPORT) or write (IMPORT).  A URI-only disk gets a staging file,
+    removed when ``stack`` unwinds; for an export it is first filled from the URI.
+    Raises EnvironmentError_ or ConversionError."""
+    uri = transfer_uri(genv, word)
+    if uri is None:
+        assert genv.transfer is not None and genv.transfer.device is not None
+        return TransferDisk(genv.transfer.device)
+    size = uri_size(uri)
+    staging = make_staging_file(site, size, stack)
+    log.info("the disk at %s (%s) is staged in %s", redact_uri(uri), format_size(size), staging)
+    if word == "EXPORT":
+        with staging_errors(site), complete_step(f"copying the disk out of {redact_uri(uri)}"):
+            copy_from_uri(uri, staging)
+    return TransferDisk(os.fspath(staging), uri)
+
+
+def write_staged(disk: TransferDisk, extent: int) -> None:
+    """Copy the first ``extent`` bytes of an import's staging file onto its URI (nothing for a device).
+
+    Only these bytes: the rest of the disk stays as it was, as it does on a device.  A partial
+    last sector is copied whole (qemu-img works in sectors; the staging file has zeros there).
+    """
+    if disk.uri is None:
+        return
+    os.truncate(disk.path, -(-extent // 512) * 512)
+    with complete_step(f"writing the imported disk onto {redact_uri(disk.uri)}"):
+        copy_to_uri(Path(disk.path), disk.uri)
 
 
 def announce_size(genv: GanetiEnv, size: int) -> None:
@@ -91,7 +155,13 @@ def export_raw(fd: int, size: int, sink: FdSink, prog: Progress) -> None:
 
 def run_export(genv: GanetiEnv, site: SiteConfig, out_fd: int | None = None) -> None:
     """The export script.  Raises EnvironmentError_ or ConversionError."""
-    device = transfer_device(genv)
+    with ExitStack() as stack:
+        disk = transfer_disk(genv, site, stack, "EXPORT")
+        export_disk(genv, site, disk.path, disk.describe(), out_fd)
+
+
+def export_disk(genv: GanetiEnv, site: SiteConfig, device: str, name: str, out_fd: int | None) -> None:
+    """Stream the disk at the local path ``device`` (called ``name`` in the log)."""
     size = target_size(device)
     compact = site.get("export_format") == "compact"
     level = int(site.get("export_zstd_level")) if site.get("export_compression") == "zstd" else None
@@ -100,7 +170,7 @@ def run_export(genv: GanetiEnv, site: SiteConfig, out_fd: int | None = None) -> 
     try:
         # Ganeti shows progress against this; an upper estimate is cheap, an exact count is not.
         announce_size(genv, ds.estimate_stream_size(fd, size) if compact else size)
-        with Progress(f"exporting {format_size(size)} disk {device}", size) as prog:
+        with Progress(f"exporting {format_size(size)} disk {name}", size) as prog:
             if not compact:
                 export_raw(fd, size, sink, prog)
                 return
@@ -154,10 +224,23 @@ def import_raw(first: bytes, src: BinaryIO, writer: DiskWriter, max_size: int,
 
 
 def run_import(genv: GanetiEnv, site: SiteConfig, source: BinaryIO | None = None) -> None:
-    """The import script.  Raises ConversionError (StreamError) for a bad stream."""
-    device = transfer_device(genv)
+    """The import script.  Raises ConversionError (StreamError) for a bad stream.
+
+    A URI-only disk is written only after the whole stream checked out: a truncated or corrupt
+    stream leaves it untouched.
+    """
+    with ExitStack() as stack:
+        disk = transfer_disk(genv, site, stack, "IMPORT")
+        src = source or open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
+        with staging_errors(site):
+            extent = import_stream(disk.path, disk.describe(), src)
+        write_staged(disk, extent)
+
+
+def import_stream(device: str, name: str, src: BinaryIO) -> int:
+    """Write the stream onto the local path ``device`` (``name`` in the log); returns the bytes of
+    the disk it covered.  Raises ConversionError (StreamError)."""
     size = target_size(device)
-    src = source or open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
     head = read_some(src, ds.HEADER.size)
     if not head:
         # No disk is zero bytes long: the export side never sent anything.
@@ -167,7 +250,7 @@ def run_import(genv: GanetiEnv, site: SiteConfig, source: BinaryIO | None = None
             if len(head) < ds.HEADER.size:
                 raise ds.StreamError("the import stream is truncated (it ended inside its header)")
             header = ds.parse_header(head)
-            with Progress(f"importing a {format_size(header.disk_size)} disk onto {device}", header.disk_size) as prog:
+            with Progress(f"importing a {format_size(header.disk_size)} disk onto {name}", header.disk_size) as prog:
                 pos = 0
 
                 def on_data(offset: int, data: bytes) -> None:
@@ -181,17 +264,18 @@ def run_import(genv: GanetiEnv, site: SiteConfig, source: BinaryIO | None = None
                 writer.zero(pos, header.disk_size - pos)
                 prog.update(header.disk_size - pos)
             log.info("imported %s of data onto the %s disk %s", format_size(data_bytes),
-                     format_size(header.disk_size), device)
-            return
+                     format_size(header.disk_size), name)
+            return header.disk_size
         if ds.looks_damaged(head):
             raise ds.StreamError("the import stream's header is damaged", "export the disk again")
-        with Progress(f"importing a raw disk image onto {device}", size) as prog:
+        with Progress(f"importing a raw disk image onto {name}", size) as prog:
             written = import_raw(head, src, writer, size, prog.update)
-    log.info("imported a raw stream of %s onto %s", format_size(written), device)
+    log.info("imported a raw stream of %s onto %s", format_size(written), name)
     if written < size:
         log.warning("the raw stream (%d bytes) is shorter than the disk (%d bytes); a raw stream carries no "
                     "length, so a truncated transfer cannot be told from a smaller disk; the rest of the "
                     "disk was left as it was", written, size)
+    return written
 
 
 # --- rename -------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ flamingo.py for why), an agent ``none`` gets nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 NOCLOUD_PARENT = "var/lib"  # exists in any image; created 0755 if not
 NOCLOUD_SUBDIR = "cloud/seed/nocloud"  # ours: created 0700, root
 NOCLOUD_NAMES = ("meta-data", "user-data", "network-config", "vendor-data")
+# Gives a URI-only disk a local path (staging.StagedDisks.local); called only for a disk the seed may use.
+LocalDisk = Callable[[Disk], Disk]
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ def _second_disk(instance: Instance) -> Disk | None:
     return instance.disks[1] if len(instance.disks) > 1 else None
 
 
-def check_seed_disk(disk: Disk | None, delivery: str, *, explicit: bool, reinstall: bool) -> Disk:
+def check_seed_disk(disk: Disk | None, delivery: str, *, explicit: bool, reinstall: bool,
+                    local: LocalDisk | None = None) -> Disk:
     """The disk the seed may overwrite, or SeedError saying why not.
 
     Security/data safety: a disk that already holds data is only overwritten on a first install
@@ -74,6 +78,8 @@ def check_seed_disk(disk: Disk | None, delivery: str, *, explicit: bool, reinsta
     if disk is None:
         raise SeedError(f"seed={delivery} needs a second disk for the seed, and the instance has only one",
                         "add a small disk (e.g. --disk 1:size=64M) or choose another seed")
+    if disk.path is None and local is not None and disk.access == "rw":
+        disk = local(disk)
     if disk.path is None or disk.access != "rw":
         raise SeedError(f"disk {disk.index} cannot hold the seed: it must be a writable kernelspace disk")
     if seed_label_of(disk.path):
@@ -98,7 +104,7 @@ def probe_layout(disk_path: str, arch: str) -> GuestLayout | SeedError:
 
 
 def plan_delivery(instance: Instance, variant: Variant, params: Mapping[str, str], disk_path: str,
-                  arch: str) -> SeedPlan:
+                  arch: str, local: LocalDisk | None = None) -> SeedPlan:
     """Resolve ``auto`` and check that the chosen delivery can work.  Raises SeedError/ParameterError."""
     requested = requested_delivery(params, variant)
     flamingo = variant.agent == "flamingo"
@@ -107,14 +113,16 @@ def plan_delivery(instance: Instance, variant: Variant, params: Mapping[str, str
     if requested == "none" or (requested == "auto" and variant.agent == "none"):
         return SeedPlan("none", reason="seed=none" if requested == "none" else "the variant's agent is none")
     if requested in ("nocloud-disk", "configdrive-disk"):
-        return SeedPlan(requested, check_seed_disk(second, requested, explicit=True, reinstall=reinstall),
+        return SeedPlan(requested, check_seed_disk(second, requested, explicit=True, reinstall=reinstall,
+                                                   local=local),
                         flamingo, reason="asked for")
     if requested == "nocloud-fs":
         return SeedPlan("nocloud-fs", None, flamingo, reason="asked for")
     # auto
     if flamingo:
         try:
-            disk: Disk | None = check_seed_disk(second, "configdrive-disk", explicit=False, reinstall=reinstall)
+            disk: Disk | None = check_seed_disk(second, "configdrive-disk", explicit=False, reinstall=reinstall,
+                                                local=local)
         except SeedError as e:
             log.warning("no config drive for flamingo: %s", e.message)
             disk = None
@@ -126,7 +134,7 @@ def plan_delivery(instance: Instance, variant: Variant, params: Mapping[str, str
         raise SeedError(f"cannot seed cloud-init: {layout.message}",
                         "add a second disk for seed=nocloud-disk, or set seed=none")
     try:
-        fallback = check_seed_disk(second, "nocloud-disk", explicit=False, reinstall=reinstall)
+        fallback = check_seed_disk(second, "nocloud-disk", explicit=False, reinstall=reinstall, local=local)
     except SeedError as e:
         raise SeedError(f"cannot seed cloud-init: {layout.message}; and {e.message}", e.hint) from None
     log.info("the image has no filesystem to seed (%s); using a cidata disk instead", layout.message)
@@ -158,7 +166,9 @@ def deliver_seed(ctx: CreateContext, stack: ExitStack) -> SeedPlan:
     Raises SeedError, UnsafeImage or ParameterError.
     """
     disk_path = ctx.disk.path or ""
-    plan = plan_delivery(ctx.instance, ctx.variant, ctx.genv.params, disk_path, ctx.arch)
+    # A URI-only seed disk is copied into a staging file when the seed needs it, and back at the end.
+    local = functools.partial(ctx.staged.local, copy_in=True) if ctx.staged is not None else None
+    plan = plan_delivery(ctx.instance, ctx.variant, ctx.genv.params, disk_path, ctx.arch, local)
     log.info("seed delivery: %s (%s)", plan.delivery, plan.reason)
     if plan.delivery == "none" and not plan.flamingo:
         return plan
