@@ -11,18 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from instance_cloudimage import seed
 from instance_cloudimage.config import Paths
 from instance_cloudimage.env import Script, parse_environment
+from instance_cloudimage.guestfs import mount_guest_root
 from instance_cloudimage.install import install_os
+from instance_cloudimage.reseedplan import macs_in
 
 from . import delivery_helpers as dh
 from . import guest_images as gi
@@ -85,6 +89,31 @@ def export_then_import(os_dir: Path, src: Path, dst: Path, env: dict[str, str]) 
     return proc
 
 
+def nocloud_dir_of(img: Path, dest: Path) -> Path:
+    """A copy of the NoCloud directory in the guest of ``img`` (mounted read-only)."""
+    with ExitStack() as stack:
+        mounted = mount_guest_root(os.fspath(img), stack, arch="x86_64", read_only=True)
+        shutil.copytree(mounted.path / "var/lib/cloud/seed/nocloud", dest)
+    return dest
+
+
+def boot(kind: str, seed_dir: Path, guest_state: Path) -> dict[str, Any]:
+    """One boot's init-local stage of Debian's cloud-init on ``seed_dir``; ``guest_state`` is the
+    guest's /var/lib/cloud, kept from boot to boot (tests/cloudinit_reader.py simulate_boot)."""
+    proc = subprocess.run([dh.CLOUDINIT_PYTHON, os.fspath(dh.READER), f"boot-{kind}", os.fspath(seed_dir),
+                           os.fspath(guest_state)], capture_output=True, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+    out: dict[str, Any] = json.loads(proc.stdout)
+    return out
+
+
+def applied_macs(booted: dict[str, Any]) -> list[str] | None:
+    cfg = booted["applied"]
+    if cfg is None:
+        return None
+    return list(macs_in(json.dumps(cfg).encode()))
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -95,6 +124,9 @@ def test_import_with_new_macs_rewrites_the_nocloud_dir(tmp_path: Path, installed
     src = gi.gpt_root_first(tmp_path / "disk0.img")
     create(etc, [src], ssh_authorized_keys=dh.KEY, user_data="#cloud-config\nruncmd: [[touch, /root/ud]]\n")
     before = dh.read_nocloud_in_guest(src)
+    guest = tmp_path / "guest-var-lib-cloud"
+    first = boot("nocloud", nocloud_dir_of(src, tmp_path / "seed-before"), guest)
+    assert first["new_instance"] and applied_macs(first) == list(OLD_MACS)
     dst = tmp_path / "imported.img"
     # gnt-backup import --net 0:mac=generate: one NIC, a new MAC, a new instance UUID; no secret user_data.
     proc = export_then_import(os_dir, src, dst, env_of([dst], macs=[NEW_MAC], instance_uuid=NEW_UUID, index=0,
@@ -111,6 +143,9 @@ def test_import_with_new_macs_rewrites_the_nocloud_dir(tmp_path: Path, installed
     assert f"network configuration now for MAC {NEW_MAC} (was {', '.join(OLD_MACS)})" in proc.stderr
     assert "cloud-init runs its per-instance modules again" in proc.stderr and "warning" not in proc.stderr.lower()
     assert gi.no_loops(dst) and gi.our_mounts(dst) == []
+    # The guest that booted before the export applies the new network configuration at its next boot.
+    second = boot("nocloud", nocloud_dir_of(dst, tmp_path / "seed-after"), guest)
+    assert (second["new_instance"], second["instance_id"], applied_macs(second)) == (True, NEW_UUID, [NEW_MAC])
 
 
 @pytest.mark.integration
@@ -137,6 +172,11 @@ def test_import_keeping_the_instance_id_warns(tmp_path: Path, installed: tuple[P
     assert after["instance_id"] == OLD_UUID
     assert [i["mac_address"] for i in after["network"]["interfaces"]] == [NEW_MAC]
     assert "keep_instance_id is set, so the guest applies the new network configuration only if" in proc.stderr
+    # Why the warning: a guest that had booted keeps its cached datasource and applies nothing.
+    guest = tmp_path / "guest-var-lib-cloud"
+    assert boot("nocloud", nocloud_dir_of(src, tmp_path / "seed-before"), guest)["new_instance"]
+    second = boot("nocloud", nocloud_dir_of(dst, tmp_path / "seed-after"), guest)
+    assert (second["restored_from_cache"], second["new_instance"], second["applied"]) == (True, False, None)
 
 
 @pytest.mark.integration
@@ -147,6 +187,8 @@ def test_import_of_a_seed_disk(tmp_path: Path, installed: tuple[Path, Path], see
     drive = gi.blank(tmp_path / "disk1.img", 16)
     create(etc, [disk0, drive], seed=seed_kind)
     before = dh.read_fat_seed(drive, reader)
+    guest = tmp_path / "guest-var-lib-cloud"
+    assert applied_macs(boot(reader, dh.extract_fat(drive, tmp_path / "seed-before"), guest)) == list(OLD_MACS)
     new_drive = tmp_path / "imported1.img"
     # Ganeti imports disk 1 in its own run, at the same time as disk 0: only disk 1 is looked at.
     export_then_import(os_dir, drive, new_drive, env_of([disk0, new_drive], macs=[NEW_MAC, OLD_MACS[1]],
@@ -156,6 +198,8 @@ def test_import_of_a_seed_disk(tmp_path: Path, installed: tuple[Path, Path], see
     assert [i["mac_address"] for i in after["network"]["interfaces"]] == [NEW_MAC, OLD_MACS[1]]
     assert (before["instance_id"], after["instance_id"]) == (OLD_UUID, NEW_UUID)
     assert after["userdata_raw"] == before["userdata_raw"]
+    second = boot(reader, dh.extract_fat(new_drive, tmp_path / "seed-after"), guest)
+    assert (second["new_instance"], applied_macs(second)) == (True, [NEW_MAC, OLD_MACS[1]])
 
 
 @pytest.mark.integration
