@@ -39,6 +39,7 @@ from .reseedplan import (
     CD_NET,
     CD_TREES,
     CD_USER,
+    KEPT,
     NOCLOUD_FILES,
     SeedUpdate,
     describe_update,
@@ -178,7 +179,7 @@ def reseed_disk(genv: GanetiEnv, site: SiteConfig, index: int, path: str) -> Non
         delete_from_fat(path, update.remove)
         copy_into_fat(path, update.write)
     log.info("disk %d: updated %s for the imported instance: %s", index, found.where, describe_update(update))
-    if update.network_changed and not update.id_changed and keep and inp.agent != "flamingo":
+    if update.network_changed and update.id_reason == KEPT:
         log.warning("warning: disk %d: keep_instance_id is set, so the guest applies the new network configuration "
                     "only if its cloud-init re-reads it at every boot (updates: network: when: [boot])", index)
 

@@ -44,6 +44,7 @@ CD_META, CD_USER, CD_NET = "meta_data.json", "user_data", "network_data.json"
 # cloud-init's EventType values that re-apply network configuration on a boot of the same instance.
 EVERY_BOOT_EVENTS = frozenset({"boot", "boot-legacy"})
 UNREADABLE = object()
+KEPT = "keep_instance_id is set"
 
 
 @dataclass(frozen=True)
@@ -140,10 +141,10 @@ def choose_instance_id(current: str | None, candidate: str, fallback: str, *, ne
         return current, "the network configuration did not change"
     if agent == "flamingo":
         return current, "flamingo reads no network configuration from the seed"
-    if keep:
-        return current, "keep_instance_id is set"
     if every_boot:
         return current, "the user-data has cloud-init apply network configuration at every boot"
+    if keep:
+        return current, KEPT
     new = candidate if candidate != current else fallback
     return new, "cloud-init applies a changed network configuration only to a new instance-id"
 

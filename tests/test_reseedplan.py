@@ -74,6 +74,7 @@ def test_network_applied_every_boot_from_user_data() -> None:
     (True, "flamingo", False, False, "old", "old"),
     (True, "cloud-init", True, False, "old", "old"),
     (True, "cloud-init", False, True, "old", "old"),
+    (True, "cloud-init", True, True, "old", "old"),
     (False, "cloud-init", False, False, None, None),
 ])
 def test_instance_id_changes_only_for_a_changed_network_cloud_init_would_ignore(
