@@ -129,7 +129,10 @@ def dispatch(script: Script, genv: GanetiEnv, paths: Paths, argv: Sequence[str])
     if script is Script.EXPORT:
         lifecycle.run_export(genv, site)
     elif script is Script.IMPORT:
+        from .reseed import reseed_imported_disk
+
         lifecycle.run_import(genv, site)
+        reseed_imported_disk(genv, site)  # only once the disk's data is complete
     elif script is Script.RENAME:
         lifecycle.run_rename(genv, site)
 

@@ -102,6 +102,9 @@ SITE_SETTINGS = (
     Setting("Export", "Compression", "export_compression", parse_choice("none", "zstd"), "none",
             "compress compact exports with zstd (import detects it)"),
     Setting("Export", "ZstdLevel", "export_zstd_level", parse_zstd_level, 3, "zstd level, 1 to 19"),
+    Setting("Import", "KeepInstanceId", "import_keep_instance_id", parse_bool, False,
+            "when an import rewrites the seed's network configuration for new NICs, keep its instance-id "
+            "(the keep_instance_id parameter overrides this)"),
     Setting("Disks", "WipedByGaneti", "disks_wiped", parse_bool, False,
             "new block devices read back zeros (gnt-cluster modify --prealloc-wipe-disks yes, or thin "
             "storage): zero blocks of an image are then skipped on a first install"),

@@ -82,6 +82,15 @@ def check_grow_root(value: str, site: SiteConfig) -> None:
         parse_bool(value)
     except ValueError:
         raise ParameterError("grow_root must be yes or no") from None
+
+
+def check_keep_instance_id(value: str, site: SiteConfig) -> None:
+    try:
+        parse_bool(value)
+    except ValueError:
+        raise ParameterError("keep_instance_id must be yes or no") from None
+
+
 def check_ssh_authorized_keys(value: str, site: SiteConfig) -> None:
     from .sshkeys import parse_authorized_keys
 
@@ -129,6 +138,9 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("network", "Guest network: auto (static from the NIC's Ganeti network, else DHCP), dhcp or none",
               check_network),
     Parameter("seed", "Seed delivery: auto, nocloud-fs, nocloud-disk, configdrive-disk or none", check_seed),
+    Parameter("keep_instance_id", "Import only: keep the seed's instance-id when new NICs change its network "
+              "configuration, so cloud-init does not redo its first boot: yes or no (default: the site's "
+              "[Import] KeepInstanceId, no)", check_keep_instance_id),
 )
 
 

@@ -6,6 +6,8 @@ Run with /usr/bin/python3 (cloud-init lives in /usr/lib/python3/dist-packages), 
     cloudinit_reader.py nocloud SEED_DIR WORK_DIR
     cloudinit_reader.py configdrive DRIVE_DIR WORK_DIR
     cloudinit_reader.py network CONFIG_FILE WORK_DIR   (YAML network-config or network_data.json)
+    cloudinit_reader.py boot-nocloud SEED_DIR WORK_DIR   (one boot's init-local stage, see simulate_boot)
+    cloudinit_reader.py boot-configdrive DRIVE_DIR WORK_DIR
 
 Everything cloud-init writes goes under WORK_DIR (its cloud_dir and run_dir are moved there).
 The datasource code, the user-data processor, the part handlers (cloud-config, shell script,
@@ -24,7 +26,7 @@ import shutil
 import sys
 
 from cloudinit import cloud as ci_cloud
-from cloudinit import helpers, ssh_util, stages, util
+from cloudinit import helpers, sources, ssh_util, stages, util
 from cloudinit.config import cc_set_passwords, cc_users_groups
 from cloudinit.distros import rhel, ug_util
 from cloudinit.handlers.boot_hook import BootHookPartHandler
@@ -179,11 +181,50 @@ def read_datasource(kind, src, work):
     return out
 
 
+def simulate_boot(kind, src, work):
+    """One boot of a guest whose seed is ``src``, as cloud-init's init-local stage runs it
+    (cmd/main.py main_init: fetch with the cache check, instancify, apply_network_config).
+
+    WORK/cloud is the guest's /var/lib/cloud and persists from one call to the next; WORK/run is
+    its /run, a tmpfs, so it is emptied first.  What would change this host (rendering and
+    bringing up the network, renaming NICs) is recorded instead.  Returns whether cloud-init
+    took the boot for a new instance and the network configuration it applied (None: none).
+    """
+    work = os.path.abspath(work)  # the instance link cloud-init writes must not be relative
+    shutil.rmtree(os.path.join(work, "run"), ignore_errors=True)
+    base = base_config(work)
+    base["datasource_list"] = ["NoCloud" if kind == "nocloud" else "ConfigDrive"]
+    base.pop("network", None)  # this host's own cloud.cfg must not decide for the guest
+
+    class BootInit(stages.Init):
+        def _read_cfg(self, extra_fns):
+            return copy.deepcopy(base)
+
+    init = BootInit(ds_deps=[sources.DEP_FILESYSTEM])
+    init.initialize()
+    seed = os.path.join(init.paths.seed_dir, "nocloud" if kind == "nocloud" else "config_drive")
+    shutil.rmtree(seed, ignore_errors=True)
+    shutil.copytree(src, seed)
+    init.fetch(existing="check")
+    restored = init.ds_restored
+    init.instancify()
+    applied = []
+    distro = init.distro
+    distro.apply_network_config = lambda netcfg, bring_up=False: applied.append(netcfg)
+    distro.networking.wait_for_physdevs = lambda netcfg, strict=True: None
+    distro.networking.apply_network_config_names = lambda netcfg, **kw: None
+    init.apply_network_config(bring_up=False)
+    return {"instance_id": init.datasource.get_instance_id(), "restored_from_cache": restored,
+            "new_instance": init.is_new_instance(), "applied": applied[0] if applied else None}
+
+
 def main(argv):
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     kind, src, work = argv[1], argv[2], argv[3]
     if kind in ("nocloud", "configdrive"):
         result = read_datasource(kind, src, work)
+    elif kind in ("boot-nocloud", "boot-configdrive"):
+        result = simulate_boot(kind.removeprefix("boot-"), src, work)
     elif kind == "network":
         with open(src) as f:
             text = f.read()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -59,6 +60,47 @@ def read_seed(disk: Path) -> dict[str, Any]:
         result["seed_files"] = {p.name: p.read_bytes() for p in copy.iterdir()}
     result["modes"] = modes
     return result
+
+
+def digest_outside_root(disk: Path) -> str:
+    """SHA-256 of every byte of ``disk`` outside its root filesystem's partition (partition table,
+    other partitions, a backup GPT): what an import's re-seed never touches."""
+    root = find_guest_layout(os.fspath(disk), ARCH).root
+    h = hashlib.sha256()
+    with open(disk, "rb") as f:
+        for start, end in ((0, root.start), (root.end, disk.stat().st_size)):
+            f.seek(start)
+            left = end - start
+            while left > 0 and (chunk := f.read(min(left, 4 * 1024 * 1024))):
+                h.update(chunk)
+                left -= len(chunk)
+    return h.hexdigest()
+
+
+Manifest = dict[str, tuple[object, ...]]
+
+
+def filesystem_manifest(disk: Path, exclude: str = NOCLOUD_DIR) -> Manifest:
+    """Every entry of the guest's root filesystem but ``exclude`` (the seed directory): type, mode,
+    owner, size, mtime and content (SHA-256, or a link's target), read through a read-only mount."""
+    out: Manifest = {}
+    with guest_root(disk) as root:
+        for top, dirs, files in os.walk(root.path):
+            rel_top = os.path.relpath(top, root.path)
+            dirs[:] = sorted(d for d in dirs if os.path.normpath(os.path.join(rel_top, d)) != exclude)
+            for name in [*dirs, *sorted(files)]:
+                path = os.path.join(top, name)
+                st = os.lstat(path)
+                if stat.S_ISREG(st.st_mode):
+                    content: object = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+                elif stat.S_ISLNK(st.st_mode):
+                    content = os.readlink(path)
+                else:
+                    content = None
+                out[os.path.normpath(os.path.join(rel_top, name))] = (
+                    st.st_mode, st.st_uid, st.st_gid, st.st_size if not stat.S_ISDIR(st.st_mode) else None,
+                    st.st_mtime_ns, content)
+    return out
 
 
 def read_guest_file(disk: Path, rel: str) -> bytes | None:

@@ -20,7 +20,15 @@ from typing import Any
 
 import pytest
 from ganeti_cluster import SITE_VARIANT, SITE_VARIANT_USER, GanetiCluster
-from guest_disk import RootFilesystem, inspect_root_filesystem, read_dump_header, read_guest_file, read_seed, sha256_of
+from guest_disk import (
+    RootFilesystem,
+    digest_outside_root,
+    filesystem_manifest,
+    inspect_root_filesystem,
+    read_dump_header,
+    read_guest_file,
+    read_seed,
+)
 
 from instance_cloudimage.netconfig import eui64_address
 
@@ -235,12 +243,21 @@ def test_reinstall_writes_a_seed_with_a_new_instance_id(ganeti_cluster: GanetiCl
 
 
 def test_export_remove_import_rename(ganeti_cluster: GanetiCluster, created: Created) -> None:
-    """add → export → remove → import (new MAC, onto a block device) → rename."""
+    """add → export → remove → import (new MAC, onto a block device) → rename.
+
+    The import writes the exported disk byte for byte and then re-seeds it for the new NIC, which
+    rewrites the seed's network-config and meta-data (and so blocks of the root filesystem).  The
+    data is therefore compared with the seed left out: every byte outside the root partition, and
+    every file, directory and link of the root filesystem (content, mode, owner, mtime) but the
+    seed directory, which must be clean for fsck.  A re-seed that changes nothing keeps the whole
+    disk identical (tests/test_reseed.py checks that byte for byte).
+    """
     cluster = ganeti_cluster
     cluster.export(NAME)
     disk = cluster.disk_path_of(NAME)
-    size, digest = disk.stat().st_size, sha256_of(disk)
-    instance_id = read_seed(disk)["instance_id"]
+    size = disk.stat().st_size
+    outside, manifest = digest_outside_root(disk), filesystem_manifest(disk)
+    exported = read_seed(disk)
     cluster.remove_instance(NAME)
     assert cluster.fqdn(NAME) not in cluster.instances()
 
@@ -248,19 +265,38 @@ def test_export_remove_import_rename(ganeti_cluster: GanetiCluster, created: Cre
     assert read_dump_header(dump).disk_size == size  # our compact stream, not a raw copy
     assert dump.stat().st_size < size // 8, f"{dump.stat().st_size} bytes for a sparse {size}-byte disk"
 
-    # Imported under its old name, Ganeti's rename after the import has nothing to change.
+    # --net 0:mac=generate: Ganeti takes only the NICs given (one, default settings, a new MAC) and
+    # gives the instance a new UUID.
     cluster.import_(NAME, NAME, template="ext", disk_size=DISK_SIZE)
     imported = cluster.disk_path_of(NAME)
+    new_uuid, new_macs = cluster.field_of(NAME, "uuid"), cluster.field_of(NAME, "nic.macs").split(",")
+    assert len(new_macs) == 1 and new_macs[0] not in created.macs
     assert imported.stat().st_size == size
-    assert sha256_of(imported) == digest, "the imported disk differs from the exported one"
+    assert digest_outside_root(imported) == outside, "the imported disk differs outside its root filesystem"
+    assert filesystem_manifest(imported) == manifest, "the imported root filesystem differs outside the seed"
+    assert inspect_root_filesystem(imported).fsck_clean
     for kind in ("export", "import"):
         text = cluster.read_os_logs(kind, NAME)
         assert text and "error" not in text.lower() and "warning" not in text.lower(), f"{kind} log: {text}"
 
+    # The seed on the imported disk names the new MAC, with create's rendering for the new NIC set,
+    # and a new instance-id so that cloud-init applies it; keys and the secret user-data are kept.
+    seed = read_seed(imported)
+    assert [(i["name"], i["mac_address"]) for i in seed["network"]["interfaces"]] == [("eth0", new_macs[0])]
+    assert f"MACAddress={new_macs[0]}" in networkd(seed, 0) and "DHCP=ipv4" in networkd(seed, 0)
+    assert seed["instance_id"] == new_uuid != exported["instance_id"]
+    assert seed["seed_files"]["user-data"] == exported["seed_files"]["user-data"]
+    assert seed["merged"]["runcmd"] == [["touch", f"/root/{USER_DATA_TOKEN}"]]
+    assert seed["public_keys"] == [ED, ED2] and seed["fqdn"] == cluster.fqdn(NAME)
+    assert seed["modes"] == exported["modes"]
+    import_log = cluster.read_os_logs("import", NAME)
+    assert f"network configuration now for MAC {new_macs[0]}" in import_log, import_log
+    assert "cloud-init runs its per-instance modules again" in import_log
+
     cluster.rename(NAME, NEW_NAME)
     seed = read_seed(cluster.disk_path_of(NEW_NAME))
     assert (seed["hostname"], seed["fqdn"]) == (NEW_NAME, cluster.fqdn(NEW_NAME))
-    assert seed["instance_id"] == instance_id  # a rename is not a new instance
+    assert seed["instance_id"] == new_uuid  # a rename is not a new instance
     assert seed["public_keys"] == [ED, ED2]
     rename_log = cluster.read_os_logs("rename", NEW_NAME)
     assert "seed file(s) now carry the name" in rename_log and "warning" not in rename_log.lower()
