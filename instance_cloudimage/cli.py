@@ -131,8 +131,9 @@ def dispatch(script: Script, genv: GanetiEnv, paths: Paths, argv: Sequence[str])
     elif script is Script.IMPORT:
         from .reseed import reseed_imported_disk
 
-        lifecycle.run_import(genv, site)
-        reseed_imported_disk(genv, site)  # only once the disk's data is complete
+        # Only once the disk's data is complete, and before a URI-only disk's staging file is
+        # copied out, so the new seed reaches that disk too.
+        lifecycle.run_import(genv, site, after_write=lambda path: reseed_imported_disk(genv, site, path))
     elif script is Script.RENAME:
         lifecycle.run_rename(genv, site)
 

@@ -223,9 +223,12 @@ def import_raw(first: bytes, src: BinaryIO, writer: DiskWriter, max_size: int,
         progress(n)
 
 
-def run_import(genv: GanetiEnv, site: SiteConfig, source: BinaryIO | None = None) -> None:
+def run_import(genv: GanetiEnv, site: SiteConfig, source: BinaryIO | None = None,
+               after_write: Callable[[str], None] | None = None) -> None:
     """The import script.  Raises ConversionError (StreamError) for a bad stream.
 
+    ``after_write(local_path)`` runs once the disk's data is complete, on the device or, for a
+    URI-only disk, on its staging file before that is copied out (the re-seed: reseed.py).
     A URI-only disk is written only after the whole stream checked out: a truncated or corrupt
     stream leaves it untouched.
     """
@@ -234,6 +237,8 @@ def run_import(genv: GanetiEnv, site: SiteConfig, source: BinaryIO | None = None
         src = source or open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
         with staging_errors(site):
             extent = import_stream(disk.path, disk.describe(), src)
+        if after_write is not None:
+            after_write(disk.path)
         write_staged(disk, extent)
 
 

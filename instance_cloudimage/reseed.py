@@ -188,17 +188,20 @@ STALE = ("its seed may still name the NICs it was exported with, and the guest t
          "network: give the NICs their old MACs (gnt-instance modify --net N:modify,mac=MAC) or fix the seed")
 
 
-def reseed_imported_disk(genv: GanetiEnv, site: SiteConfig) -> None:
-    """After import wrote disk IMPORT_INDEX completely: re-seed it.  Never raises for the disk's sake."""
+def reseed_imported_disk(genv: GanetiEnv, site: SiteConfig, local_path: str | None = None) -> None:
+    """After import wrote disk IMPORT_INDEX completely: re-seed it.  Never raises for the disk's sake.
+
+    ``local_path``: where the data is (a URI-only disk's staging file); else IMPORT_DEVICE."""
     t = genv.transfer
     if t is None:
         return
-    if t.device is None:
+    device = local_path or t.device
+    if device is None:
         log.warning("warning: disk %d is only reachable through a URI, so its seed was not looked at; %s",
                     t.index, STALE)
         return
     try:
-        reseed_disk(genv, site, t.index, t.device)
+        reseed_disk(genv, site, t.index, device)
     except (CloudImageError, OSError, ValueError) as e:
         log.warning("warning: disk %d: the seed could not be updated for the imported instance (%s); %s",
                     t.index, e, STALE)

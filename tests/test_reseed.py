@@ -252,3 +252,36 @@ def test_a_seed_that_cannot_be_updated_is_a_warning_not_a_failed_import(tmp_path
     assert "warning" in line.lower() and "meta-data cannot be read" in line
     assert "gnt-instance modify --net N:modify,mac=MAC" in line
     assert sha256(new_drive) == sha256(drive)
+
+
+@pytest.mark.integration
+def test_import_onto_a_uri_disk_reseeds_before_the_copy_out(tmp_path: Path, installed: tuple[Path, Path]) -> None:
+    """A URI-only disk (access=userspace) is imported into a staging file; the re-seed runs on
+    that file, so the new seed is what reaches the disk behind the URI."""
+    from .test_uridisk import nbd_served
+
+    etc, os_dir = installed
+    src = gi.gpt_root_first(tmp_path / "disk0.img")
+    create(etc, [src], ssh_authorized_keys=dh.KEY)
+    dst = tmp_path / "imported.img"
+    with open(dst, "wb") as f:
+        f.truncate(src.stat().st_size)
+    (etc / "defaults.conf").write_text(f"[Disks]\nStagingDirectory = {tmp_path / 'staging'}\n")
+    exp = env_of([src], index=0)
+    exp = {k: v for k, v in exp.items() if not k.startswith("IMPORT_")}
+    exp.update({"EXPORT_INDEX": "0", "EXPORT_DEVICE": os.fspath(src), "EXPORT_DISK_PATH": os.fspath(src)})
+    stream = subprocess.run([os_dir / "export"], env=exp, cwd=os_dir, capture_output=True, check=True).stdout
+    with nbd_served(dst) as uri:
+        env = env_of([dst], macs=[NEW_MAC], instance_uuid=NEW_UUID, index=0, params={"ssh_authorized_keys": dh.KEY})
+        for key in ("DISK_0_PATH", "IMPORT_DEVICE", "IMPORT_DISK_PATH"):
+            del env[key]
+        env |= {"DISK_0_URI": uri, "IMPORT_DISK_URI": uri}
+        proc = subprocess.run([os_dir / "import"], env=env, cwd=os_dir, input=stream, capture_output=True,
+                              check=False)
+    (etc / "defaults.conf").unlink()
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"warning" not in proc.stderr.lower()
+    after = dh.read_nocloud_in_guest(dst)
+    assert [(i["name"], i["mac_address"]) for i in after["network"]["interfaces"]] == [("eth0", NEW_MAC)]
+    assert after["instance_id"] == NEW_UUID
+    assert not any((tmp_path / "staging").iterdir())

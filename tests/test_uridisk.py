@@ -125,7 +125,7 @@ def install_uri_os(base: Path, *, masked_hooks: bool = False) -> Path:
     dh.make_variant(etc, agent="cloud-init")
     (etc / "defaults.conf").write_text(f"[Images]\nAllowedDirectories = {base}\n"
                                        f"[Disks]\nStagingDirectory = {base / 'staging'}\n")
-    if masked_hooks:  # the shipped post-write hooks mount the guest, which stamps its superblock
+    if masked_hooks:  # a site masking the shipped post-write hooks (a mount would stamp the superblock)
         hooks = etc / "hooks.d" / "post-write.d"
         hooks.mkdir(parents=True)
         for name in ("50-install-files", "60-serial-console"):
