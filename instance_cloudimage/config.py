@@ -102,6 +102,9 @@ SITE_SETTINGS = (
     Setting("Export", "Compression", "export_compression", parse_choice("none", "zstd"), "none",
             "compress compact exports with zstd (import detects it)"),
     Setting("Export", "ZstdLevel", "export_zstd_level", parse_zstd_level, 3, "zstd level, 1 to 19"),
+    Setting("Import", "Reseed", "import_reseed", parse_bool, True,
+            "after an import, update the seed on the disk for the instance's NICs and name (no: the disk "
+            "stays a byte-for-byte copy of the export)"),
     Setting("Import", "KeepInstanceId", "import_keep_instance_id", parse_bool, False,
             "when an import rewrites the seed's network configuration for new NICs, keep its instance-id "
             "(the keep_instance_id parameter overrides this)"),

@@ -195,6 +195,10 @@ def reseed_imported_disk(genv: GanetiEnv, site: SiteConfig, local_path: str | No
     t = genv.transfer
     if t is None:
         return
+    if not site.get("import_reseed"):
+        log.info("disk %d: left as imported ([Import] Reseed = no): its seed names the NICs it was exported with",
+                 t.index)
+        return
     device = local_path or t.device
     if device is None:
         log.warning("warning: disk %d is only reachable through a URI, so its seed was not looked at; %s",

@@ -161,6 +161,21 @@ def test_import_with_the_same_nics_leaves_the_disk_byte_for_byte(tmp_path: Path,
 
 
 @pytest.mark.integration
+def test_a_site_without_reseed_gets_the_export_byte_for_byte(tmp_path: Path, installed: tuple[Path, Path]) -> None:
+    etc, os_dir = installed
+    src = gi.gpt_root_first(tmp_path / "disk0.img")
+    create(etc, [src])
+    dst = tmp_path / "imported.img"
+    (etc / "defaults.conf").write_text("[Import]\nReseed = no\n")
+    try:
+        proc = export_then_import(os_dir, src, dst, env_of([dst], macs=[NEW_MAC], instance_uuid=NEW_UUID, index=0))
+    finally:
+        (etc / "defaults.conf").unlink()
+    assert sha256(dst) == sha256(src)
+    assert "left as imported ([Import] Reseed = no)" in proc.stderr
+
+
+@pytest.mark.integration
 def test_import_keeping_the_instance_id_warns(tmp_path: Path, installed: tuple[Path, Path]) -> None:
     etc, os_dir = installed
     src = gi.gpt_root_first(tmp_path / "disk0.img")
@@ -271,14 +286,17 @@ def test_import_onto_a_uri_disk_reseeds_before_the_copy_out(tmp_path: Path, inst
     exp = {k: v for k, v in exp.items() if not k.startswith("IMPORT_")}
     exp.update({"EXPORT_INDEX": "0", "EXPORT_DEVICE": os.fspath(src), "EXPORT_DISK_PATH": os.fspath(src)})
     stream = subprocess.run([os_dir / "export"], env=exp, cwd=os_dir, capture_output=True, check=True).stdout
-    with nbd_served(dst) as uri:
-        env = env_of([dst], macs=[NEW_MAC], instance_uuid=NEW_UUID, index=0, params={"ssh_authorized_keys": dh.KEY})
-        for key in ("DISK_0_PATH", "IMPORT_DEVICE", "IMPORT_DISK_PATH"):
-            del env[key]
-        env |= {"DISK_0_URI": uri, "IMPORT_DISK_URI": uri}
-        proc = subprocess.run([os_dir / "import"], env=env, cwd=os_dir, input=stream, capture_output=True,
-                              check=False)
-    (etc / "defaults.conf").unlink()
+    try:
+        with nbd_served(dst) as uri:
+            env = env_of([dst], macs=[NEW_MAC], instance_uuid=NEW_UUID, index=0,
+                         params={"ssh_authorized_keys": dh.KEY})
+            for key in ("DISK_0_PATH", "IMPORT_DEVICE", "IMPORT_DISK_PATH"):
+                del env[key]
+            env |= {"DISK_0_URI": uri, "IMPORT_DISK_URI": uri}
+            proc = subprocess.run([os_dir / "import"], env=env, cwd=os_dir, input=stream, capture_output=True,
+                                  check=False)
+    finally:
+        (etc / "defaults.conf").unlink()
     assert proc.returncode == 0, proc.stderr.decode()
     assert b"warning" not in proc.stderr.lower()
     after = dh.read_nocloud_in_guest(dst)
