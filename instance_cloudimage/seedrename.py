@@ -227,6 +227,11 @@ def rename_seeds(genv: GanetiEnv, site: SiteConfig | None = None) -> None:
     rename = make_renamer(old, new)
     arch = genv.params.get("arch") or host_architecture()
     for disk in instance.disks:
+        if disk.path is None and disk.uri is not None:
+            # Staging a whole disk out of its URI and back is no price for a cosmetic change; say
+            # so, or "renamed" reads as if the guest's hostname had changed.
+            log.info("disk %d is reachable only through a URI; its seed keeps the old name %s", disk.index, old)
+            continue
         if disk.path is None or disk.access != "rw":
             continue
         try:

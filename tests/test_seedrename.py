@@ -17,7 +17,7 @@ import yaml
 
 from instance_cloudimage import seed
 from instance_cloudimage.config import SiteConfig
-from instance_cloudimage.env import Script
+from instance_cloudimage.env import Script, parse_environment
 from instance_cloudimage.lifecycle import run_rename
 from instance_cloudimage.seedrename import (
     make_renamer,
@@ -174,3 +174,14 @@ def test_rename_never_fails_the_job(tmp_path: Path, caplog: pytest.LogCaptureFix
         rename([img])  # no exception
     assert "disk 0: the seed keeps the old name (no ext4, xfs or btrfs" in caplog.text
     assert gi.no_loops(img)
+
+
+def test_rename_names_a_uri_only_disk_it_leaves_alone(caplog: pytest.LogCaptureFixture) -> None:
+    """A disk with only DISK_0_URI (access=userspace) is not staged for a rename: the log says so."""
+    env = dh.environ([Path("/unused")], name="new.example.org", old_name="old.example.org")
+    del env["DISK_0_PATH"]
+    env["DISK_0_URI"] = "nbd+unix:///disk?socket=/run/x.sock"
+    with caplog.at_level(logging.INFO, logger="instance_cloudimage"):
+        run_rename(parse_environment(env, Script.RENAME), SiteConfig())
+    assert "disk 0 is reachable only through a URI; its seed keeps the old name old.example.org" in caplog.text
+    assert "warning" not in caplog.text.lower()

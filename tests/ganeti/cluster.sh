@@ -32,8 +32,12 @@ FSP_BACKUP=$FSP.pre-ganeti-test
 FILE_STORAGE_DIR=/srv/ganeti/file-storage
 LOOP_IMG_DIR=/srv/ganeti/loop-images
 ES_DIR=/srv/ganeti/extstorage/loopfile
+NBD_ES_DIR=/srv/ganeti/extstorage/nbdfile
+NBD_IMG_DIR=/srv/ganeti/nbd-images
+NBD_RUN_DIR=/run/ganeti-test-nbd
 # Marks what this script created, so that teardown removes only that.
 STATE_DIR=/var/lib/ganeti-test-cluster
+KVM_STUB=$STATE_DIR/kvm
 
 # Ganeti commands run with a clean environment: the daemons started by "gnt-cluster init"
 # inherit it, and the OS import/export scripts inherit the daemons' environment (pitfall 3).
@@ -133,6 +137,101 @@ EOF
   chmod 755 "$ES_DIR"/{create,attach,detach,remove,grow,setinfo,verify}
 }
 
+# An ExtStorage provider whose volumes have NO kernel block device: each disk is a sparse file
+# served by qemu-nbd on a unix socket, and attach prints an empty first line (no device) and the
+# URI kvm would open.  With the disk parameter access=userspace (kvm only), Ganeti passes the OS
+# scripts DISK_0_URI=nbd+unix:///disk?socket=... and no DISK_0_PATH, as for rbd or gluster.
+# Use: -H kvm -t ext --disk 0:size=256M,provider=nbdfile,access=userspace
+install_nbdfile_extstorage() {
+  step "ExtStorage provider 'nbdfile' in $NBD_ES_DIR"
+  mkdir -p "$NBD_ES_DIR"
+  : > "$NBD_ES_DIR/parameters.list"
+  cat > "$NBD_ES_DIR/common.sh" <<EOF
+IMGDIR=$NBD_IMG_DIR
+RUNDIR=$NBD_RUN_DIR
+EOF
+  cat >> "$NBD_ES_DIR/common.sh" <<'EOF'
+IMG="$IMGDIR/$VOL_NAME.img"
+SOCK="$RUNDIR/$VOL_NAME.sock"
+PIDFILE="$RUNDIR/$VOL_NAME.pid"
+LOG="/var/log/ganeti/extstorage/nbdfile-$VOL_NAME.log"
+# The pid of this volume's qemu-nbd, if it runs (checked against its command line: pids recycle).
+server_pid() {
+  local pid
+  pid=$(cat "$PIDFILE" 2>/dev/null) || return 1
+  [ -n "$pid" ] && tr '\0' '\n' < "/proc/$pid/cmdline" 2>/dev/null | grep -qxF -- "--socket=$SOCK" &&
+    echo "$pid"
+}
+stop_server() {
+  local pid i
+  if pid=$(server_pid); then
+    kill "$pid"
+    for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid"; fi
+  fi
+  rm -f "$PIDFILE" "$SOCK"
+}
+EOF
+  cat > "$NBD_ES_DIR/create" <<'EOF'
+#!/bin/bash
+set -e; . "$(dirname "$0")/common.sh"
+mkdir -p "$IMGDIR"; truncate -s "${VOL_SIZE}M" "$IMG"
+EOF
+  # Ganeti attaches again whenever it looks a disk up: a running server is reused.  --persistent
+  # keeps serving after a client leaves; --fork returns once the socket listens.  The server's
+  # output goes to a log, never to Ganeti's pipe, which would otherwise stay open.
+  cat > "$NBD_ES_DIR/attach" <<'EOF'
+#!/bin/bash
+set -e; . "$(dirname "$0")/common.sh"
+[ -f "$IMG" ] || { echo "no volume $IMG" >&2; exit 1; }
+if ! server_pid >/dev/null; then
+  mkdir -p "$RUNDIR"; rm -f "$PIDFILE" "$SOCK"
+  qemu-nbd --fork --persistent --shared=8 --format=raw --discard=unmap --export-name=disk \
+    --socket="$SOCK" --pid-file="$PIDFILE" "$IMG" </dev/null >>"$LOG" 2>&1
+fi
+echo
+echo "kvm:nbd+unix:///disk?socket=$SOCK"
+EOF
+  cat > "$NBD_ES_DIR/detach" <<'EOF'
+#!/bin/bash
+set -e; . "$(dirname "$0")/common.sh"
+stop_server
+EOF
+  cat > "$NBD_ES_DIR/remove" <<'EOF'
+#!/bin/bash
+set -e; . "$(dirname "$0")/common.sh"
+stop_server; rm -f "$IMG"
+EOF
+  # A running server keeps the old size until the next attach.
+  cat > "$NBD_ES_DIR/grow" <<'EOF'
+#!/bin/bash
+set -e; . "$(dirname "$0")/common.sh"
+truncate -s "${VOL_NEW_SIZE}M" "$IMG"
+EOF
+  printf '#!/bin/sh\nexit 0\n' > "$NBD_ES_DIR/setinfo"
+  printf '#!/bin/sh\nexit 0\n' > "$NBD_ES_DIR/verify"
+  chmod 755 "$NBD_ES_DIR"/{create,attach,detach,remove,grow,setinfo,verify}
+}
+
+# Ganeti allows access=userspace only with the kvm hypervisor, and validates kvm's parameters by
+# running "<kvm_path> --help" and "<kvm_path> -machine ?".  The tests never start an instance, so
+# a stand-in answering those two is enough (no qemu-system-x86); tests/ganeti/test_uri_disks.py
+# enables kvm with kvm_path pointing here for its own instances only.
+install_kvm_stub() {
+  step "kvm stand-in $KVM_STUB"
+  cat > "$KVM_STUB" <<'EOF'
+#!/bin/sh
+# Stand-in for kvm on the Ganeti test cluster: answers Ganeti's parameter checks, runs no VM.
+case "$*" in
+  --help) echo "QEMU emulator version 7.2.0 (Ganeti test stand-in)"; exit 0 ;;
+  "-machine ?") printf 'Supported machines are:\npc  Standard PC (default)\n'; exit 0 ;;
+esac
+echo "kvm stand-in: the Ganeti test cluster does not start instances" >&2
+exit 1
+EOF
+  chmod 755 "$KVM_STUB"
+}
+
 init_cluster() {
   step "gnt-cluster init $CLUSTER_NAME"
   # --no-ssh-init: single node, no sshd needed; --no-etc-hosts: /etc/hosts is ours.
@@ -167,6 +266,8 @@ setup() {
   setup_hosts
   setup_dirs
   install_loopfile_extstorage
+  install_nbdfile_extstorage
+  install_kvm_stub
   init_cluster
   step "cluster ready"
 }
@@ -195,6 +296,16 @@ teardown() {
     rm -f "$img"
   done
   rm -rf "$ES_DIR"
+  # Servers and volumes of the 'nbdfile' ExtStorage provider, if any are left.
+  for pidfile in "$NBD_RUN_DIR"/*.pid; do
+    [ -e "$pidfile" ] || continue
+    pid=$(cat "$pidfile" 2>/dev/null || true)
+    if [ -n "$pid" ] && tr '\0' '\n' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "^--socket=$NBD_RUN_DIR/"; then
+      kill "$pid" || true
+      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
+  done
+  rm -rf "$NBD_RUN_DIR" "$NBD_IMG_DIR" "$NBD_ES_DIR"
   if [ -e "$STATE_DIR/bridge" ]; then
     ip link show "$GNT_BRIDGE" >/dev/null 2>&1 && ip link del "$GNT_BRIDGE"
     rm -f "$STATE_DIR/bridge"

@@ -25,6 +25,8 @@ from ganeti_cluster import (
     CLUSTER_SH,
     DOMAIN,
     LOOP_IMG_DIR,
+    NBD_IMG_DIR,
+    NBD_RUN_DIR,
     OS_DIR,
     OS_LOG_DIR,
     SITE_VARIANT,
@@ -174,6 +176,8 @@ def _run_cluster(work: Path, log: Path) -> Iterator[GanetiCluster]:
             (f"bridge {BRIDGE} is left", bridge_exists() and not bridge_before),
             ("the cluster configuration is left", Path("/var/lib/ganeti/config.data").exists()),
             ("loop devices of the loopfile provider are left", bool(loop_devices_of(LOOP_IMG_DIR))),
+            ("volumes or qemu-nbd servers of the nbdfile provider are left",
+             NBD_IMG_DIR.exists() or NBD_RUN_DIR.exists()),
         ) if left]
         if leftovers:
             pytest.fail(f"cluster teardown left state behind: {'; '.join(leftovers)} (see {log})", pytrace=False)

@@ -29,6 +29,11 @@ OS_DIR = Path("/srv/ganeti/os") / OS_NAME
 OS_LOG_DIR = Path("/var/log/ganeti/os")
 FILE_STORAGE_DIR = Path("/srv/ganeti/file-storage")
 LOOP_IMG_DIR = Path("/srv/ganeti/loop-images")
+# The 'nbdfile' ExtStorage provider (cluster.sh): volumes served by qemu-nbd, no block device.
+NBD_IMG_DIR = Path("/srv/ganeti/nbd-images")
+NBD_RUN_DIR = Path("/run/ganeti-test-nbd")
+# The kvm stand-in cluster.sh installs (Ganeti allows access=userspace only with kvm).
+KVM_STUB = Path("/var/lib/ganeti-test-cluster/kvm")
 EXPORT_DIR = Path("/var/lib/ganeti/export")
 DOMAIN = "example.test"
 BRIDGE = "gntbr0"
@@ -255,13 +260,15 @@ class GanetiCluster:
         """A regular file holding the disk's bytes, readable without activating the disk.
 
         file template: the disk file under /srv/ganeti/file-storage; ext (loopfile provider):
-        the image file behind the loop device.
+        the image file behind the loop device; ext (nbdfile provider): the file qemu-nbd serves.
         """
         disk = self.disks_of(name)[index]
         if disk.template == "file":
             return Path(disk.logical_id[1])
         if disk.template == "ext" and disk.logical_id[0] == "loopfile":
             return LOOP_IMG_DIR / f"{disk.logical_id[1]}.img"
+        if disk.template == "ext" and disk.logical_id[0] == "nbdfile":
+            return NBD_IMG_DIR / f"{disk.logical_id[1]}.img"
         raise AssertionError(f"no file behind disk {index} of {name}: {disk}")
 
     def field_of(self, name: str, field: str) -> str:
