@@ -28,6 +28,7 @@ from guest_disk import (
     read_dump_header,
     read_guest_file,
     read_seed,
+    sha256_of,
 )
 
 from instance_cloudimage.netconfig import eui64_address
@@ -250,12 +251,14 @@ def test_export_remove_import_rename(ganeti_cluster: GanetiCluster, created: Cre
     data is therefore compared with the seed left out: every byte outside the root partition, and
     every file, directory and link of the root filesystem (content, mode, owner, mtime) but the
     seed directory, which must be clean for fsck.  A re-seed that changes nothing keeps the whole
-    disk identical (tests/test_reseed.py checks that byte for byte).
+    disk identical (tests/test_reseed.py checks that byte for byte), and so does a site with
+    ``[Import] Reseed = no``: the same export is first imported that way and compared whole.
     """
     cluster = ganeti_cluster
     cluster.export(NAME)
     disk = cluster.disk_path_of(NAME)
     size = disk.stat().st_size
+    exported_sha256 = sha256_of(disk)  # first: the inspections below mount the guest
     outside, manifest = digest_outside_root(disk), filesystem_manifest(disk)
     exported = read_seed(disk)
     cluster.remove_instance(NAME)
@@ -264,6 +267,21 @@ def test_export_remove_import_rename(ganeti_cluster: GanetiCluster, created: Cre
     (dump,) = cluster.export_dumps(NAME)
     assert read_dump_header(dump).disk_size == size  # our compact stream, not a raw copy
     assert dump.stat().st_size < size // 8, f"{dump.stat().st_size} bytes for a sparse {size}-byte disk"
+
+    # [Import] Reseed = no: imported under the same name (a new name makes Ganeti run rename, which
+    # updates the seed's host name) and with a new MAC, the disk is the exported one byte for byte;
+    # its seed then still names the old NICs, as the README says.
+    site = cluster.config_dir / "defaults.conf"
+    before = site.read_text()
+    site.write_text(before + "[Import]\nReseed = no\n")
+    try:
+        cluster.import_(NAME, NAME, template="ext", disk_size=DISK_SIZE)
+    finally:
+        site.write_text(before)
+    exact_log = cluster.read_os_logs("import", NAME)
+    assert "left as imported ([Import] Reseed = no)" in exact_log, exact_log
+    assert sha256_of(cluster.disk_path_of(NAME)) == exported_sha256
+    cluster.remove_instance(NAME)
 
     # --net 0:mac=generate: Ganeti takes only the NICs given (one, default settings, a new MAC) and
     # gives the instance a new UUID.
@@ -300,3 +318,4 @@ def test_export_remove_import_rename(ganeti_cluster: GanetiCluster, created: Cre
     assert seed["public_keys"] == [ED, ED2]
     rename_log = cluster.read_os_logs("rename", NEW_NAME)
     assert "seed file(s) now carry the name" in rename_log and "warning" not in rename_log.lower()
+
