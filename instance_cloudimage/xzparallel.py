@@ -1,0 +1,402 @@
+"""Multi-block .xz decoded in parallel, in process, in order, with bounded memory.
+
+``xz -T0`` decodes a multi-block stream fast but keeps whole blocks in memory per thread
+(~150 MiB for 24 MiB blocks); ``xz -T1`` is small but single-threaded.  Multi-threaded xz
+writes each block's compressed and uncompressed sizes into its header, so the blocks can be
+found while streaming.  One thread (the splitter) reads the source once, in order (the checksum
+is hashed as it is read), and hands every block, wrapped in a one-block stream of its own
+(stream header, the block, a one-record index, a footer), to a pool of workers that decode
+them with ``lzma.LZMADecompressor``: liblzma checks each block's header, sizes, padding and
+check in C, without the GIL.  The splitter checks what the blocks no longer tell liblzma: the
+real index against the blocks, the footer, the padding and what follows a stream.
+
+The output is read in order, so the blocks decoded ahead wait in a Buffer: in memory up to a
+few MiB, then in an unlinked file in the spool directory (runs of zeros take no space at all),
+and only within a window of as many blocks as there are workers.  Whatever does not fit this
+shape (one CPU, no sizes in the first block header, a check liblzma cannot verify, a dictionary
+too large for two decoders within the budget, an empty stream) goes, before any output, to the
+external decoder; so does every stream after one that does not fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import lzma
+import os
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from .errors import ConversionError
+from .wrappers import Layer, Readable
+from .xzformat import (
+    HEADER_SIZE,
+    MAGIC,
+    VERIFIED_CHECKS,
+    BlockHeader,
+    ByteReader,
+    Truncated,
+    XzFormatError,
+    check_footer,
+    parse_stream_header,
+    read_block_header,
+    read_index,
+    synthetic_tail,
+)
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+IN_CHUNK = MiB  # compressed bytes per read and per decompress() call
+OUT_CHUNK = MiB  # decompressed bytes per decompress() call
+MEMORY_CAP = 4 * MiB  # bytes a buffer keeps in memory before it spills (or waits)
+AHEAD_CAP = 256 * MiB  # bytes a block not yet being read may spill before its decoder waits
+DICT_BUDGET = 64 * MiB  # dictionary memory of the blocks being decoded at once
+MAX_WORKERS = 4
+MEMLIMIT = 1024 * MiB  # liblzma's limit per decoder; a hostile header must not take the host's
+ZERO = bytes(OUT_CHUNK)
+HINT = "download it again; check its checksum"
+External = Callable[[Readable], Layer]
+
+
+class Closed(Exception):
+    """The layer was closed: every thread stops."""
+
+
+def count_workers() -> int:
+    return min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+
+
+def external_reason(check: int, block: BlockHeader | None, workers: int) -> str | None:
+    """Why a stream starting with ``block`` goes to the external decoder, or None."""
+    if workers < 2:
+        return "one CPU"
+    if block is None:
+        return "the stream has no blocks"
+    if check not in VERIFIED_CHECKS:
+        return f"check type {check} is not verified by liblzma"
+    if block.compressed is None or block.uncompressed is None:
+        return "its block headers do not record their sizes (single-threaded xz)"
+    if block.dict_size is None or 2 * block.dict_size > DICT_BUDGET:
+        return "its filter chain needs more memory than two in-process decoders may take"
+    return None
+
+
+def refusal(what: str, error: XzFormatError) -> ConversionError:
+    if isinstance(error, Truncated):
+        return ConversionError(f"the {what} is truncated (it ends inside an xz stream)", HINT)
+    return ConversionError(f"the {what} is corrupt: {error}", HINT)
+
+
+Part = bytes | bytearray | int | tuple[int, int]  # data, a run of zeros, (offset, length) spilled
+
+
+class Buffer:
+    """One block's bytes in order, its compressed input or its decoded output; one thread puts,
+    one takes.  In memory up to MEMORY_CAP, then spilled to an unlinked file up to AHEAD_CAP,
+    then the producer waits.  The output of the block being read never spills: its reader is
+    at work.  An input always may: the splitter must get past it to feed the next blocks."""
+
+    def __init__(self, pipe: ParallelXz, index: int, *, spill_current: bool) -> None:
+        self.pipe = pipe
+        self.index = index
+        self.spill_current = spill_current
+        self.parts: deque[Part] = deque()
+        self.offset = 0  # bytes of parts[0] already taken
+        self.memory = 0
+        self.spilled = 0
+        self.file: IO[bytes] | None = None
+        self.ended = False
+
+    def put(self, data: bytes | bytearray, zero: bool = False) -> None:
+        pipe = self.pipe
+        with pipe.cv:
+            while True:
+                pipe.check()
+                if zero:
+                    if self.parts and isinstance(self.parts[-1], int):
+                        self.parts[-1] += len(data)
+                    else:
+                        self.parts.append(len(data))
+                    pipe.cv.notify_all()
+                    return
+                if self.memory + len(data) <= MEMORY_CAP or not self.memory:
+                    self.parts.append(data)
+                    self.memory += len(data)
+                    pipe.cv.notify_all()
+                    return
+                if (self.spill_current or pipe.current != self.index) and self.spilled + len(data) <= AHEAD_CAP:
+                    break
+                pipe.cv.wait()
+        if self.file is None:
+            pipe.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.file = tempfile.TemporaryFile(dir=pipe.spool_dir, prefix="xz-")
+        view, done = memoryview(data), 0
+        while done < len(view):
+            done += os.pwrite(self.file.fileno(), view[done:], self.spilled + done)
+        with pipe.cv:
+            self.parts.append((self.spilled, len(data)))
+            self.spilled += len(data)
+            pipe.cv.notify_all()
+
+    def end(self) -> None:
+        with self.pipe.cv:
+            self.ended = True
+            self.pipe.cv.notify_all()
+
+    def take(self, limit: int) -> bytes | bytearray | memoryview | None:
+        """Up to ``limit`` next bytes, None once the producer ended and all was taken."""
+        pipe = self.pipe
+        with pipe.cv:
+            while not self.parts:
+                pipe.check()
+                if self.ended:
+                    return None
+                pipe.cv.wait()
+            part, start = self.parts[0], self.offset
+            length = part if isinstance(part, int) else part[1] if isinstance(part, tuple) else len(part)
+            n = min(limit, length - start, OUT_CHUNK if isinstance(part, int) else length)
+            self.offset += n
+            if self.offset == length:
+                self.parts.popleft()
+                self.offset = 0
+            if isinstance(part, (bytes, bytearray)):
+                self.memory -= n
+                pipe.cv.notify_all()
+        if isinstance(part, int):
+            return memoryview(ZERO)[:n]
+        if isinstance(part, tuple):
+            assert self.file is not None
+            return os.pread(self.file.fileno(), n, part[0] + start)
+        return memoryview(part)[start:start + n] if n < len(part) else part
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+@dataclass
+class Job:
+    index: int
+    block: BlockHeader
+    weight: int  # the dictionary memory its decoder takes
+    input: Buffer
+    output: Buffer
+
+    @property
+    def name(self) -> str:
+        return f"block {self.index + 1}"
+
+
+class ParallelXz(Layer):
+    """The decoded bytes of an .xz whose first block has been read and found fit."""
+
+    def __init__(self, reader: ByteReader, header: bytes, block: BlockHeader, workers: int,
+                 spool_dir: Path, what: str, external: External) -> None:
+        self.what = what
+        self.reader = reader
+        self.workers = workers
+        self.spool_dir = spool_dir
+        self.external = external
+        self.cv = threading.Condition()
+        self.jobs: dict[int, Job] = {}
+        self.created = self.claimed = self.current = 0
+        self.used = 0  # dictionary bytes being decoded
+        self.split_done = False
+        self.rest: Layer | None = None  # the external decoder for the streams that did not fit
+        self.error: BaseException | None = None
+        self.closed = False
+        self.threads = [threading.Thread(target=self._split, args=(header, block), name="xz-split", daemon=True)]
+        self.threads += [threading.Thread(target=self._work, name=f"xz-{i}", daemon=True) for i in range(workers)]
+        for thread in self.threads:
+            thread.start()
+
+    def check(self) -> None:
+        """Raise what stops every thread (called with the lock held)."""
+        if self.error is not None:
+            raise self.error
+        if self.closed:
+            raise Closed()
+
+    def _fail(self, error: BaseException) -> None:
+        if isinstance(error, XzFormatError):
+            error = refusal(self.what, error)
+        elif isinstance(error, OSError):
+            error = ConversionError(f"the {self.what} could not be decompressed: spilling a block ahead into "
+                                    f"{self.spool_dir} failed: {error.strerror}")
+        elif isinstance(error, lzma.LZMAError):
+            error = ConversionError(f"the {self.what} is corrupt: {error}", HINT)
+        with self.cv:
+            if self.error is None and not isinstance(error, Closed):
+                self.error = error
+            self.cv.notify_all()
+
+    # --- the splitter ---------------------------------------------------------------------
+
+    def _split(self, header: bytes, block: BlockHeader | None) -> None:
+        try:
+            while True:
+                check = parse_stream_header(header)
+                seen: list[tuple[int, int]] = []
+                while block is not None:
+                    if block.compressed is None or block.uncompressed is None:
+                        raise ConversionError(f"the {self.what} mixes blocks with and without recorded sizes in "
+                                              "one stream, which cannot be split", "recompress it with xz -T0")
+                    self._feed(header, block, check)
+                    seen.append((block.unpadded(check), block.uncompressed))
+                    block = read_block_header(self.reader)
+                index_size = read_index(self.reader.read_exact, seen)
+                check_footer(self.reader.read_exact(HEADER_SIZE), header, index_size)
+                next_header = self._next_stream()
+                if next_header is None:
+                    break
+                header = next_header
+                block = read_block_header(self.reader)
+                if external_reason(parse_stream_header(header), block, self.workers) is not None:
+                    consumed = header + (block.raw if block is not None else b"\0")
+                    rest = self.external(self.reader.replay(consumed))
+                    with self.cv:
+                        self.rest = rest
+                    break
+            with self.cv:
+                self.split_done = True
+                self.cv.notify_all()
+        except BaseException as e:
+            self._fail(e)
+
+    def _next_stream(self) -> bytes | None:
+        """After a stream footer: skip the stream padding; the next stream's header or None."""
+        padding = self.reader.skip_zeros()
+        header = self.reader.read_upto(HEADER_SIZE)
+        if padding % 4:
+            raise XzFormatError("its stream padding is not a multiple of four bytes")
+        if header and not header.startswith(MAGIC[:len(header)]):
+            raise XzFormatError("it has data that is not xz after its last stream")
+        if header and len(header) < HEADER_SIZE:
+            raise Truncated("truncated")
+        return header or None
+
+    def _feed(self, header: bytes, block: BlockHeader, check: int) -> None:
+        index = self.created
+        job = Job(index, block, min(block.dict_size or DICT_BUDGET, DICT_BUDGET),
+                  Buffer(self, index, spill_current=True), Buffer(self, index, spill_current=False))
+        with self.cv:
+            while index > self.current + self.workers:  # one block ahead of the decoders
+                self.check()
+                self.cv.wait()
+            self.jobs[index] = job
+            self.created += 1
+            self.cv.notify_all()
+        job.input.put(header + block.raw)
+        remaining = block.span(check)
+        while remaining:
+            chunk = self.reader.read_some(min(remaining, IN_CHUNK))
+            job.input.put(chunk)
+            remaining -= len(chunk)
+        job.input.put(synthetic_tail(header, block, check))
+        job.input.end()
+
+    # --- the workers ----------------------------------------------------------------------
+
+    def _claim(self) -> Job | None:
+        with self.cv:
+            while True:
+                self.check()
+                if self.claimed < self.created:
+                    job = self.jobs[self.claimed]
+                    if job.index < self.current + self.workers and (
+                            not self.used or self.used + job.weight <= DICT_BUDGET):
+                        self.claimed += 1
+                        self.used += job.weight
+                        return job
+                elif self.split_done:
+                    return None
+                self.cv.wait()
+
+    def _work(self) -> None:
+        try:
+            while (job := self._claim()) is not None:
+                try:
+                    self._decode(job)
+                finally:
+                    with self.cv:
+                        self.used -= job.weight
+                        self.cv.notify_all()
+        except BaseException as e:
+            self._fail(e)
+
+    def _decode(self, job: Job) -> None:
+        decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=MEMLIMIT)
+        try:
+            while (piece := job.input.take(IN_CHUNK)) is not None:
+                if decoder.eof:
+                    raise XzFormatError(f"{job.name} has data after its end")
+                out = decoder.decompress(piece, OUT_CHUNK)
+                while True:
+                    if out:
+                        job.output.put(out, zero=out == ZERO if len(out) == OUT_CHUNK else out == ZERO[:len(out)])
+                    if decoder.eof or decoder.needs_input:
+                        break
+                    out = decoder.decompress(b"", OUT_CHUNK)
+        except lzma.LZMAError as e:
+            raise ConversionError(f"the {self.what} is corrupt: {job.name}: {e}", HINT) from None
+        if not decoder.eof:
+            raise XzFormatError(f"{job.name} ends early")
+        job.input.release()
+        job.output.end()
+
+    # --- the reader -----------------------------------------------------------------------
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        while True:
+            with self.cv:
+                while (job := self.jobs.get(self.current)) is None:
+                    self.check()
+                    if self.split_done and self.current == self.created:
+                        break
+                    self.cv.wait()
+            if job is None:  # every block was read: the streams the external decoder took, if any
+                return self.rest.readinto(buf) if self.rest is not None else 0
+            piece = job.output.take(len(buf))
+            if piece is not None:
+                memoryview(buf)[:len(piece)] = piece
+                return len(piece)
+            job.output.release()
+            with self.cv:
+                del self.jobs[self.current]
+                self.current += 1
+                self.cv.notify_all()
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            self.cv.notify_all()
+        for thread in self.threads:
+            thread.join(timeout=10)
+        # Spill files close when their last user lets go (a thread still blocked on the source).
+        self.jobs.clear()
+        if self.rest is not None:
+            self.rest.close()
+
+
+def open_xz(source: Readable, what: str, spool_dir: Path, external: External) -> Layer:
+    """Decode ``source`` in parallel if its first block allows it, else with ``external``."""
+    reader = ByteReader(source)
+    try:
+        header = reader.read_exact(HEADER_SIZE)
+        check = parse_stream_header(header)
+        block = read_block_header(reader)
+    except XzFormatError as e:
+        raise refusal(what, e) from None
+    workers = count_workers()
+    reason = external_reason(check, block, workers)
+    if reason is not None or block is None:
+        consumed = header + (block.raw if block is not None else b"\0")
+        log.debug("the %s goes to the external decoder: %s", what, reason)
+        return external(reader.replay(consumed))
+    log.debug("decoding the %s with %d threads", what, workers)
+    return ParallelXz(reader, header, block, workers, spool_dir, what, external)
