@@ -10,12 +10,15 @@ them with ``lzma.LZMADecompressor``: liblzma checks each block's header, sizes, 
 check in C, without the GIL.  The splitter checks what the blocks no longer tell liblzma: the
 real index against the blocks, the footer, the padding and what follows a stream.
 
-The output is read in order, so the blocks decoded ahead wait in a Buffer: in memory up to a
-few MiB, then in an unlinked file in the spool directory (runs of zeros take no space at all),
-and only within a window of as many blocks as there are workers.  Whatever does not fit this
-shape (one CPU, no sizes in the first block header, a check liblzma cannot verify, a dictionary
-too large for two decoders within the budget, an empty stream) goes, before any output, to the
-external decoder; so does every stream after one that does not fit.
+The output is read in order, so the blocks decoded ahead wait in Buffers (xzbuffers.py): a
+few MiB in memory for all of them together, the rest in unlinked files in the spool directory
+up to a budget (runs of zeros take no space at all), within a window of a few blocks per
+worker; the splitter reads at most one block beyond what the workers took.  So memory stays
+bounded whatever the block size, and one slow block does not hold the other workers up.
+Whatever does not fit this shape (one CPU, no sizes in the first block header, a check liblzma
+cannot verify, a dictionary too large for two decoders within the budget, an empty stream)
+goes, before any output, to the external decoder; so does every stream after one that does not
+fit.
 """
 
 from __future__ import annotations
@@ -23,16 +26,14 @@ from __future__ import annotations
 import logging
 import lzma
 import os
-import tempfile
 import threading
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from .errors import ConversionError
 from .wrappers import Layer, Readable
+from .xzbuffers import OUT_CHUNK, ZERO, Buffer, MiB
 from .xzformat import (
     HEADER_SIZE,
     MAGIC,
@@ -50,15 +51,13 @@ from .xzformat import (
 
 log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
 IN_CHUNK = MiB  # compressed bytes per read and per decompress() call
-OUT_CHUNK = MiB  # decompressed bytes per decompress() call
-MEMORY_CAP = 4 * MiB  # bytes a buffer keeps in memory before it spills (or waits)
-AHEAD_CAP = 256 * MiB  # bytes a block not yet being read may spill before its decoder waits
 DICT_BUDGET = 64 * MiB  # dictionary memory of the blocks being decoded at once
 MAX_WORKERS = 4
+# Blocks decoded at once or ahead, per worker: blocks differ in cost (zeros decode 20x faster
+# than data), so a worker done early goes on with later blocks instead of idling.
+WINDOW_PER_WORKER = 4
 MEMLIMIT = 1024 * MiB  # liblzma's limit per decoder; a hostile header must not take the host's
-ZERO = bytes(OUT_CHUNK)
 HINT = "download it again; check its checksum"
 External = Callable[[Readable], Layer]
 
@@ -92,93 +91,6 @@ def refusal(what: str, error: XzFormatError) -> ConversionError:
     return ConversionError(f"the {what} is corrupt: {error}", HINT)
 
 
-Part = bytes | bytearray | int | tuple[int, int]  # data, a run of zeros, (offset, length) spilled
-
-
-class Buffer:
-    """One block's bytes in order, its compressed input or its decoded output; one thread puts,
-    one takes.  In memory up to MEMORY_CAP, then spilled to an unlinked file up to AHEAD_CAP,
-    then the producer waits.  The output of the block being read never spills: its reader is
-    at work.  An input always may: the splitter must get past it to feed the next blocks."""
-
-    def __init__(self, pipe: ParallelXz, index: int, *, spill_current: bool) -> None:
-        self.pipe = pipe
-        self.index = index
-        self.spill_current = spill_current
-        self.parts: deque[Part] = deque()
-        self.offset = 0  # bytes of parts[0] already taken
-        self.memory = 0
-        self.spilled = 0
-        self.file: IO[bytes] | None = None
-        self.ended = False
-
-    def put(self, data: bytes | bytearray, zero: bool = False) -> None:
-        pipe = self.pipe
-        with pipe.cv:
-            while True:
-                pipe.check()
-                if zero:
-                    if self.parts and isinstance(self.parts[-1], int):
-                        self.parts[-1] += len(data)
-                    else:
-                        self.parts.append(len(data))
-                    pipe.cv.notify_all()
-                    return
-                if self.memory + len(data) <= MEMORY_CAP or not self.memory:
-                    self.parts.append(data)
-                    self.memory += len(data)
-                    pipe.cv.notify_all()
-                    return
-                if (self.spill_current or pipe.current != self.index) and self.spilled + len(data) <= AHEAD_CAP:
-                    break
-                pipe.cv.wait()
-        if self.file is None:
-            pipe.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.file = tempfile.TemporaryFile(dir=pipe.spool_dir, prefix="xz-")
-        view, done = memoryview(data), 0
-        while done < len(view):
-            done += os.pwrite(self.file.fileno(), view[done:], self.spilled + done)
-        with pipe.cv:
-            self.parts.append((self.spilled, len(data)))
-            self.spilled += len(data)
-            pipe.cv.notify_all()
-
-    def end(self) -> None:
-        with self.pipe.cv:
-            self.ended = True
-            self.pipe.cv.notify_all()
-
-    def take(self, limit: int) -> bytes | bytearray | memoryview | None:
-        """Up to ``limit`` next bytes, None once the producer ended and all was taken."""
-        pipe = self.pipe
-        with pipe.cv:
-            while not self.parts:
-                pipe.check()
-                if self.ended:
-                    return None
-                pipe.cv.wait()
-            part, start = self.parts[0], self.offset
-            length = part if isinstance(part, int) else part[1] if isinstance(part, tuple) else len(part)
-            n = min(limit, length - start, OUT_CHUNK if isinstance(part, int) else length)
-            self.offset += n
-            if self.offset == length:
-                self.parts.popleft()
-                self.offset = 0
-            if isinstance(part, (bytes, bytearray)):
-                self.memory -= n
-                pipe.cv.notify_all()
-        if isinstance(part, int):
-            return memoryview(ZERO)[:n]
-        if isinstance(part, tuple):
-            assert self.file is not None
-            return os.pread(self.file.fileno(), n, part[0] + start)
-        return memoryview(part)[start:start + n] if n < len(part) else part
-
-    def release(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
 @dataclass
 class Job:
     index: int
@@ -206,6 +118,7 @@ class ParallelXz(Layer):
         self.jobs: dict[int, Job] = {}
         self.created = self.claimed = self.current = 0
         self.used = 0  # dictionary bytes being decoded
+        self.memory = self.spilled = 0  # bytes kept in memory, decoded bytes kept in spill files
         self.split_done = False
         self.rest: Layer | None = None  # the external decoder for the streams that did not fit
         self.error: BaseException | None = None
@@ -225,9 +138,6 @@ class ParallelXz(Layer):
     def _fail(self, error: BaseException) -> None:
         if isinstance(error, XzFormatError):
             error = refusal(self.what, error)
-        elif isinstance(error, OSError):
-            error = ConversionError(f"the {self.what} could not be decompressed: spilling a block ahead into "
-                                    f"{self.spool_dir} failed: {error.strerror}")
         elif isinstance(error, lzma.LZMAError):
             error = ConversionError(f"the {self.what} is corrupt: {error}", HINT)
         with self.cv:
@@ -283,9 +193,9 @@ class ParallelXz(Layer):
     def _feed(self, header: bytes, block: BlockHeader, check: int) -> None:
         index = self.created
         job = Job(index, block, min(block.dict_size or DICT_BUDGET, DICT_BUDGET),
-                  Buffer(self, index, spill_current=True), Buffer(self, index, spill_current=False))
+                  Buffer(self, index, is_input=True), Buffer(self, index, is_input=False))
         with self.cv:
-            while index > self.current + self.workers:  # one block ahead of the decoders
+            while self.claimed < index:  # one block ahead of the decoders: the input is read once
                 self.check()
                 self.cv.wait()
             self.jobs[index] = job
@@ -308,7 +218,7 @@ class ParallelXz(Layer):
                 self.check()
                 if self.claimed < self.created:
                     job = self.jobs[self.claimed]
-                    if job.index < self.current + self.workers and (
+                    if job.index < self.current + self.workers * WINDOW_PER_WORKER and (
                             not self.used or self.used + job.weight <= DICT_BUDGET):
                         self.claimed += 1
                         self.used += job.weight
