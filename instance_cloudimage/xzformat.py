@@ -286,6 +286,11 @@ class ByteReader:
                 break
         return skipped
 
+    def unread(self, data: bytes) -> None:
+        """Put back bytes read past the end of a stream."""
+        self.buf = data + self.buf[self.pos:]
+        self.pos = 0
+
     def replay(self, consumed: bytes) -> Prefixed:
         """A Readable of ``consumed`` (already parsed), the read-ahead, then the source."""
         return Prefixed(consumed + self.buf[self.pos:], self.source)

@@ -17,17 +17,20 @@ worker; the splitter reads at most one block beyond what the workers took.  So m
 bounded whatever the block size, and one slow block does not hold the other workers up.
 Whatever does not fit this shape (one CPU, no sizes in the first block header, a check liblzma
 cannot verify, a dictionary too large for two decoders within the budget, an empty stream)
-goes, before any output, to the external decoder; so does every stream after one that does not
-fit.
+goes, before any output, to the external decoder (``xz -T0``, single-threaded on such files
+anyway).  A later stream that does not fit is decoded by the splitter itself, in order, with
+the same checks (starting a process under resource limits while threads run is not fork-safe,
+and Python's LZMAFile ignores trailing garbage).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import lzma
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,33 +97,28 @@ def refusal(what: str, error: XzFormatError) -> ConversionError:
 @dataclass
 class Job:
     index: int
-    block: BlockHeader
+    name: str
     weight: int  # the dictionary memory its decoder takes
     input: Buffer
     output: Buffer
-
-    @property
-    def name(self) -> str:
-        return f"block {self.index + 1}"
 
 
 class ParallelXz(Layer):
     """The decoded bytes of an .xz whose first block has been read and found fit."""
 
     def __init__(self, reader: ByteReader, header: bytes, block: BlockHeader, workers: int,
-                 spool_dir: Path, what: str, external: External) -> None:
+                 spool_dir: Path, what: str) -> None:
         self.what = what
         self.reader = reader
         self.workers = workers
         self.spool_dir = spool_dir
-        self.external = external
         self.cv = threading.Condition()
         self.jobs: dict[int, Job] = {}
         self.created = self.claimed = self.current = 0
         self.used = 0  # dictionary bytes being decoded
         self.memory = self.spilled = 0  # bytes kept in memory, decoded bytes kept in spill files
         self.split_done = False
-        self.rest: Layer | None = None  # the external decoder for the streams that did not fit
+        self.unsplit = 0  # later streams that the splitter decoded itself
         self.error: BaseException | None = None
         self.closed = False
         self.threads = [threading.Thread(target=self._split, args=(header, block), name="xz-split", daemon=True)]
@@ -149,34 +147,74 @@ class ParallelXz(Layer):
 
     def _split(self, header: bytes, block: BlockHeader | None) -> None:
         try:
-            while True:
+            for number in itertools.count(1):
                 check = parse_stream_header(header)
-                seen: list[tuple[int, int]] = []
-                while block is not None:
-                    if block.compressed is None or block.uncompressed is None:
-                        raise ConversionError(f"the {self.what} mixes blocks with and without recorded sizes in "
-                                              "one stream, which cannot be split", "recompress it with xz -T0")
-                    self._feed(header, block, check)
-                    seen.append((block.unpadded(check), block.uncompressed))
-                    block = read_block_header(self.reader)
-                index_size = read_index(self.reader.read_exact, seen)
-                check_footer(self.reader.read_exact(HEADER_SIZE), header, index_size)
+                if external_reason(check, block, self.workers) is None:
+                    self._split_stream(header, check, block)
+                elif check not in VERIFIED_CHECKS:  # xz warns and exits with status 2: we refuse
+                    raise XzFormatError(f"a stream uses check type {check}, which cannot be verified")
+                else:
+                    self._decode_stream(header, block, f"stream {number}")
                 next_header = self._next_stream()
                 if next_header is None:
                     break
                 header = next_header
+                parse_stream_header(header)
                 block = read_block_header(self.reader)
-                if external_reason(parse_stream_header(header), block, self.workers) is not None:
-                    consumed = header + (block.raw if block is not None else b"\0")
-                    rest = self.external(self.reader.replay(consumed))
-                    with self.cv:
-                        self.rest = rest
-                    break
             with self.cv:
                 self.split_done = True
                 self.cv.notify_all()
         except BaseException as e:
             self._fail(e)
+
+    def _split_stream(self, header: bytes, check: int, block: BlockHeader | None) -> None:
+        """Hand each block of a stream to the workers; check its index and footer."""
+        seen: list[tuple[int, int]] = []
+        while block is not None:
+            if block.compressed is None or block.uncompressed is None:
+                raise ConversionError(f"the {self.what} mixes blocks with and without recorded sizes in "
+                                      "one stream, which cannot be split", "recompress it with xz -T0")
+            self._feed(header, block, check)
+            seen.append((block.unpadded(check), block.uncompressed))
+            block = read_block_header(self.reader)
+        index_size = read_index(self.reader.read_exact, seen)
+        check_footer(self.reader.read_exact(HEADER_SIZE), header, index_size)
+
+    def _decode_stream(self, header: bytes, block: BlockHeader | None, name: str) -> None:
+        """Decode a whole stream here, in order: liblzma checks all of it, and says where it ends."""
+        dict_size = block.dict_size if block is not None else None
+        weight = min(dict_size or DICT_BUDGET, DICT_BUDGET)
+        job = self._add_job(name, weight, claim=True)
+        self.unsplit += 1
+        consumed = header + (block.raw if block is not None else b"\0")
+
+        def pieces() -> Iterator[bytes | bytearray]:
+            yield consumed
+            while True:
+                yield self.reader.read_some(IN_CHUNK)
+
+        decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=MEMLIMIT)
+        try:
+            self._inflate(decoder, pieces(), job)
+        finally:
+            self._release(job)
+        self.reader.unread(decoder.unused_data)
+
+    def _add_job(self, name: str, weight: int, *, claim: bool) -> Job:
+        index = self.created
+        job = Job(index, name, weight, Buffer(self, index, is_input=True), Buffer(self, index, is_input=False))
+        with self.cv:
+            # One block ahead of the decoders at most: the input is read once, in order.
+            while self.claimed < index or (claim and self.used and self.used + weight > DICT_BUDGET):
+                self.check()
+                self.cv.wait()
+            self.jobs[index] = job
+            self.created += 1
+            if claim:
+                self.claimed += 1
+                self.used += weight
+            self.cv.notify_all()
+        return job
 
     def _next_stream(self) -> bytes | None:
         """After a stream footer: skip the stream padding; the next stream's header or None."""
@@ -191,16 +229,8 @@ class ParallelXz(Layer):
         return header or None
 
     def _feed(self, header: bytes, block: BlockHeader, check: int) -> None:
-        index = self.created
-        job = Job(index, block, min(block.dict_size or DICT_BUDGET, DICT_BUDGET),
-                  Buffer(self, index, is_input=True), Buffer(self, index, is_input=False))
-        with self.cv:
-            while self.claimed < index:  # one block ahead of the decoders: the input is read once
-                self.check()
-                self.cv.wait()
-            self.jobs[index] = job
-            self.created += 1
-            self.cv.notify_all()
+        job = self._add_job(f"block {self.created + 1}", min(block.dict_size or DICT_BUDGET, DICT_BUDGET),
+                            claim=False)
         job.input.put(header + block.raw)
         remaining = block.span(check)
         while remaining:
@@ -230,21 +260,27 @@ class ParallelXz(Layer):
     def _work(self) -> None:
         try:
             while (job := self._claim()) is not None:
+                decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=MEMLIMIT)
                 try:
-                    self._decode(job)
+                    self._inflate(decoder, iter(lambda: job.input.take(IN_CHUNK), None), job)
                 finally:
-                    with self.cv:
-                        self.used -= job.weight
-                        self.cv.notify_all()
+                    self._release(job)
+                if decoder.unused_data or job.input.take(1) is not None:
+                    raise XzFormatError(f"{job.name} has data after its end")
+                job.input.release()
         except BaseException as e:
             self._fail(e)
 
-    def _decode(self, job: Job) -> None:
-        decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=MEMLIMIT)
+    def _release(self, job: Job) -> None:
+        with self.cv:
+            self.used -= job.weight
+            self.cv.notify_all()
+
+    def _inflate(self, decoder: lzma.LZMADecompressor, pieces: Iterator[bytes | bytearray | memoryview],
+                 job: Job) -> None:
+        """Decode ``pieces`` into the job's output until the stream ends."""
         try:
-            while (piece := job.input.take(IN_CHUNK)) is not None:
-                if decoder.eof:
-                    raise XzFormatError(f"{job.name} has data after its end")
+            for piece in pieces:
                 out = decoder.decompress(piece, OUT_CHUNK)
                 while True:
                     if out:
@@ -252,12 +288,12 @@ class ParallelXz(Layer):
                     if decoder.eof or decoder.needs_input:
                         break
                     out = decoder.decompress(b"", OUT_CHUNK)
+                if decoder.eof:
+                    job.output.end()
+                    return
         except lzma.LZMAError as e:
             raise ConversionError(f"the {self.what} is corrupt: {job.name}: {e}", HINT) from None
-        if not decoder.eof:
-            raise XzFormatError(f"{job.name} ends early")
-        job.input.release()
-        job.output.end()
+        raise XzFormatError(f"{job.name} ends early")
 
     # --- the reader -----------------------------------------------------------------------
 
@@ -269,8 +305,8 @@ class ParallelXz(Layer):
                     if self.split_done and self.current == self.created:
                         break
                     self.cv.wait()
-            if job is None:  # every block was read: the streams the external decoder took, if any
-                return self.rest.readinto(buf) if self.rest is not None else 0
+            if job is None:
+                return 0
             piece = job.output.take(len(buf))
             if piece is not None:
                 memoryview(buf)[:len(piece)] = piece
@@ -289,8 +325,6 @@ class ParallelXz(Layer):
             thread.join(timeout=10)
         # Spill files close when their last user lets go (a thread still blocked on the source).
         self.jobs.clear()
-        if self.rest is not None:
-            self.rest.close()
 
 
 def open_xz(source: Readable, what: str, spool_dir: Path, external: External) -> Layer:
@@ -309,4 +343,4 @@ def open_xz(source: Readable, what: str, spool_dir: Path, external: External) ->
         log.debug("the %s goes to the external decoder: %s", what, reason)
         return external(reader.replay(consumed))
     log.debug("decoding the %s with %d threads", what, workers)
-    return ParallelXz(reader, header, block, workers, spool_dir, what, external)
+    return ParallelXz(reader, header, block, workers, spool_dir, what)

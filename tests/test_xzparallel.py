@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,7 @@ PARALLEL = {
 def test_multi_block_xz_is_decoded_in_parallel(name: str, src: Path, work: Path, tmp_path: Path) -> None:
     image = xz(src, work / f"{name.replace(' ', '_')}.xz", *PARALLEL[name])
     layer, out = decode(image, work)
-    assert isinstance(layer, ParallelXz) and layer.rest is None
+    assert isinstance(layer, ParallelXz) and layer.unsplit == 0
     assert out == src.read_bytes()
     disk = new_disk(tmp_path / "disk", SIZE)
     assert deploy(image, disk).wrappers == (Wrapper.XZ,)
@@ -132,20 +133,36 @@ def halves(src: Path, work: Path, second: tuple[str, ...]) -> tuple[bytes, bytes
     return (sh("xz", "-c", "-T2", "-0", "--block-size=1MiB", work / "h1"), sh("xz", "-c", *second, work / "h2"))
 
 
-@pytest.mark.parametrize("second", ["parallel", "external"])
+@pytest.mark.parametrize("second", ["parallel", "unsplit"])
 def test_concatenated_streams_with_padding(second: str, src: Path, work: Path, tmp_path: Path) -> None:
-    """A second stream that cannot be split goes, with all after it, to the external decoder."""
+    """A later stream that cannot be split is decoded in order by the splitter, an empty stream
+    too; padding between and after streams is skipped."""
     options = ("-T2", "-0", "--block-size=3MiB", "--check=crc32") if second == "parallel" else ("-T1", "-0")
     one, two = halves(src, work, options)
+    empty = sh("xz", "-c", "/dev/null")
     image = tmp_path / "two.xz"
-    image.write_bytes(one + bytes(8) + two + bytes(12))
+    image.write_bytes(one + bytes(8) + two + bytes(12) + empty)
     assert run(["xz", "-t", str(image)]).returncode == 0
     layer, out = decode(image, work)
-    assert isinstance(layer, ParallelXz) and (layer.rest is None) == (second == "parallel")
+    assert isinstance(layer, ParallelXz) and layer.unsplit == (2 if second == "unsplit" else 1)
     assert out == src.read_bytes()
     disk = new_disk(tmp_path / "disk", SIZE)
     deploy(image, disk)
     compare(disk, src)
+
+
+@pytest.mark.parametrize("spoil,match", [(lambda d: d + b"\0\0\0\0garbage!", "data that is not xz after"),
+                                         (lambda d: d[:-20], "truncated"),
+                                         (lambda d: d[:-30] + bytes([d[-30] ^ 1]) + d[-29:], "is corrupt: stream 2")],
+                         ids=["garbage after", "truncated", "corrupt"])
+def test_a_broken_later_stream_that_cannot_be_split_is_refused(spoil: Callable[[bytes], bytes], match: str,
+                                                               src: Path, work: Path, tmp_path: Path) -> None:
+    one, two = halves(src, work, ("-T1", "-0"))
+    image = tmp_path / "bad.xz"
+    image.write_bytes(spoil(one + two))
+    assert run(["xz", "-t", str(image)], capture_output=True).returncode != 0
+    with pytest.raises(ConversionError, match=match):
+        deploy(image, new_disk(tmp_path / "disk", SIZE))
 
 
 def block_offsets(data: bytes) -> list[tuple[int, BlockHeader]]:
