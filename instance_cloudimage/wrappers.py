@@ -1,9 +1,11 @@
 """Compression wrappers: detected by magic bytes, decoded while streaming, sizes announced.
 
 Never by extension or Content-Type (image-safety.md §B.10).  Each wrapper is decoded by the
-fastest decoder measured on these machines (image-perf.md §6): multi-threaded ``xz -T0`` and
-``pigz``/``lbzip2`` fed through a pipe by a thread, and in-process ``zstandard`` (a pipe costs
-zstd more than it gains).  Python's stdlib decoders are the fallback when a tool is missing.
+fastest decoder measured on these machines (image-perf.md §6): ``pigz``/``lbzip2`` fed through
+a pipe by a thread, in-process ``zstandard`` (a pipe costs zstd more than it gains), and for xz
+our own parallel in-process decoder (xzparallel.py: as fast as ``xz -T0``, in a fraction of its
+memory), which hands the files it cannot split to ``xz -T0``.  Python's stdlib decoders are the
+fallback when a tool is missing.
 Decoders run with an address-space limit; the decompressed byte count is capped by the writer,
 and the sizes some formats announce only serve to refuse a bomb before starting.
 """
