@@ -147,10 +147,9 @@ def build_footer(flags: bytes, index_size: int) -> bytes:
     return crc32(backward) + backward + FOOTER_MAGIC
 
 
-def synthetic_tail(stream_header: bytes, block: BlockHeader, check: int) -> bytes:
-    """What follows one block to make it a complete one-block stream: its index and footer."""
-    assert block.uncompressed is not None
-    index = build_index([(block.unpadded(check), block.uncompressed)])
+def synthetic_tail(stream_header: bytes, records: list[tuple[int, int]]) -> bytes:
+    """What follows some blocks to make them a complete stream of their own: index and footer."""
+    index = build_index(records)
     return index + build_footer(stream_header[6:8], len(index))
 
 

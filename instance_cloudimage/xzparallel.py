@@ -5,10 +5,11 @@
 writes each block's compressed and uncompressed sizes into its header, so the blocks can be
 found while streaming.  One thread (the splitter) reads the source once, in order (the checksum
 is hashed as it is read), and hands every block, wrapped in a one-block stream of its own
-(stream header, the block, a one-record index, a footer), to a pool of workers that decode
-them with ``lzma.LZMADecompressor``: liblzma checks each block's header, sizes, padding and
-check in C, without the GIL.  The splitter checks what the blocks no longer tell liblzma: the
-real index against the blocks, the footer, the padding and what follows a stream.
+(stream header, the block, a one-record index, a footer; small blocks go several to a stream),
+to a pool of workers that decode them with ``lzma.LZMADecompressor``: liblzma checks each
+block's header, sizes, padding and check in C, without the GIL.  The splitter checks what the
+blocks no longer tell liblzma: the real index against the blocks, the footer, the padding and
+what follows a stream.
 
 The output is read in order, so the blocks decoded ahead wait in Buffers (xzbuffers.py): a
 few MiB in memory for all of them together, the rest in unlinked files in the spool directory
@@ -60,6 +61,8 @@ MAX_WORKERS = 4
 # Blocks decoded at once or ahead, per worker: blocks differ in cost (zeros decode 20x faster
 # than data), so a worker done early goes on with later blocks instead of idling.
 WINDOW_PER_WORKER = 4
+BATCH = MiB  # small blocks go to the workers together, up to this many decoded bytes
+MAX_BATCH = 64  # or this many blocks
 MEMLIMIT = 1024 * MiB  # liblzma's limit per decoder; a hostile header must not take the host's
 HINT = "download it again; check its checksum"
 External = Callable[[Readable], Layer]
@@ -86,6 +89,11 @@ def external_reason(check: int, block: BlockHeader | None, workers: int) -> str 
     if block.dict_size is None or 2 * block.dict_size > DICT_BUDGET:
         return "its filter chain needs more memory than two in-process decoders may take"
     return None
+
+
+def dict_weight(block: BlockHeader | None) -> int:
+    """The dictionary memory that decoding the stream from ``block`` on takes, for the budget."""
+    return min(block and block.dict_size or DICT_BUDGET, DICT_BUDGET)
 
 
 def refusal(what: str, error: XzFormatError) -> ConversionError:
@@ -168,23 +176,36 @@ class ParallelXz(Layer):
             self._fail(e)
 
     def _split_stream(self, header: bytes, check: int, block: BlockHeader | None) -> None:
-        """Hand each block of a stream to the workers; check its index and footer."""
+        """Hand the blocks of a stream to the workers, small ones several to a job (each job
+        costs ~0.2 ms); check the stream's index and footer."""
         seen: list[tuple[int, int]] = []
+        job: Job | None = None
+        records: list[tuple[int, int]] = []
         while block is not None:
             if block.compressed is None or block.uncompressed is None:
                 raise ConversionError(f"the {self.what} mixes blocks with and without recorded sizes in "
                                       "one stream, which cannot be split", "recompress it with xz -T0")
-            self._feed(header, block, check)
-            seen.append((block.unpadded(check), block.uncompressed))
+            if job is None:
+                job = self._add_job(f"block {len(seen) + 1}", dict_weight(block), claim=False)
+                job.input.put(header)
+                records = []
+            self._feed(job, block, check)
+            records.append((block.unpadded(check), block.uncompressed))
+            seen.append(records[-1])
             block = read_block_header(self.reader)
+            if (block is None or dict_weight(block) != job.weight or len(records) == MAX_BATCH
+                    or sum(size for _, size in records) >= BATCH):
+                if len(records) > 1:
+                    job.name = f"blocks {len(seen) - len(records) + 1}-{len(seen)}"
+                job.input.put(synthetic_tail(header, records))
+                job.input.end()
+                job = None
         index_size = read_index(self.reader.read_exact, seen)
         check_footer(self.reader.read_exact(HEADER_SIZE), header, index_size)
 
     def _decode_stream(self, header: bytes, block: BlockHeader | None, name: str) -> None:
         """Decode a whole stream here, in order: liblzma checks all of it, and says where it ends."""
-        dict_size = block.dict_size if block is not None else None
-        weight = min(dict_size or DICT_BUDGET, DICT_BUDGET)
-        job = self._add_job(name, weight, claim=True)
+        job = self._add_job(name, dict_weight(block), claim=True)
         self.unsplit += 1
         consumed = header + (block.raw if block is not None else b"\0")
 
@@ -228,17 +249,13 @@ class ParallelXz(Layer):
             raise Truncated("truncated")
         return header or None
 
-    def _feed(self, header: bytes, block: BlockHeader, check: int) -> None:
-        job = self._add_job(f"block {self.created + 1}", min(block.dict_size or DICT_BUDGET, DICT_BUDGET),
-                            claim=False)
-        job.input.put(header + block.raw)
+    def _feed(self, job: Job, block: BlockHeader, check: int) -> None:
+        job.input.put(block.raw)
         remaining = block.span(check)
         while remaining:
             chunk = self.reader.read_some(min(remaining, IN_CHUNK))
             job.input.put(chunk)
             remaining -= len(chunk)
-        job.input.put(synthetic_tail(header, block, check))
-        job.input.end()
 
     # --- the workers ----------------------------------------------------------------------
 

@@ -92,14 +92,17 @@ def test_block_headers_give_what_xz_lists(multi: bytes, payload: bytes, tmp_path
     assert sum(b.uncompressed or 0 for b in blocks) == len(payload)
 
 
-def test_each_block_alone_is_a_valid_stream(multi: bytes, payload: bytes) -> None:
-    """The synthetic one-block streams decode, with liblzma's checks, to the right slices."""
+@pytest.mark.parametrize("per_stream", [1, 2])
+def test_blocks_make_valid_streams_of_their_own(per_stream: int, multi: bytes, payload: bytes) -> None:
+    """The synthetic streams of one or two blocks decode, with liblzma's checks, to the right slices."""
     header = multi[:HEADER_SIZE]
     check, blocks, _ = walk(multi)
     pos, out = HEADER_SIZE, b""
-    for block in blocks:
-        end = pos + len(block.raw) + block.span(check)
-        out += lzma.decompress(header + multi[pos:end] + synthetic_tail(header, block, check))
+    for first in range(0, len(blocks), per_stream):
+        group = blocks[first:first + per_stream]
+        end = pos + sum(len(b.raw) + b.span(check) for b in group)
+        tail = synthetic_tail(header, [(b.unpadded(check), b.uncompressed or 0) for b in group])
+        out += lzma.decompress(header + multi[pos:end] + tail)
         pos = end
     assert out == payload
 

@@ -90,6 +90,7 @@ PARALLEL = {
     "no check": ("-T2", "-0", "--block-size=1MiB", "--check=none"),
     "x86 BCJ filter": ("-T2", "--x86", "--lzma2=preset=0", "--block-size=2MiB"),
     "-6, 24 MiB blocks": ("-T2", "-6"),
+    "64 KiB blocks, 16 to a job": ("-T2", "-0", "--block-size=64KiB"),
 }
 
 
@@ -225,6 +226,17 @@ def test_corrupt_files_are_refused_with_one_line(name: str, src: Path, work: Pat
     assert "\n" not in str(info.value)
     with open(disk, "rb") as f:
         assert f.read(MiB) == bytes(MiB), "no partial image is left to boot"
+
+
+def test_a_corrupt_block_among_small_ones_is_refused(src: Path, work: Path, tmp_path: Path) -> None:
+    data = xz(src, work / "64_KiB_blocks,_16_to_a_job.xz", *PARALLEL["64 KiB blocks, 16 to a job"]).read_bytes()
+    pos, block = block_offsets(data)[39]
+    middle = pos + len(block.raw) + (block.compressed or 0) // 2
+    image = tmp_path / "bad.xz"
+    image.write_bytes(data[:middle] + bytes([data[middle] ^ 0x55]) + data[middle + 1:])
+    assert run(["xz", "-t", str(image)], capture_output=True).returncode != 0
+    with pytest.raises(ConversionError, match="is corrupt: blocks? 33"):  # blocks 33-48 go together
+        deploy(image, new_disk(tmp_path / "disk", SIZE))
 
 
 def test_a_stream_mixing_blocks_with_and_without_sizes_is_refused(src: Path, work: Path, tmp_path: Path) -> None:
