@@ -18,10 +18,10 @@ worker; the splitter reads at most one block beyond what the workers took.  So m
 bounded whatever the block size, and one slow block does not hold the other workers up.
 Whatever does not fit this shape (one CPU, no sizes in the first block header, a check liblzma
 cannot verify, a dictionary too large for two decoders within the budget, an empty stream)
-goes, before any output, to the external decoder (``xz -T0``, single-threaded on such files
-anyway).  A later stream that does not fit is decoded by the splitter itself, in order, with
-the same checks (starting a process under resource limits while threads run is not fork-safe,
-and Python's LZMAFile ignores trailing garbage).
+goes, before any output, to the external decoder (``xz -T0``, as before).  A later stream that
+does not fit is decoded by the splitter itself, in order, with the same checks (starting a
+process under resource limits while threads run is not fork-safe, and Python's LZMAFile
+ignores trailing garbage).
 """
 
 from __future__ import annotations
