@@ -105,6 +105,19 @@ def test_multi_block_xz_is_decoded_in_parallel(name: str, src: Path, work: Path,
     compare(disk, src)
 
 
+def test_a_sparse_tar_inside_a_multi_block_xz(src: Path, work: Path, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    sh("cp", "--sparse=always", src, tree / "disk.raw")
+    tarball = tmp_path / "disk.tar"
+    sh("tar", "-C", tree, "--format=oldgnu", "-S", "-cf", tarball, "disk.raw")
+    image = xz(tarball, tmp_path / "disk.tar.xz", "-T2", "-0", "--block-size=256KiB")
+    assert isinstance(decode(image, work)[0], ParallelXz)
+    disk = new_disk(tmp_path / "disk", SIZE)
+    assert deploy(image, disk).wrappers == (Wrapper.XZ, Wrapper.TAR)
+    compare(disk, src)
+
+
 EXTERNAL = {
     "one block (xz -T1)": ("-T1", "-0"),
     "blocks without sizes (xz -T1 --block-size)": ("-T1", "-0", "--block-size=1MiB"),
