@@ -110,7 +110,7 @@ class Unwrapped:
     announced: int | None  # the content's size as the innermost wrapper announces it
 
 
-def unwrap(stream: ImageStream, stack: ExitStack) -> Unwrapped:
+def unwrap(stream: ImageStream, stack: ExitStack, spool_dir: Path) -> Unwrapped:
     """Peel the wrappers, identified by their magic bytes, off the stream."""
     head = stream.peek(HEAD_SIZE)
     local = getattr(stream, "local_path", None)
@@ -127,7 +127,7 @@ def unwrap(stream: ImageStream, stack: ExitStack) -> Unwrapped:
             announced = layer.size
         else:
             announced = announced_size(wrapper, head, local if not layers else None)
-            layer = open_decoder(wrapper, source, f"{wrapper.value}-compressed image")
+            layer = open_decoder(wrapper, source, f"{wrapper.value}-compressed image", spool_dir)
         stack.callback(layer.close)
         peeked = Peeked(layer)
         layers.append(peeked)
@@ -224,7 +224,7 @@ def deploy_image(stream: ImageStream, declared: str, target: DiskTarget, spool_d
     is the verified, unwrapped image when one exists, None when raw content is streamed.
     """
     declared_fmt = None if declared == "auto" else normalize_declared(declared)
-    inner = unwrap(stream, stack)
+    inner = unwrap(stream, stack, spool_dir)
     found = identify(inner.head)
     check_announced(inner.announced, found, target)
     log.info("image content: %s%s", found.details, "".join(f" in {w.value}" for w in reversed(inner.wrappers)))

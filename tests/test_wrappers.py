@@ -94,7 +94,7 @@ def zstd_frames(*chunks: bytes) -> bytes:
 def decode_zstd(data: bytes) -> bytes:
     from instance_cloudimage.wrappers import open_decoder
 
-    decoder = open_decoder(Wrapper.ZSTD, Source(data, 1000), "zstd-compressed image")
+    decoder = open_decoder(Wrapper.ZSTD, Source(data, 1000), "zstd-compressed image", Path("/nonexistent"))
     out = bytearray()
     buf = bytearray(CHUNK)
     while n := decoder.readinto(buf):
