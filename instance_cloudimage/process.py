@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import logging
 import os
-import resource
 import selectors
 import shlex
 import shutil
@@ -62,16 +61,23 @@ PACKAGES = {
 
 @dataclass(frozen=True)
 class Limits:
-    """Resource limits applied in the child before exec (CVE-2015-5162 class defences)."""
+    """Resource limits for a child (CVE-2015-5162 class defences).
+
+    Applied by exec'ing the child through util-linux ``prlimit``, not in a ``preexec_fn``: Python
+    code between fork and exec is unsafe while other threads run (a download's producer, the xz
+    workers, the background imports of create), and without it subprocess can use vfork."""
 
     address_space: int | None = None
     cpu_seconds: int | None = None
 
-    def apply(self) -> None:
+    def wrap(self, argv: list[str]) -> list[str]:
+        """``argv`` (its tool already resolved) run under these limits."""
+        options = []
         if self.address_space is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (self.address_space, self.address_space))
+            options.append(f"--as={self.address_space}")
         if self.cpu_seconds is not None:
-            resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_seconds, self.cpu_seconds))
+            options.append(f"--cpu={self.cpu_seconds}")
+        return [find_tool("prlimit"), *options, "--", *argv] if options else argv
 
 
 def find_tool(name: str) -> str:
@@ -114,19 +120,17 @@ def run(
         argv[0] = find_tool(argv[0])
     log.debug("+ %s", shlex.join(argv))
     child_env = dict(env or {}) if replace_env else child_environment(env)
-    preexec: Callable[[], None] | None = limits.apply if limits else None
     if input is not None and stdin is not None:
         raise ValueError("give input or stdin, not both")
     try:
         proc = subprocess.run(  # noqa: S603 - argv list, no shell
-            argv,
+            limits.wrap(argv) if limits else argv,
             input=input,
             stdin=subprocess.DEVNULL if (input is None and stdin is None) else stdin,
             stdout=stdout,
             stderr=subprocess.PIPE,
             env=child_env,
             timeout=timeout,
-            preexec_fn=preexec,
             cwd=cwd,
             check=False,
         )
@@ -315,12 +319,11 @@ def spawn(
     stderr = tempfile.TemporaryFile()
     try:
         proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
-            argv,
+            limits.wrap(argv) if limits else argv,
             stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=stdout,
             stderr=stderr,
             env=child_environment(env),
-            preexec_fn=limits.apply if limits else None,
         )
     except FileNotFoundError as e:
         stderr.close()
