@@ -40,8 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .log import Progress
-from .spool import CHUNK, Hasher
+from .spool import Hasher, hash_fd
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +205,7 @@ class Cache:
                 os.close(fd)
                 return None
             hasher = Hasher(algorithms)
-            pos = 0
-            with Progress("verifying the cached image", st.st_size) as progress:
-                while chunk := os.pread(fd, 4 * CHUNK, pos):
-                    hasher.update(chunk)
-                    pos += len(chunk)
-                    progress.update(len(chunk))
+            pos = hash_fd(fd, hasher, total=st.st_size, what="the cached image")
             digests = hasher.digests()
             if digests["sha256"] != sha256:
                 log.warning("the cached copy of the image is corrupt; fetching it again")

@@ -11,7 +11,6 @@ change after they were checked.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import posixpath
@@ -28,7 +27,7 @@ from .checksums import Digest, lookup_required
 from .config import SiteConfig
 from .errors import ChecksumMismatch, ParameterError
 from .localpath import open_local_image, resolve_local_image_path
-from .spool import CHUNK, Hasher, Spool, copy_file, hash_file
+from .spool import CHUNK, Hasher, Spool, copy_file, hash_fd
 from .urlpolicy import PARAMETER_URL, redact_url
 from .variants import Variant
 
@@ -259,7 +258,9 @@ def open_in_place(src: int, total: int, expected: Digest | None, ref: ImageRef, 
 
     def sha256() -> str:
         if not known_sha256:
-            known_sha256.append(hash_whole_file(src))
+            hasher = Hasher()
+            hash_fd(src, hasher, total=total, what=None)
+            known_sha256.append(hasher.digests()["sha256"])
         return known_sha256[0]
 
     if expected is None:
@@ -267,30 +268,23 @@ def open_in_place(src: int, total: int, expected: Digest | None, ref: ImageRef, 
     else:
         spool = Spool(src)
         box.append(spool)
-        checker = hashlib.new(expected.algorithm)
-        hashes = [checker] if expected.algorithm == "sha256" else [checker, hashlib.sha256()]
-        what = ref.describe()
 
         def produce() -> None:
-            hash_file(src, spool, hashes, total=total, what="the image file")
-            if checker.hexdigest() != expected.hexdigest:
-                raise ChecksumMismatch(f"{what} does not match its {expected.algorithm} checksum",
-                                       "the file is corrupt or the checksum is wrong")
-            known_sha256.append(hashes[-1].hexdigest())
+            hasher = Hasher([expected.algorithm])
+            hash_fd(src, hasher, total=total, what="the image file", spool=spool)
+            known_sha256.append(check_digest(hasher, expected, ref))
 
         spool.start(produce, name="verify")
     return ImageStream(spool, lambda: FetchedImage(pinned, total, sha256), total, local_path=pinned)
 
 
-def hash_whole_file(fd: int) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(4 * CHUNK)
-    view = memoryview(buf)
-    pos = 0
-    while n := os.preadv(fd, [view], pos):
-        h.update(view[:n])
-        pos += n
-    return h.hexdigest()
+def check_digest(hasher: Hasher, expected: Digest | None, ref: ImageRef) -> str:
+    """Raise ChecksumMismatch unless the hashed bytes match ``expected``; return their sha256."""
+    digests = hasher.digests()
+    if expected is not None and digests[expected.algorithm] != expected.hexdigest:
+        raise ChecksumMismatch(f"{ref.describe()} does not match its {expected.algorithm} checksum",
+                               "the file is corrupt or the checksum is wrong")
+    return digests["sha256"]
 
 
 def copy_local(src: int, total: int, expected: Digest | None, ref: ImageRef, site: SiteConfig,
@@ -307,16 +301,11 @@ def copy_local(src: int, total: int, expected: Digest | None, ref: ImageRef, sit
     stack.callback(close_unless_busy, fd, box)
     stack.callback(spool_path.unlink, missing_ok=True)
     hasher = Hasher([expected.algorithm] if expected else [])
-    what = ref.describe()
     sha256 = []
 
     def produce() -> None:
         size = copy_file(src, spool, hasher, total=total, what="the image file")
-        digests = hasher.digests()
-        if expected is not None and digests[expected.algorithm] != expected.hexdigest:
-            raise ChecksumMismatch(f"{what} does not match its {expected.algorithm} checksum",
-                                   "the file is corrupt or the checksum is wrong")
-        sha256.append((size, digests["sha256"]))
+        sha256.append((size, check_digest(hasher, expected, ref)))
 
     spool.start(produce, name="copy")
 

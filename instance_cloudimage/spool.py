@@ -8,11 +8,11 @@ module needs nothing from the network side, so local images never import an HTTP
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from .errors import ImageFetchError
 from .log import Progress
@@ -134,25 +134,26 @@ def copy_file(src_fd: int, spool: Spool, hasher: Hasher, *, total: int, what: st
     return pos
 
 
-def hash_file(src_fd: int, spool: Spool, hashes: Iterable[Any], *, total: int, what: str) -> int:
-    """The producer for a local file used in place: hash it, advancing the spool as it goes.
+def hash_fd(fd: int, hasher: Hasher, *, total: int, what: str | None, spool: Spool | None = None) -> int:
+    """Hash the whole file behind ``fd`` (read with ``pread`` from offset 0); return its size.
 
-    The consumer reads the same descriptor; ``advance`` only tells it how far the bytes have
-    been hashed, so a stream ends (and a checksum error surfaces) exactly as for a copy."""
-    buf = bytearray(4 * CHUNK)
-    view = memoryview(buf)
+    ``what`` names it in the progress lines ("verifying <what>"), None for none.  With a
+    ``spool``, this is the producer for a local file used in place: the consumer reads the same
+    descriptor, and ``advance`` only tells it how far the bytes have been hashed, so a stream
+    ends (and a checksum error surfaces) exactly as for a copy."""
+    view = memoryview(bytearray(4 * CHUNK))
     pos = 0
-    with Progress(f"verifying {what}", total) as progress:
+    with Progress(f"verifying {what}", total) if what else contextlib.nullcontext() as progress:
         while True:
-            if spool.cancelled:
+            if spool is not None and spool.cancelled:
                 raise Cancelled()
-            n = os.preadv(src_fd, [view], pos)
+            n = os.preadv(fd, [view], pos)
             if not n:
                 break
-            for h in hashes:
-                h.update(view[:n])
+            hasher.update(view[:n])
             pos += n
-            progress.update(n)
-            spool.advance(pos)
+            if progress is not None:
+                progress.update(n)
+            if spool is not None:
+                spool.advance(pos)
     return pos
-
