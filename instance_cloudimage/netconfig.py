@@ -189,16 +189,13 @@ def render_v1(plan: NetworkPlan) -> dict[str, Any]:
             if p.route_metric is not None:
                 dhcp["metric"] = p.route_metric
             subnets.append(dhcp)
-        if p.address4 is not None:
-            s4: dict[str, Any] = {"type": "static", "address": str(p.address4)}
-            if p.gateway4 is not None:
-                s4["gateway"] = str(p.gateway4)
-            subnets.append(s4)
-        if p.address6 is not None:
-            s6: dict[str, Any] = {"type": "static6", "address": str(p.address6)}
-            if p.gateway6 is not None:
-                s6["gateway"] = str(p.gateway6)
-            subnets.append(s6)
+        for addr, gw, kind in ((p.address4, p.gateway4, "static"), (p.address6, p.gateway6, "static6")):
+            if addr is None:
+                continue
+            static: dict[str, Any] = {"type": kind, "address": str(addr)}
+            if gw is not None:
+                static["gateway"] = str(gw)
+            subnets.append(static)
         if p.dns and subnets:
             # On the subnet rather than a global nameserver entry, which networkd would put on
             # every link, the communication NIC's included.
