@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +118,17 @@ def extract_fat(disk: Path, dest: Path) -> Path:
 def read_fat_seed(disk: Path, kind: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         return run_reader(kind, extract_fat(disk, Path(tmp) / "seed"))
+
+
+def variant_loader(tmp_path: Path, old_ci_user: str) -> Callable[[str], Variant]:
+    """Loads shipped variants plus two site ones: ``flamingo-test`` (config drive) and
+    ``old-ci`` (network-config v1, DefaultUser ``old_ci_user``)."""
+    site = tmp_path / "etc" / "variants"
+    site.mkdir(parents=True)
+    (site / "flamingo-test.conf").write_text(
+        "[Variant]\nAgent = flamingo\nSeed = configdrive-disk\n[Image]\nURL = https://example.test/x.qcow2\n")
+    (site / "old-ci.conf").write_text(
+        f"[Variant]\nNetworkConfigVersion = 1\nDefaultUser = {old_ci_user}\n[Image]\nURL = https://example.test/y.qcow2\n")
+    paths = Paths(tmp_path / "etc", tmp_path / "cache")
+    return lambda name: load_variant(name, paths)
+

@@ -25,14 +25,14 @@ from typing import Any
 import pytest
 import yaml
 
-from instance_cloudimage.config import Paths
 from instance_cloudimage.configdrive import build_configdrive
 from instance_cloudimage.env import GanetiEnv, Instance, Network, Nic
 from instance_cloudimage.netconfig import eui64_address
 from instance_cloudimage.seeddata import SeedFiles, SeedInput, build_nocloud, rename_seed_input, seed_input
 from instance_cloudimage.userdata import OUR_MERGE_TYPE
-from instance_cloudimage.variants import Variant, load_variant
+from instance_cloudimage.variants import Variant
 
+from . import delivery_helpers as dh
 from .conftest import need_tools
 
 pytestmark = pytest.mark.integration
@@ -76,14 +76,7 @@ def cloud_init_available() -> None:
 
 @pytest.fixture
 def variants(tmp_path: Path) -> Callable[[str], Variant]:
-    site = tmp_path / "etc" / "variants"
-    site.mkdir(parents=True)
-    (site / "flamingo-test.conf").write_text(
-        "[Variant]\nAgent = flamingo\nSeed = configdrive-disk\n[Image]\nURL = https://example.test/x.qcow2\n")
-    (site / "old-ci.conf").write_text(
-        "[Variant]\nNetworkConfigVersion = 1\nDefaultUser = debian\n[Image]\nURL = https://example.test/y.qcow2\n")
-    paths = Paths(tmp_path / "etc", tmp_path / "cache")
-    return lambda name: load_variant(name, paths)
+    return dh.variant_loader(tmp_path, old_ci_user="debian")
 
 
 def make_input(variant: Variant, params: Mapping[str, str] | None = None, nics: tuple[Nic, ...] = (NIC_STATIC,),

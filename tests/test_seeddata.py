@@ -28,7 +28,9 @@ from instance_cloudimage.seeddata import (
     rename_seed_input,
     seed_input,
 )
-from instance_cloudimage.variants import Variant, load_variant
+from instance_cloudimage.variants import Variant
+
+from . import delivery_helpers as dh
 
 UUID = "68c41cfd-8b97-4cda-8ba0-674afdb4b6bd"
 HASH = "$y$j9T$F31F/jItUvvjOv6IBFNea/$SFRtZtCIUWcnypijZA5cTGTLcjo306tI.KLnmc0noD1"
@@ -39,14 +41,7 @@ PUB = Network(name="pub", subnet=ipaddress.IPv4Network("192.0.2.0/24"), gateway=
 
 @pytest.fixture
 def variants(tmp_path: Path) -> Callable[[str], Variant]:
-    site = tmp_path / "etc" / "variants"
-    site.mkdir(parents=True)
-    (site / "flamingo-test.conf").write_text(
-        "[Variant]\nAgent = flamingo\nSeed = configdrive-disk\n[Image]\nURL = https://example.test/x.qcow2\n")
-    (site / "old-ci.conf").write_text(
-        "[Variant]\nNetworkConfigVersion = 1\nDefaultUser = centos\n[Image]\nURL = https://example.test/y.qcow2\n")
-    paths = Paths(tmp_path / "etc", tmp_path / "cache")
-    return lambda name: load_variant(name, paths)
+    return dh.variant_loader(tmp_path, old_ci_user="centos")
 
 
 def genv(params: dict[str, str] | None = None, *, name: str = "inst1.example.test", reinstall: bool = False,
