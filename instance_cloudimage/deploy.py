@@ -30,6 +30,7 @@ from .detect import HEAD_SIZE, check_tail, identify, inspect_file
 from .errors import ImageTooLarge, UnsafeImage, UnsupportedFormat
 from .formats import DetectedImage, DiskFormat, Wrapper, display_name, normalize_declared
 from .imagefile import ImageFile
+from .localpath import open_verified_file
 from .log import format_size
 from .tarstream import TarMember
 from .wrappers import Layer, Readable, announced_size, identify_wrapper, open_decoder
@@ -198,10 +199,7 @@ def spool(source: Readable, target: DiskTarget, spool_dir: Path, stack: ExitStac
 
 def write_from_file(path: Path, declared: DiskFormat | None, target: DiskTarget) -> DetectedImage:
     """Vet the whole verified file (our inspector, then qemu-img info), then qemu-img convert it."""
-    flags = os.O_RDONLY | os.O_CLOEXEC
-    if not os.fspath(path).startswith(f"/proc/{os.getpid()}/fd/"):  # not our own pinned descriptor
-        flags |= os.O_NOFOLLOW
-    fd = os.open(path, flags)
+    fd = open_verified_file(path)
     try:
         detected = inspect_file(ImageFile(fd))
     finally:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .errors import CommandError, SeedError
 from .guestfiles import open_guest_dir
+from .localpath import pinned_path
 from .partitions import LINUX_FILESYSTEMS, GuestLayout, Partition, PartitionTable, find_guest_layout
 from .process import run, run_text
 
@@ -186,7 +187,7 @@ def mount_var(disk_path: str, layout: GuestLayout, root: Path, stack: ExitStack,
         # Security: the kernel resolves /proc/<pid>/fd/N to exactly the directory we opened; the
         # path string of /var is never re-resolved.  umount later uses root/var, which cannot
         # change while something is mounted on it.
-        mount_device(device, f"/proc/{os.getpid()}/fd/{var_fd}", stack, read_only=read_only,
+        mount_device(device, pinned_path(var_fd), stack, read_only=read_only,
                      unmount_as=os.fspath(root / "var"))
     finally:
         os.close(var_fd)

@@ -65,3 +65,23 @@ def open_local_image(path: Path) -> int:
         raise ParameterError("image file is not a regular file")
     os.set_blocking(fd, True)
     return fd
+
+
+def pinned_path(fd: int) -> str:
+    """A path naming exactly what ``fd`` has open, for another program (qemu-img, mount, a hook):
+    the kernel resolves it to that inode, never by re-walking the original path."""
+    return f"{pinned_prefix()}{fd}"
+
+
+def pinned_prefix() -> str:
+    return f"/proc/{os.getpid()}/fd/"
+
+
+def open_verified_file(path: Path) -> int:
+    """Open a file this process verified, read-only: without following a symlink swapped in at
+    its path, except our own pinned descriptor paths (``pinned_path``), which are links by nature."""
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    if not os.fspath(path).startswith(pinned_prefix()):
+        flags |= os.O_NOFOLLOW
+    return os.open(path, flags)
+

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from .checksums import Digest, lookup_required
 from .config import SiteConfig
 from .errors import ChecksumMismatch, ParameterError
-from .localpath import open_local_image, resolve_local_image_path
+from .localpath import open_local_image, pinned_path, resolve_local_image_path
 from .spool import CHUNK, Hasher, Spool, copy_file, hash_fd
 from .urlpolicy import PARAMETER_URL, redact_url
 from .variants import Variant
@@ -253,7 +253,7 @@ def open_in_place(src: int, total: int, expected: Digest | None, ref: ImageRef, 
     box: list[Spool] = []
     stack.callback(close_unless_busy, src, box)
     # The pinned inode, for qemu-img and hooks: reopening this never follows the original path.
-    pinned = Path(f"/proc/{os.getpid()}/fd/{src}")
+    pinned = Path(pinned_path(src))
     known_sha256: list[str] = []
 
     def sha256() -> str:
