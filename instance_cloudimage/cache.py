@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import SiteConfig
 from .errors import ConfigError
 from .spool import Hasher, hash_fd
 
@@ -366,3 +367,11 @@ class Cache:
             f.write(body)
         os.replace(tmp, self.small / f"{key}.body")
         _write_json(self.small / f"{key}.json", {**meta, "sha256": hashlib.sha256(body).hexdigest()})
+
+
+def make_cache(site: SiteConfig) -> Cache:
+    """The site's image cache, set up (it needs nothing of the HTTP stack, unlike remote.py)."""
+    cache = Cache(site.paths.cache_dir, int(site.get("cache_max_size")))
+    cache.setup()
+    return cache
+

@@ -262,8 +262,8 @@ def cmd_cache(args: argparse.Namespace) -> None:
     import time
     from contextlib import ExitStack
 
+    from .cache import make_cache
     from .log import format_size
-    from .remote import make_cache
     from .source import fetch_image, resolve_image
     from .variants import host_architecture, load_variant
 

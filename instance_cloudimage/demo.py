@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ParameterError
+from .partitions import ROOT_TYPES
 from .process import run
 
 log = logging.getLogger(__name__)
@@ -21,8 +22,6 @@ log = logging.getLogger(__name__)
 DEMO_VERSION = "1"
 DISK_MIB = 128
 FIRST_SECTOR = 2048
-# GPT type GUID of a Linux x86-64 root partition (Discoverable Partitions Specification).
-ROOT_X86_64 = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
 
 FILES = {
     "etc/os-release": (
@@ -52,7 +51,7 @@ def build_demo_raw(path: Path) -> None:
     # Leave 33 sectors for the backup GPT at the end.
     part_sectors = size // 512 - FIRST_SECTOR - 33
     part_sectors -= part_sectors % 2048
-    table = f"label: gpt\nstart={FIRST_SECTOR}, size={part_sectors}, type={ROOT_X86_64}, name=root\n"
+    table = f"label: gpt\nstart={FIRST_SECTOR}, size={part_sectors}, type={ROOT_TYPES['x86_64']}, name=root\n"
     run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", os.fspath(path)], input=table.encode())
     with tempfile.TemporaryDirectory(prefix="demo-root-") as tmp:
         _populate(Path(tmp))

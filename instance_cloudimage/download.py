@@ -51,7 +51,6 @@ class BodyDownload:
         self.filled = 0  # bytes in the spool file
         self.total = self._length(first)
         self.validator = validator_of(first)
-        self.resumes = 0
 
     @staticmethod
     def _length(resp: Opened) -> int | None:
@@ -116,7 +115,6 @@ class BodyDownload:
         headers: dict[str, str] = {}
         if self.pos and self.validator:
             headers = {"Range": f"bytes={self.pos}-", "If-Range": self.validator}
-        self.resumes += 1
         resp = self.client.open(self.url, headers, what=self.what)
         if resp.status == 206:
             m = CONTENT_RANGE_RE.match(resp.header("Content-Range") or "")

@@ -211,7 +211,7 @@ class HttpClient:
         raise AssertionError("unreachable")
 
     def _wait(self, attempt: int, reason: str) -> None:
-        delay = min(self.settings.backoff * (2 ** attempt), MAX_BACKOFF)
+        delay = self.retry_delay(attempt)
         log.warning("%s; retrying in %.0fs (attempt %d of %d)", reason, delay, attempt + 2,
                     self.settings.retries + 1)
         time.sleep(delay)

@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from .cache import Cache, Handle, UrlEntry, url_key
+from .cache import Cache, Handle, UrlEntry, make_cache, url_key
 from .checksums import ChecksumList, Digest, lookup_required, parse_checksum_file
 from .config import SiteConfig
 from .download import BodyDownload, Hasher, Spool
@@ -75,12 +75,6 @@ def basename_of(url: str) -> str:
     return posixpath.basename(unquote(urlsplit(url).path))
 
 
-def make_cache(site: SiteConfig) -> Cache:
-    cache = Cache(site.paths.cache_dir, int(site.get("cache_max_size")))
-    cache.setup()
-    return cache
-
-
 # --- checksum files and signatures ---------------------------------------------------------------
 
 def read_body(opened: Opened, limit: int, what: str) -> bytes:
@@ -115,15 +109,17 @@ def fetch_small(url: str, site: SiteConfig, cache: Cache, what: str) -> bytes:
             if cached[0].get("last_modified"):
                 headers["If-Modified-Since"] = cached[0]["last_modified"]
         try:
-            opened = client.open(cand.url, headers, what=cwhat)
             try:
-                if opened.status == 304 and cached:
-                    return cached[1]
-                if opened.status != 200:
-                    raise ImageFetchError(f"{cwhat}: unexpected HTTP {opened.status}")
-                body = read_body(opened, SMALL_FILE_LIMIT, cwhat)
+                opened = client.open(cand.url, headers, what=cwhat)
+                try:
+                    if opened.status == 304 and cached:
+                        return cached[1]
+                    if opened.status != 200:
+                        raise ImageFetchError(f"{cwhat}: unexpected HTTP {opened.status}")
+                    body = read_body(opened, SMALL_FILE_LIMIT, cwhat)
+                finally:
+                    opened.close()
             finally:
-                opened.close()
                 client.close()
         except ImageFetchError as e:
             if cand.mirror:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from .cache import make_cache
 from .checksums import Digest, lookup_required
 from .config import SiteConfig
 from .errors import ChecksumMismatch, ParameterError
@@ -214,7 +215,7 @@ def expected_local_digest(ref: ImageRef, path: Path, site: SiteConfig) -> Digest
     if ref.checksum:
         return Digest.parse(ref.checksum)
     if ref.checksum_url:
-        from .remote import make_cache, resolve_checksums
+        from .remote import resolve_checksums
 
         checksums = resolve_checksums(ref.remote_spec(), site, make_cache(site))
         return lookup_required(checksums, [posixpath.basename(os.fspath(path)),
@@ -290,8 +291,6 @@ def check_digest(hasher: Hasher, expected: Digest | None, ref: ImageRef) -> str:
 def copy_local(src: int, total: int, expected: Digest | None, ref: ImageRef, site: SiteConfig,
                stack: ExitStack) -> ImageStream:
     """Copy the file into a private spool while hashing it (in a producer thread)."""
-    from .remote import make_cache
-
     box: list[Spool] = []
     stack.callback(close_unless_busy, src, box)
     cache = make_cache(site)
