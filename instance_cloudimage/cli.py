@@ -54,12 +54,7 @@ def guarded(prog: str, debug_level: int, fn: Callable[[], None]) -> int:
     try:
         fn()
         return 0
-    except UserError as e:
-        if debug_level > 0:
-            print_traceback()
-        log.error("error: %s", e)
-        return e.exit_code
-    except CommandError as e:
+    except (UserError, CommandError) as e:
         if debug_level > 0:
             print_traceback()
         log.error("error: %s", e)

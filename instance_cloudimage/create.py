@@ -25,7 +25,7 @@ from .hooks import HookPlan, Phase, plan_hooks, run_hooks
 from .log import complete_step, format_size
 from .params import grow_requested, validate_parameters
 from .source import ImageRef, open_image, resolve_image
-from .staging import StagedDisks, raise_if_full
+from .staging import StagedDisks, staging_errors
 from .uridisk import check_uri
 from .variants import Variant, host_architecture, load_variant
 from .writer import open_disk
@@ -42,6 +42,11 @@ class CreateContext:
     arch: str
     disk: Disk  # once staged (run_create), a URI-only disk 0 has its staging file as path
     staged: StagedDisks | None = None
+
+    @property
+    def wiped(self) -> bool:
+        """The disk reads back zeros: the site says Ganeti wipes new disks, and this is no reinstall."""
+        return bool(self.site.get("disks_wiped")) and not self.instance.reinstall
 
 
 def check_parameters(genv: GanetiEnv, site: SiteConfig) -> None:
@@ -78,8 +83,7 @@ def write_image(ctx: CreateContext, ref: ImageRef, stack: ExitStack,
 
     ``before_write`` runs once the image is detected and vetted, before the disk is touched.
     """
-    wiped = bool(ctx.site.get("disks_wiped")) and not ctx.instance.reinstall
-    target = open_disk(ctx.disk.path or "", wiped=wiped, stack=stack)
+    target = open_disk(ctx.disk.path or "", wiped=ctx.wiped, stack=stack)
     with complete_step(f"fetching {ref.describe()}"):
         stream = open_image(ref, ctx.site, stack)
     with complete_step("writing the image"):
@@ -143,12 +147,8 @@ def run_create(genv: GanetiEnv, site: SiteConfig, *, plan: HookPlan | None = Non
              ctx.disk.describe())
     with ExitStack() as stack:
         ctx = stage_disk(ctx, stack)
-        try:
+        with staging_errors(site, active=ctx.staged is not None and bool(ctx.staged.staged)):
             facts = run_phases(ctx, plan, dataclasses.replace(facts, disk=ctx.disk), stack)
-        except OSError as e:
-            if ctx.staged is None or not ctx.staged.staged:
-                raise
-            raise_if_full(e, site)
         # A staged disk 0 is on its URI by now: the post hooks see the disk as Ganeti gave it.
         run_hooks(plan, Phase.POST, dataclasses.replace(facts, disk=ctx.instance.disks[0]), site)
     log.info("instance %s installed", ctx.instance.name)
@@ -156,8 +156,7 @@ def run_create(genv: GanetiEnv, site: SiteConfig, *, plan: HookPlan | None = Non
 
 def stage_disk(ctx: CreateContext, stack: ExitStack) -> CreateContext:
     """Give a URI-only disk 0 a local staging file (staging.py); the steps after it see a file disk."""
-    wiped = bool(ctx.site.get("disks_wiped")) and not ctx.instance.reinstall
-    staged = StagedDisks(ctx.site, stack, target_is_zero=wiped)
+    staged = StagedDisks(ctx.site, stack, target_is_zero=ctx.wiped)
     return dataclasses.replace(ctx, disk=staged.local(ctx.disk, copy_in=False), staged=staged)
 
 

@@ -20,12 +20,8 @@ from .source import ImageRef
 from .variants import Variant
 
 JSON_VERSION = 1
-# Secret whatever params.py says (the seeding parameters may not be declared yet).
-ALWAYS_SECRET = frozenset({"password_hash", "user_data"})
-
-
 def secret_parameter_names() -> frozenset[str]:
-    return ALWAYS_SECRET | {p.name for p in PARAMETERS if p.secret}
+    return frozenset(p.name for p in PARAMETERS if p.secret)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -32,7 +32,7 @@ from .env import GanetiEnv
 from .errors import CommandError, ConversionError, EnvironmentError_, UserError
 from .log import Progress, complete_step, format_size
 from .seedrename import rename_seeds
-from .staging import make_staging_file, raise_if_full
+from .staging import make_staging_file, staging_errors
 from .uridisk import check_uri, copy_from_uri, copy_to_uri, redact_uri, uri_size
 
 log = logging.getLogger(__name__)
@@ -61,15 +61,6 @@ def transfer_uri(genv: GanetiEnv, word: str) -> str | None:
         return None
     check_uri(t.uri or "", f"{word}_DISK_URI")
     return t.uri
-
-
-@contextmanager
-def staging_errors(site: SiteConfig) -> Iterator[None]:
-    """Running out of staging space is a one-line error, not a traceback."""
-    try:
-        yield
-    except OSError as e:
-        raise_if_full(e, site)
 
 
 def transfer_disk(genv: GanetiEnv, site: SiteConfig, stack: ExitStack, word: str) -> TransferDisk:

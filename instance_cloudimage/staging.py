@@ -17,7 +17,8 @@ import errno
 import logging
 import os
 import tempfile
-from contextlib import ExitStack, suppress
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 from .config import SiteConfig
@@ -65,6 +66,18 @@ def raise_if_full(e: OSError, site: SiteConfig) -> None:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         raise full_error(site) from None
     raise e
+
+
+@contextmanager
+def staging_errors(site: SiteConfig, *, active: bool = True) -> Iterator[None]:
+    """Running out of staging space is a one-line error, not a traceback (when ``active``: a
+    staging file is in use)."""
+    try:
+        yield
+    except OSError as e:
+        if not active:
+            raise
+        raise_if_full(e, site)
 
 
 class StagedDisks:
