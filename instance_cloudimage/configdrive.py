@@ -72,22 +72,27 @@ def render_meta_data_json(inp: SeedInput) -> dict[str, Any]:
     return md
 
 
-def _json(data: Any) -> bytes:
+def dump_json(data: Any) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
+
+
+def render_network_data_json(inp: SeedInput) -> bytes | None:
+    plan = network_plan(inp)
+    return None if plan is None else dump_json(render_network_data(plan))
 
 
 def build_configdrive(inp: SeedInput) -> SeedFiles:
     """openstack/{latest,2012-08-10}/{meta_data.json,user_data,network_data.json,vendor_data.json}."""
-    tree: dict[str, bytes] = {"meta_data.json": _json(render_meta_data_json(inp))}
+    tree: dict[str, bytes] = {"meta_data.json": dump_json(render_meta_data_json(inp))}
     if inp.agent == "flamingo":
         tree["user_data"] = assemble_for_flamingo(flamingo_config(inp), inp.user_data).encode()
     else:
         out = assemble_for_cloud_init(cloud_init_config(inp), inp.user_data)
         tree["user_data"] = out.user_data.encode()
         if out.vendor_data is not None:
-            tree["vendor_data.json"] = _json({"cloud-init": out.vendor_data})
-    plan = network_plan(inp)
-    if plan is not None:
-        tree["network_data.json"] = _json(render_network_data(plan))
+            tree["vendor_data.json"] = dump_json({"cloud-init": out.vendor_data})
+    network = render_network_data_json(inp)
+    if network is not None:
+        tree["network_data.json"] = network
     files = {f"openstack/{v}/{name}": data for v in VERSIONS for name, data in tree.items()}
     return SeedFiles(files)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,9 +32,9 @@ from typing import Any
 import yaml
 
 from .config import SiteConfig
-from .configdrive import build_configdrive, render_meta_data_json
+from .configdrive import dump_json, render_meta_data_json, render_network_data_json
 from .errors import SeedError
-from .seeddata import SeedInput, build_nocloud, derive_instance_id
+from .seeddata import SeedInput, derive_instance_id, dump_yaml, render_network_config
 from .settings import parse_bool
 
 NOCLOUD_FILES = ("meta-data", "user-data", "network-config")
@@ -167,14 +166,6 @@ def decide_id(inp: SeedInput, current: str | None, changed: bool, keep: bool,
                               keep=keep, every_boot=network_applied_every_boot(user_data))
 
 
-def _yaml(data: Any) -> bytes:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=1 << 16).encode()
-
-
-def _json(data: Any) -> bytes:
-    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
-
-
 def _metadata(data: bytes | None, what: str) -> dict[str, Any]:
     md = parse_config(data)
     if not isinstance(md, dict):
@@ -185,7 +176,7 @@ def _metadata(data: bytes | None, what: str) -> dict[str, Any]:
 def plan_nocloud(files: Mapping[str, bytes], inp: SeedInput, *, keep: bool) -> SeedUpdate:
     """The update of a NoCloud seed (directory or cidata disk) for the instance in ``inp``."""
     md = _metadata(files.get("meta-data"), "meta-data")
-    old_net, new_net = files.get("network-config"), build_nocloud(inp).files.get("network-config")
+    old_net, new_net = files.get("network-config"), render_network_config(inp)
     changed = network_differs(old_net, new_net)
     current = str(md["instance-id"]) if md.get("instance-id") else None
     new_id, why = decide_id(inp, current, changed, keep, files.get("user-data"))
@@ -194,7 +185,7 @@ def plan_nocloud(files: Mapping[str, bytes], inp: SeedInput, *, keep: bool) -> S
         new_md["instance-id"] = new_id
     write: dict[str, bytes] = {}
     if new_md != md:
-        write["meta-data"] = _yaml(new_md)
+        write["meta-data"] = dump_yaml(new_md)
     if changed and new_net is not None:
         write["network-config"] = new_net
     remove = ("network-config",) if changed and new_net is None and old_net is not None else ()
@@ -208,7 +199,7 @@ def plan_configdrive(files: Mapping[str, bytes], inp: SeedInput, *, keep: bool) 
         raise SeedError("the config drive has no meta_data.json; it was left as it is")
     first = trees[0]
     old_net = files.get(f"{first}/{CD_NET}")
-    new_net = build_configdrive(inp).files.get(f"{first}/{CD_NET}")
+    new_net = render_network_data_json(inp)
     changed = network_differs(old_net, new_net)
     md = _metadata(files[f"{first}/{CD_META}"], "meta_data.json")
     current = str(md["uuid"]) if md.get("uuid") else None
@@ -223,7 +214,7 @@ def plan_configdrive(files: Mapping[str, bytes], inp: SeedInput, *, keep: bool) 
         if new_id is not None:
             new_md["uuid"] = new_id
         if new_md != md:
-            write[f"{tree}/{CD_META}"] = _json(new_md)
+            write[f"{tree}/{CD_META}"] = dump_json(new_md)
         if changed and new_net is not None:
             write[f"{tree}/{CD_NET}"] = new_net
         elif changed and f"{tree}/{CD_NET}" in files:

@@ -53,6 +53,7 @@ class SeedPlan:
     seed_disk: Disk | None = None
     flamingo: bool = False  # also write hostname, keys and an fstab entry into the guest
     reason: str = ""
+    layout: GuestLayout | None = None  # nocloud-fs chosen by probing the guest: what was found
 
 
 def requested_delivery(params: Mapping[str, str], variant: Variant) -> str:
@@ -129,7 +130,7 @@ def plan_delivery(instance: Instance, variant: Variant, params: Mapping[str, str
         return SeedPlan("configdrive-disk" if disk else "none", disk, True, reason="flamingo agent")
     layout = probe_layout(disk_path, arch)
     if isinstance(layout, GuestLayout):
-        return SeedPlan("nocloud-fs", reason="cloud-init agent")
+        return SeedPlan("nocloud-fs", reason="cloud-init agent", layout=layout)
     if second is None:
         raise SeedError(f"cannot seed cloud-init: {layout.message}",
                         "add a second disk for seed=nocloud-disk, or set seed=none")
@@ -184,7 +185,7 @@ def deliver_seed(ctx: CreateContext, stack: ExitStack) -> SeedPlan:
     if plan.delivery == "nocloud-fs" or plan.flamingo:
         with ExitStack() as mounts:
             try:
-                mounted = mount_guest_root(disk_path, mounts, arch=ctx.arch)
+                mounted = mount_guest_root(disk_path, mounts, arch=ctx.arch, layout=plan.layout)
             except SeedError as e:
                 raise SeedError(f"cannot seed the guest filesystem: {e.message}",
                                 e.hint or "seed=nocloud-disk with a second disk, or seed=none") from None

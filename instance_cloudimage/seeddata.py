@@ -189,7 +189,7 @@ def cloud_init_config(inp: SeedInput) -> dict[str, Any]:
     return cfg
 
 
-def _yaml(data: Any) -> bytes:
+def dump_yaml(data: Any) -> bytes:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=1 << 16).encode()
 
 
@@ -198,14 +198,14 @@ def render_network_config(inp: SeedInput) -> bytes | None:
     if plan is None:
         return None
     # Without the optional top-level 'network:' key: every cloud-init version reads that form.
-    return _yaml(render_v1(plan) if inp.network_config_version == 1 else render_v2(plan))
+    return dump_yaml(render_v1(plan) if inp.network_config_version == 1 else render_v2(plan))
 
 
 def render_meta_data(inp: SeedInput) -> bytes:
     md: dict[str, Any] = {"instance-id": inp.instance_id, "local-hostname": inp.hostname.full}
     if inp.ssh_keys:
         md["public-keys"] = [k.line for k in inp.ssh_keys]
-    return _yaml(md)
+    return dump_yaml(md)
 
 
 def build_nocloud(inp: SeedInput) -> SeedFiles:

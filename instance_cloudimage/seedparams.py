@@ -66,8 +66,6 @@ _HASH_RES = {
     "sha512crypt": re.compile(rf"^\$6\$(rounds=[0-9]+\$)?[^$:\s]{{1,16}}\${_B64}{{86}}$"),
     "sha256crypt": re.compile(rf"^\$5\$(rounds=[0-9]+\$)?[^$:\s]{{1,16}}\${_B64}{{43}}$"),
 }
-# What cloud-init 22.4 itself recognises as a hash in chpasswd lists (cc_set_passwords).
-CLOUD_INIT_LIST_HASH_RE = re.compile(r"^\$(1|2a|2y|5|6)(\$.+){2}$")
 
 
 def parse_password_hash(value: str) -> str:

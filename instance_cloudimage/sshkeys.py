@@ -76,11 +76,6 @@ class PublicKey:
         """The authorized_keys line, normalised to single spaces."""
         return " ".join(p for p in (self.options, self.type, self.body, self.comment) if p)
 
-    @property
-    def key_only(self) -> str:
-        """type + body (+ comment): what agents that do not understand options can take."""
-        return " ".join(p for p in (self.type, self.body, self.comment) if p)
-
 
 def _fail(index: int, why: str, hint: str | None = None) -> ParameterError:
     return ParameterError(f"{PARAM}: entry {index} {why}", hint)
