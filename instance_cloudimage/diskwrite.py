@@ -37,6 +37,15 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     raise OSError(err, os.strerror(err))
 
 
+def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """pwrite until all of ``data`` is written (a write may be short)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        offset += n
+        view = view[n:]
+
+
 def has_data(fd: int, offset: int, length: int) -> bool:
     """Whether a regular file may hold data in the range (False: it is all hole)."""
     try:
@@ -82,11 +91,7 @@ class DiskWriter:
             os.close(self.fd)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            offset += n
-            view = view[n:]
+        write_all(self.fd, data, offset)
 
     def _write_zeros(self, offset: int, length: int) -> None:
         self.zeroed_by_writing += length

@@ -10,8 +10,6 @@ bomb stops at the first byte beyond it and a file disk never grows.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import fcntl
 import logging
 import os
@@ -20,6 +18,7 @@ import struct
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+from .diskwrite import BLKZEROOUT, has_data, punch_hole, write_all
 from .errors import ConversionError, EnvironmentError_, ImageTooLarge
 from .log import Progress, format_size
 from .wrappers import Readable
@@ -29,9 +28,6 @@ log = logging.getLogger(__name__)
 CHUNK = 4 * 1024 * 1024
 ZERO = bytes(CHUNK)
 BLKGETSIZE64 = 0x80081272
-BLKZEROOUT = 0x127F
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
 # A fixed VHD is raw data plus a 512-byte footer that may end exactly at the disk's end.
 TRAILER = 512
 SCRUB = 1024 * 1024
@@ -57,14 +53,6 @@ def too_large(size_text: str, target: DiskTarget) -> ImageTooLarge:
                          "create the instance with a larger disk 0")
 
 
-def has_no_data(fd: int) -> bool:
-    try:
-        os.lseek(fd, 0, os.SEEK_DATA)
-    except OSError as e:
-        return e.errno == errno.ENXIO
-    return False
-
-
 def open_disk(path: str, *, wiped: bool, stack: ExitStack) -> DiskTarget:
     """Open the instance's disk for writing; never creates or truncates it.
 
@@ -80,18 +68,8 @@ def open_disk(path: str, *, wiped: bool, stack: ExitStack) -> DiskTarget:
         size = int(struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0])
         return DiskTarget(path, fd, size, True, wiped)
     if stat.S_ISREG(st.st_mode):
-        return DiskTarget(path, fd, st.st_size, False, has_no_data(fd))
+        return DiskTarget(path, fd, st.st_size, False, not has_data(fd, 0, st.st_size))
     raise EnvironmentError_("disk 0 is neither a block device nor a regular file")
-
-
-def write_all(fd: int, data: memoryview | bytes, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 def zero_range(target: DiskTarget, offset: int, length: int) -> None:
@@ -102,10 +80,8 @@ def zero_range(target: DiskTarget, offset: int, length: int) -> None:
         if target.is_block and offset % 512 == 0 and length % 512 == 0:
             fcntl.ioctl(target.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
             return
-        if not target.is_block:
-            if _libc.fallocate(target.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-                return
-            raise OSError(ctypes.get_errno(), "fallocate")
+        if not target.is_block and punch_hole(target.fd, offset, length):
+            return
     except OSError as e:
         log.debug("fast zeroing failed (%s); writing zeros", e)
     while length > 0:

@@ -14,6 +14,7 @@ from collections import deque
 from pathlib import Path
 from typing import IO, Protocol
 
+from .diskwrite import write_all
 from .errors import ConversionError
 
 MiB = 1024 * 1024
@@ -96,9 +97,7 @@ class Buffer:
             if self.file is None:
                 pipe.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self.file = tempfile.TemporaryFile(dir=pipe.spool_dir, prefix="xz-")
-            view, done = memoryview(data), 0
-            while done < len(view):
-                done += os.pwrite(self.file.fileno(), view[done:], self.spilled + done)
+            write_all(self.file.fileno(), data, self.spilled)
         except OSError as e:
             raise ConversionError(f"the {pipe.what} could not be decompressed: writing into the spool directory "
                                   f"{pipe.spool_dir} failed: {e.strerror}") from None
