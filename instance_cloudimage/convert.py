@@ -45,11 +45,6 @@ def target_opts(target: DiskTarget) -> str:
     return f"driver=raw,file.driver={driver},file.filename={opt(target.path)}"
 
 
-def last_line(e: CommandError) -> str:
-    text = e.stderr.strip()
-    return text.splitlines()[-1] if text else f"exit code {e.returncode}"
-
-
 def target_size(path: str) -> int:
     """Size in bytes of a block device or regular file."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -76,7 +71,7 @@ def inspect_with_qemu(path: Path, detected: DetectedImage) -> dict[str, Any]:
         out = run_text(["qemu-img", "info", "--output=json", "--image-opts", image_opts(detected.format, path)],
                        limits=INFO_LIMITS, env=CONVERT_ENV, timeout=120)
     except CommandError as e:
-        raise UnsafeImage(f"qemu-img cannot read the {name} image: {last_line(e)}") from None
+        raise UnsafeImage(f"qemu-img cannot read the {name} image: {e.last_line}") from None
     info: dict[str, Any] = json.loads(out)
     if info.get("format") != detected.format.value:
         raise UnsafeImage(f"qemu-img reads the image as {info.get('format')}, our inspector as {name}")
@@ -135,4 +130,4 @@ def convert_file(source: Path, detected: DetectedImage, target: DiskTarget) -> N
     try:
         run(argv, limits=CONVERT_LIMITS, env=CONVERT_ENV)
     except CommandError as e:
-        raise ConversionError(f"qemu-img convert failed: {last_line(e)}") from None
+        raise ConversionError(f"qemu-img convert failed: {e.last_line}") from None

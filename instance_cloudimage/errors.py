@@ -94,6 +94,12 @@ class CommandError(CloudImageError):
         last = stderr.strip().splitlines()[-1] if stderr.strip() else "no error output"
         super().__init__(f"{self.argv[0]} failed with exit code {returncode}: {last}")
 
+    @property
+    def last_line(self) -> str:
+        """The last line of stderr (usually the reason), else the exit code."""
+        text = self.stderr.strip()
+        return text.splitlines()[-1] if text else f"exit code {self.returncode}"
+
 
 class CommandNotFound(UserError):
     """A host tool is not installed."""

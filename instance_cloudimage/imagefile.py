@@ -1,8 +1,7 @@
 """Bounded random reads of an image for the header inspectors.
 
-An inspector reads a verified image file (``ImageFile``), or only the first bytes of a stream
-(``ImageHead``) when the image arrives compressed and has not been spooled.  Both refuse reads
-beyond what they hold, so a lying header cannot make an inspector read past the end of the file
+An inspector reads a verified image file (``ImageFile``), which refuses reads beyond its end or
+larger than MAX_READ, so a lying header cannot make an inspector read past the end of the file
 or buffer more than it asked for.
 """
 
@@ -25,7 +24,6 @@ class ImageFile:
         self.fd = fd
         self.size: int = os.fstat(fd).st_size
         self.what = what
-        self.complete = True
 
     def read_at(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset``; raises UnsafeImage if the file is shorter."""
@@ -50,15 +48,3 @@ class ImageFile:
     def unpack(self, fmt: str, offset: int) -> tuple[Any, ...]:
         return struct.unpack(fmt, self.read_at(offset, struct.calcsize(fmt)))
 
-
-class ImageHead:
-    """The first bytes of an image seen in a stream; its total size is not known yet."""
-
-    def __init__(self, head: bytes, what: str = "image") -> None:
-        self.head = head
-        self.size: int | None = None
-        self.what = what
-        self.complete = False
-
-    def read_upto(self, offset: int, length: int) -> bytes:
-        return self.head[offset:offset + length]

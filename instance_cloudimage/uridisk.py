@@ -129,10 +129,9 @@ def redact_uri(uri: str) -> str:
 
 def failed(what: str, e: CommandError, uri: str) -> ConversionError:
     """``what`` failed: qemu-img's last error line, the URI in it redacted."""
-    text = e.stderr.strip()
-    line = (text.splitlines()[-1] if text else f"exit code {e.returncode}").replace(uri, redact_uri(uri))
+    line = e.last_line.replace(uri, redact_uri(uri))
     # Debian ships the rbd, gluster, iscsi and ssh drivers as modules in another package.
-    hint = "install the Debian package qemu-block-extra on this node" if "qemu-block-extra" in text else None
+    hint = "install the Debian package qemu-block-extra on this node" if "qemu-block-extra" in e.stderr else None
     return ConversionError(f"{what} {redact_uri(uri)} failed: {line}", hint)
 
 

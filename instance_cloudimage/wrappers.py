@@ -238,8 +238,7 @@ class PipeDecoder(Layer):
         try:
             self.child.wait_checked()
         except CommandError as e:
-            last = e.stderr.strip().splitlines()[-1] if e.stderr.strip() else f"exit code {e.returncode}"
-            raise ConversionError(f"the {self.what} could not be decompressed: {last}") from None
+            raise ConversionError(f"the {self.what} could not be decompressed: {e.last_line}") from None
 
     def close(self) -> None:
         self.child.close()
