@@ -186,12 +186,15 @@ def find_hooks(phase: Phase, variant: str, roots: list[tuple[str, Path]], confda
         if not root.is_dir():
             continue
         phase_dir = root / f"{phase.value}.d"
+        if not phase_dir.is_dir():
+            continue  # and so is its variant subdirectory
+        if origin == "site":
+            check_directory(root)
+            check_directory(phase_dir)
         for directory in (phase_dir, phase_dir / variant):
             if not directory.is_dir():
                 continue
-            if origin == "site":
-                check_directory(root)
-                check_directory(directory.parent)
+            if origin == "site" and directory != phase_dir:
                 check_directory(directory)
             scan_directory(directory, phase, origin, found)
     hooks = tuple(found[name] for name in sorted(found) if is_configured(found[name], confdata))

@@ -30,7 +30,7 @@ from pathlib import Path
 from .config import SiteConfig
 from .env import GanetiEnv
 from .errors import CloudImageError, CommandError, SeedError
-from .guestfiles import guest_dir, read_guest_file, remove_guest_file, write_guest_file
+from .guestfiles import read_guest_file, remove_guest_file, write_guest_file
 from .guestfs import mount_guest_root
 from .partitions import GuestLayout, find_guest_layout
 from .process import run
@@ -47,7 +47,7 @@ from .reseedplan import (
     plan_configdrive,
     plan_nocloud,
 )
-from .seed import NOCLOUD_PARENT, NOCLOUD_SUBDIR
+from .seed import nocloud_dir
 from .seeddata import seed_input
 from .seeddisk import CIDATA, MTOOLS_ENV, check_relative, copy_into_fat, read_from_fat, seed_label_of
 from .variants import host_architecture, load_variant
@@ -80,8 +80,7 @@ def delete_from_fat(image: str, names: tuple[str, ...]) -> None:
 def read_seed_dir(root: Path) -> dict[str, bytes] | None:
     """The NoCloud seed files in the guest mounted at ``root``; None when there is no seed directory."""
     try:
-        with guest_dir(root, NOCLOUD_PARENT) as parent, \
-                guest_dir(parent, NOCLOUD_SUBDIR, shown_below=NOCLOUD_PARENT) as seed_dir:
+        with nocloud_dir(root) as seed_dir:
             files = {n: d for n in NOCLOUD_FILES if (d := read_guest_file(seed_dir, n)) is not None}
     except SeedError as e:  # a missing directory; UnsafeImage (a planted symlink) goes up
         log.debug("no NoCloud seed directory: %s", e)
@@ -108,8 +107,7 @@ def read_guest_seed(path: str, arch: str, layout: GuestLayout) -> dict[str, byte
 def write_guest_seed(path: str, arch: str, layout: GuestLayout, update: SeedUpdate) -> None:
     with ExitStack() as stack:
         mounted = mount_guest_root(path, stack, arch=arch, layout=layout)
-        with guest_dir(mounted.path, NOCLOUD_PARENT) as parent, \
-                guest_dir(parent, NOCLOUD_SUBDIR, shown_below=NOCLOUD_PARENT) as seed_dir:
+        with nocloud_dir(mounted.path) as seed_dir:
             for name in update.remove:
                 remove_guest_file(seed_dir, name)
             for name, data in update.write.items():

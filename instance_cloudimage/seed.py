@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +46,16 @@ NOCLOUD_SUBDIR = "cloud/seed/nocloud"  # ours: created 0700, root
 NOCLOUD_NAMES = ("meta-data", "user-data", "network-config", "vendor-data")
 # Gives a URI-only disk a local path (staging.StagedDisks.local); called only for a disk the seed may use.
 LocalDisk = Callable[[Disk], Disk]
+
+
+@contextmanager
+def nocloud_dir(root: str | os.PathLike[str], *, create: bool = False) -> Iterator[int]:
+    """The NoCloud seed directory of the guest mounted at ``root``, as a directory fd, reached
+    without following a guest symlink; ``create`` makes what is missing (var/lib 0755, ours 0700).
+    Raises SeedError when it is missing, UnsafeImage for a planted symlink."""
+    with guest_dir(root, NOCLOUD_PARENT, create=create, mode=0o755) as parent, \
+            guest_dir(parent, NOCLOUD_SUBDIR, create=create, mode=0o700, shown_below=NOCLOUD_PARENT) as seed_dir:
+        yield seed_dir
 
 
 @dataclass(frozen=True)
@@ -148,8 +159,7 @@ def write_nocloud_dir(root: Path, files: Mapping[str, bytes]) -> None:
         if "/" in name or name not in NOCLOUD_NAMES:
             raise SeedError(f"unexpected NoCloud seed file {name!r}")
     try:
-        with guest_dir(root, NOCLOUD_PARENT, create=True, mode=0o755) as parent, \
-                guest_dir(parent, NOCLOUD_SUBDIR, create=True, mode=0o700, shown_below=NOCLOUD_PARENT) as seed_dir:
+        with nocloud_dir(root, create=True) as seed_dir:
             for name in NOCLOUD_NAMES:
                 if name not in files and remove_guest_file(seed_dir, name):
                     log.debug("removed the image's own %s from the seed directory", name)

@@ -29,7 +29,7 @@ from .errors import CloudImageError
 from .guestfiles import guest_dir, read_guest_file, write_guest_file
 from .guestfs import mount_guest_root
 from .partitions import GuestLayout, find_guest_layout
-from .seed import NOCLOUD_NAMES, NOCLOUD_PARENT, NOCLOUD_SUBDIR
+from .seed import NOCLOUD_NAMES, nocloud_dir
 from .seeddisk import copy_into_fat, read_from_fat, seed_label_of
 from .variants import host_architecture
 
@@ -156,8 +156,7 @@ def rename_seed_disk(path: str, label: str, rename: Renamer) -> int:
 def seed_dir_changes(root: Path, rename: Renamer) -> dict[str, bytes]:
     """The NoCloud seed files in the guest mounted at ``root`` whose content changes."""
     try:
-        with guest_dir(root, NOCLOUD_PARENT) as parent, \
-                guest_dir(parent, NOCLOUD_SUBDIR, shown_below=NOCLOUD_PARENT) as seed_dir:
+        with nocloud_dir(root) as seed_dir:
             files = {n: d for n in NOCLOUD_NAMES if (d := read_guest_file(seed_dir, n)) is not None}
     except CloudImageError as e:
         log.debug("no NoCloud seed directory to update: %s", e)
@@ -201,8 +200,7 @@ def rename_guest(disk_path: str, arch: str, rename: Renamer, *, edit_hostname: b
         mounted = mount_guest_root(disk_path, stack, arch=arch, layout=layout)
         changes = seed_dir_changes(mounted.path, rename)
         if changes:
-            with guest_dir(mounted.path, NOCLOUD_PARENT) as parent, \
-                    guest_dir(parent, NOCLOUD_SUBDIR, shown_below=NOCLOUD_PARENT) as seed_dir:
+            with nocloud_dir(mounted.path) as seed_dir:
                 for name, data in changes.items():
                     write_guest_file(seed_dir, name, data)
                     count += 1

@@ -125,10 +125,11 @@ def copy_file(src_fd: int, spool: Spool, hasher: Hasher, *, total: int, what: st
             # data, not its virtual size, and reads back the same.
             if chunk != (ZERO_CHUNK if len(chunk) == len(ZERO_CHUNK) else bytes(len(chunk))):
                 os.pwrite(spool.fd, chunk, pos)
+                pos += len(chunk)
+            else:
+                pos += len(chunk)
+                os.ftruncate(spool.fd, pos)  # the file only grows by its writes: a skipped chunk extends it
             hasher.update(chunk)
-            pos += len(chunk)
-            if pos > os.fstat(spool.fd).st_size:
-                os.ftruncate(spool.fd, pos)
             progress.update(len(chunk))
             spool.advance(pos)
     return pos
