@@ -32,8 +32,8 @@ from .env import GanetiEnv
 from .errors import CommandError, ConversionError, EnvironmentError_, UserError
 from .log import Progress, complete_step, format_size
 from .seedrename import rename_seeds
-from .staging import make_staging_file, staging_errors
-from .uridisk import check_uri, copy_from_uri, copy_to_uri, redact_uri, uri_size
+from .staging import stage_uri, staging_errors
+from .uridisk import copy_to_uri, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -49,35 +49,18 @@ class TransferDisk:
         return redact_uri(self.uri) if self.uri else self.path
 
 
-def transfer_uri(genv: GanetiEnv, word: str) -> str | None:
-    """The transfer's URI when the disk has no device path (access=userspace), else None.
-
-    ``word``: IMPORT or EXPORT, naming the variables.  Raises EnvironmentError_.
-    """
-    t = genv.transfer
-    if t is None or (t.device is None and t.uri is None):  # env.py sees to it that one is set
-        raise EnvironmentError_(f"${word}_DEVICE or ${word}_DISK_URI must be set")
-    if t.device is not None:
-        return None
-    check_uri(t.uri or "", f"{word}_DISK_URI")
-    return t.uri
-
-
 def transfer_disk(genv: GanetiEnv, site: SiteConfig, stack: ExitStack, word: str) -> TransferDisk:
     """The local path to read (EXPORT) or write (IMPORT).  A URI-only disk gets a staging file,
     removed when ``stack`` unwinds; for an export it is first filled from the URI.
     Raises EnvironmentError_ or ConversionError."""
-    uri = transfer_uri(genv, word)
-    if uri is None:
-        assert genv.transfer is not None and genv.transfer.device is not None
-        return TransferDisk(genv.transfer.device)
-    size = uri_size(uri)
-    staging = make_staging_file(site, size, stack)
-    log.info("the disk at %s (%s) is staged in %s", redact_uri(uri), format_size(size), staging)
-    if word == "EXPORT":
-        with staging_errors(site), complete_step(f"copying the disk out of {redact_uri(uri)}"):
-            copy_from_uri(uri, staging)
-    return TransferDisk(os.fspath(staging), uri)
+    t = genv.transfer
+    if t is None:
+        raise EnvironmentError_(f"${word}_DEVICE or ${word}_DISK_URI must be set")
+    if t.device is not None:
+        return TransferDisk(t.device)
+    assert t.uri is not None  # env.py: a transfer has a device or a URI
+    staging = stage_uri(site, t.uri, f"{word}_DISK_URI", "the disk", stack, copy_in=word == "EXPORT")
+    return TransferDisk(os.fspath(staging), t.uri)
 
 
 def write_staged(disk: TransferDisk, extent: int) -> None:

@@ -80,6 +80,20 @@ def staging_errors(site: SiteConfig, *, active: bool = True) -> Iterator[None]:
         raise_if_full(e, site)
 
 
+def stage_uri(site: SiteConfig, uri: str, variable: str, name: str, stack: ExitStack, *, copy_in: bool) -> Path:
+    """A staging file for the disk at ``uri`` (given as ``variable``, shown as ``name``), removed
+    when ``stack`` unwinds: a copy of the disk with ``copy_in``, else reading zeros.
+    Raises EnvironmentError_ or ConversionError."""
+    check_uri(uri, variable)
+    size = uri_size(uri)
+    path = make_staging_file(site, size, stack)
+    if copy_in:
+        with staging_errors(site), complete_step(f"copying {name} ({format_size(size)}) from {redact_uri(uri)}"):
+            copy_from_uri(uri, path)
+    log.info("%s (%s, %s) is staged in %s", name, redact_uri(uri), format_size(size), path)
+    return path
+
+
 class StagedDisks:
     """The create pipeline's URI-only disks, staged locally on first use."""
 
@@ -100,13 +114,8 @@ class StagedDisks:
         if disk.index in self.staged:
             return dataclasses.replace(disk, path=os.fspath(self.staged[disk.index][1]))
         assert disk.uri is not None  # env.py: a disk has a path or a URI
-        check_uri(disk.uri, f"DISK_{disk.index}_URI")
-        size = uri_size(disk.uri)
-        path = make_staging_file(self.site, size, self.stack)
-        if copy_in:
-            with complete_step(f"copying disk {disk.index} ({format_size(size)}) from {redact_uri(disk.uri)}"):
-                copy_from_uri(disk.uri, path)
-        log.info("disk %d (%s, %s) is staged in %s", disk.index, redact_uri(disk.uri), format_size(size), path)
+        path = stage_uri(self.site, disk.uri, f"DISK_{disk.index}_URI", f"disk {disk.index}", self.stack,
+                         copy_in=copy_in)
         self.staged[disk.index] = (disk, path, copy_in)
         return dataclasses.replace(disk, path=os.fspath(path))
 

@@ -365,7 +365,9 @@ def test_staging_costs_the_data_not_the_disk_size(tmp_path: Path, monkeypatch: p
             allocated[name] = max(before, os.stat(args[staging_arg]).st_blocks) * 512
         return call
 
-    monkeypatch.setattr(lifecycle, "copy_from_uri", spy("export", lifecycle.copy_from_uri, 1))
+    from instance_cloudimage import staging
+
+    monkeypatch.setattr(staging, "copy_from_uri", spy("export", staging.copy_from_uri, 1))
     monkeypatch.setattr(lifecycle, "copy_to_uri", spy("import", lifecycle.copy_to_uri, 0))
     stream = tmp_path / "stream"
     with nbd_served(source) as uri, open(stream, "wb") as out:
