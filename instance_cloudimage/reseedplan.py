@@ -23,8 +23,6 @@ with); a seed that already has it gets a fresh one derived from it.
 
 from __future__ import annotations
 
-import email
-import email.policy
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -36,6 +34,7 @@ from .configdrive import dump_json, render_meta_data_json, render_network_data_j
 from .errors import SeedError
 from .seeddata import SeedInput, derive_instance_id, dump_yaml, render_network_config
 from .settings import parse_bool
+from .userdata import cloud_config_parts
 
 NOCLOUD_FILES = ("meta-data", "user-data", "network-config")
 CD_TREES = ("openstack/latest", "openstack/2012-08-10")
@@ -106,18 +105,7 @@ def cloud_config_documents(user_data: bytes | None) -> list[Any]:
     """The cloud-config documents of a seed's user-data: itself, or its MIME text/cloud-config parts."""
     if not user_data:
         return []
-    head = user_data.lstrip()[:200].lower()
-    if head.startswith(b"#cloud-config"):
-        return [parse_config(user_data)]
-    if b"content-type:" not in head or b"multipart" not in head:
-        return []
-    msg = email.message_from_bytes(user_data, policy=email.policy.compat32)
-    docs = []
-    for part in msg.walk():
-        payload = part.get_payload(decode=True) if part.get_content_type() == "text/cloud-config" else None
-        if isinstance(payload, bytes):
-            docs.append(parse_config(payload))
-    return docs
+    return [parse_config(payload) for _, payload in cloud_config_parts(user_data)[1]]
 
 
 def network_applied_every_boot(user_data: bytes | None) -> bool:

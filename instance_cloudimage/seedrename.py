@@ -11,9 +11,7 @@ cosmetic next to the instance's data.
 
 from __future__ import annotations
 
-import email
 import email.encoders
-import email.policy
 import json
 import logging
 import re
@@ -31,6 +29,7 @@ from .guestfs import mount_guest_root
 from .partitions import GuestLayout, find_guest_layout
 from .seed import NOCLOUD_NAMES, nocloud_dir
 from .seeddisk import copy_into_fat, read_from_fat, seed_label_of
+from .userdata import cloud_config_parts
 from .variants import host_architecture
 
 log = logging.getLogger(__name__)
@@ -103,18 +102,12 @@ def rename_cloud_config(text: bytes, rename: Renamer) -> bytes | None:
 
 def rename_user_data(data: bytes, rename: Renamer) -> bytes | None:
     """Rename inside cloud-config user-data, plain or as text/cloud-config parts of a MIME multipart."""
-    head = data.lstrip()[:200].lower()
-    if head.startswith(b"#cloud-config"):
-        return rename_cloud_config(data, rename)
-    if b"content-type:" not in head or b"multipart" not in head:
-        return None
-    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    msg, parts = cloud_config_parts(data)
+    if msg is None:
+        return rename_cloud_config(data, rename) if parts else None
     changed = False
-    for part in msg.walk():
-        if part.get_content_type() != "text/cloud-config":
-            continue
-        payload = part.get_payload(decode=True)
-        if not isinstance(payload, bytes) or (new := rename_cloud_config(payload, rename)) is None:
+    for part, payload in parts:
+        if part is None or (new := rename_cloud_config(payload, rename)) is None:
             continue
         was_base64 = (part.get("Content-Transfer-Encoding") or "").lower() == "base64"
         del part["Content-Transfer-Encoding"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.policy
 import gzip
 import hashlib
 import io
@@ -32,7 +33,8 @@ import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email import message_from_string
+from email import message_from_bytes, message_from_string
+from email.message import Message
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
@@ -343,3 +345,22 @@ def assemble_for_cloud_init(ours: Mapping[str, Any], user: UserData | None) -> U
     if user.handled_by_cloud_init:
         return UserDataOutput(assemble_mime(user, render_cloud_config(ours)))
     return UserDataOutput(user.text, render_cloud_config(ours))
+
+
+def cloud_config_parts(data: bytes) -> tuple[Message | None, list[tuple[Message | None, bytes]]]:
+    """The cloud-config inside a seed's user-data: ``(None, [(None, data)])`` for plain
+    cloud-config, ``(message, [(part, payload), ...])`` for the text/cloud-config parts of a MIME
+    multipart (edit a part and re-serialise the message), ``(None, [])`` for anything else."""
+    head = data.lstrip()[:200].lower()
+    if head.startswith(b"#cloud-config"):
+        return None, [(None, data)]
+    if b"content-type:" not in head or b"multipart" not in head:
+        return None, []
+    msg = message_from_bytes(data, policy=email.policy.compat32)
+    parts: list[tuple[Message | None, bytes]] = []
+    for part in msg.walk():
+        payload = part.get_payload(decode=True) if part.get_content_type() == "text/cloud-config" else None
+        if isinstance(payload, bytes):
+            parts.append((part, payload))
+    return msg, parts
+
