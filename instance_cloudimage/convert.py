@@ -9,7 +9,6 @@ limits as a second opinion on our own inspector, and only after it (§C.17).
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -67,6 +66,8 @@ def check_fits(virtual_size: int, target: DiskTarget) -> None:
 
 def inspect_with_qemu(path: Path, detected: DetectedImage) -> dict[str, Any]:
     """``qemu-img info`` with the detected format, under limits; refuse what our inspector missed."""
+    import json  # imported where used: create's path to qemu-img does not need it (raw needs no qemu-img info)
+
     name = display_name(detected.format)
     try:
         out = run_text(["qemu-img", "info", "--output=json", "--image-opts", image_opts(detected.format, path)],
