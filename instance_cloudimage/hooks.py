@@ -31,6 +31,8 @@ from .process import run_streaming
 from .resources import shipped_dir
 from .source import ImageRef
 
+# json, tempfile and urlpolicy are imported where used: create's path to qemu-img runs no hooks.
+
 log = logging.getLogger(__name__)
 
 
@@ -306,7 +308,6 @@ def run_hooks(plan: HookPlan, phase: Phase, facts: HookFacts, site: SiteConfig) 
     if withheld:
         log.debug("secret parameters %s are not passed to hooks ([Hooks] PassSecrets)", ", ".join(withheld))
     timeout = float(site.get("hook_timeout"))
-    # Imported where used (also urlpolicy above): create's path to qemu-img runs no hooks.
     import json
     import tempfile
 

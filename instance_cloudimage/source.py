@@ -29,6 +29,8 @@ from .localpath import open_local_image, pinned_path, resolve_local_image_path
 from .spool import CHUNK, Hasher, Spool, copy_file, hash_fd
 from .variants import Variant
 
+# The cache, checksums and urlpolicy (hashlib, socket) are imported where used: create's path to
+# qemu-img with a local image and no checksum needs none of them.
 if TYPE_CHECKING:
     from .checksums import Digest
     from .remote import RemoteSpec
@@ -60,8 +62,6 @@ class ImageRef:
         # A user-given location may be private; the variant's is public.
         if self.from_parameter and self.scheme not in ("http", "https"):
             return "the file given by the image parameter"
-        # The cache, checksums and urlpolicy are imported where used: create's path to qemu-img
-        # with a local image and no checksum does not need them.
         from .urlpolicy import PARAMETER_URL, redact_url
 
         return PARAMETER_URL if self.from_parameter else redact_url(self.location)
