@@ -7,18 +7,16 @@ of a running create still unmounts and detaches what it set up.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import stat
 import sys
 import traceback
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from .config import DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Paths, SiteConfig, load_site_config
@@ -28,6 +26,10 @@ from .launch import WORKER_SOCKET
 from .log import hide_values, printable, setup_logging
 from .settings import parse_size
 from .uridisk import uri_secrets
+
+if TYPE_CHECKING:
+    # argparse and uuid are imported where used: the OS scripts need neither.
+    import argparse
 
 log = logging.getLogger("instance_cloudimage")
 
@@ -202,6 +204,8 @@ def simulated_environment(args: argparse.Namespace) -> dict[str, str]:
         create_disk_file(disk, args.disk_size)
     st = disk.stat()
     is_block = stat.S_ISBLK(st.st_mode)
+    import uuid
+
     from .convert import target_size
 
     env = {
@@ -316,6 +320,8 @@ def add_site_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(prog="instance-cloudimage",
                                      description="Ganeti OS provider for distribution cloud images")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

@@ -9,9 +9,9 @@ limits as a second opinion on our own inspector, and only after it (§C.17).
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,8 @@ def check_fits(virtual_size: int, target: DiskTarget) -> None:
 
 def inspect_with_qemu(path: Path, detected: DetectedImage) -> dict[str, Any]:
     """``qemu-img info`` with the detected format, under limits; refuse what our inspector missed."""
+    import json  # imported where used: create's path to qemu-img does not need it (raw needs no qemu-img info)
+
     name = display_name(detected.format)
     try:
         out = run_text(["qemu-img", "info", "--output=json", "--image-opts", image_opts(detected.format, path)],
@@ -110,11 +112,13 @@ def supports_direct_io(target: DiskTarget) -> bool:
     return True
 
 
-def convert_file(source: Path, detected: DetectedImage, target: DiskTarget) -> None:
+def convert_file(source: Path, detected: DetectedImage, target: DiskTarget,
+                 started: Callable[[], None] | None = None) -> None:
     """Write the image file ``source`` onto ``target`` with qemu-img convert.
 
     A random-access format must have passed inspect_file and inspect_with_qemu; raw data (also a
     fixed VHD's, limited to its data size) needs neither: ``driver=raw`` reads nothing else.
+    ``started()`` is called once qemu-img runs.
     """
     if detected.needs_qemu:
         fmt, size = detected.format, None
@@ -128,6 +132,6 @@ def convert_file(source: Path, detected: DetectedImage, target: DiskTarget) -> N
     log.info("writing the %s image (%s virtual) with qemu-img", detected.details,
              format_size(detected.virtual_size))
     try:
-        run(argv, limits=CONVERT_LIMITS, env=CONVERT_ENV)
+        run(argv, limits=CONVERT_LIMITS, env=CONVERT_ENV, started=started)
     except CommandError as e:
         raise ConversionError(f"qemu-img convert failed: {e.last_line}") from None

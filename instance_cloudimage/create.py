@@ -78,17 +78,19 @@ def prepare(genv: GanetiEnv, site: SiteConfig) -> CreateContext:
 
 
 def write_image(ctx: CreateContext, ref: ImageRef, stack: ExitStack,
-                before_write: Callable[[DetectedImage, Path | None], None] | None = None) -> DetectedImage:
+                before_write: Callable[[DetectedImage, Path | None], None] | None = None,
+                writing: Callable[[], None] | None = None) -> DetectedImage:
     """Open the disk, then stream or convert the image onto it (deploy.py).
 
-    ``before_write`` runs once the image is detected and vetted, before the disk is touched.
+    ``before_write`` runs once the image is detected and vetted, before the disk is touched;
+    ``writing`` once the write is under way (qemu-img or the decoder started).
     """
     target = open_disk(ctx.disk.path or "", wiped=ctx.wiped, stack=stack)
     with complete_step(f"fetching {ref.describe()}"):
         stream = open_image(ref, ctx.site, stack)
     with complete_step("writing the image"):
         done = deploy_image(stream, ref.declared_format, target, ctx.site.paths.cache_dir / "tmp", stack,
-                            before_write=before_write)
+                            before_write=before_write, writing=writing)
     written = "" if done.written is None else f", {format_size(done.written)} written"
     log.info("wrote a %s image of %s onto %s%s", done.detected.details, format_size(done.detected.virtual_size),
              ctx.disk.describe(), written)
@@ -121,9 +123,10 @@ def preload(*modules: str) -> threading.Thread:
     """Import ``modules`` in the background while the image is written.
 
     The write waits on qemu-img or the disk most of the time, so the seeding and growing code
-    (tens of milliseconds of imports, YAML included) loads for free instead of after it; it is
-    not imported before, where it would only slow the path to the first write.  An import error
-    is left for the real import, which raises it where it belongs."""
+    (tens of milliseconds of imports, YAML included) loads for free instead of after it.  It is
+    started only once the write is under way (deploy_image's ``writing``): any earlier, its
+    imports would compete for the GIL with the path to qemu-img.  An import error is left for
+    the real import, which raises it where it belongs."""
     def load() -> None:
         for name in modules:
             try:
@@ -174,10 +177,12 @@ def run_phases(ctx: CreateContext, plan: HookPlan, facts: HookFacts, stack: Exit
         facts = dataclasses.replace(facts, image_path=image_path, image_format=detected.format.value,
                                     image_virtual_size=detected.virtual_size)
         run_hooks(plan, Phase.PRE_WRITE, facts, site)
+
+    def writing() -> None:
         # From here on the write waits on qemu-img or the disk: load what comes next meanwhile.
         loading.append(preload(".seed", *((".grow",) if grow else ())))
 
-    write_image(ctx, ref, stack, before_write=pre_write)
+    write_image(ctx, ref, stack, before_write=pre_write, writing=writing)
     for thread in loading:
         thread.join()
     if grow:
