@@ -175,6 +175,7 @@ def serve_request(conn: socket.socket, identity: str) -> int:
             log.warning("a %s script of another install or interpreter ran itself: this worker serves "
                         "%s only", request.verb, os.path.dirname(__file__))
         return 0
+    log.debug("pid %d runs %s (%s)", os.getpid(), request.verb, request.argv[0])  # in the worker's own log
     become_client(request, fds)
     conn.sendall(b"pid %d\n" % os.getpid())
     watch_client(conn)
