@@ -64,17 +64,30 @@ def check_fits(virtual_size: int, target: DiskTarget) -> None:
         )
 
 
-def inspect_with_qemu(path: Path, detected: DetectedImage) -> dict[str, Any]:
-    """``qemu-img info`` with the detected format, under limits; refuse what our inspector missed."""
+def inspect_with_qemu(path: Path, detected: DetectedImage, kept: Path | None = None) -> dict[str, Any]:
+    """``qemu-img info`` with the detected format, under limits; refuse what our inspector missed.
+
+    With ``kept`` (a directory), qemu-img is asked once per unchanged file (qemuinfo.py); the
+    checks below run on its answer every time."""
     import json  # imported where used: create's path to qemu-img does not need it (raw needs no qemu-img info)
 
+    from .qemuinfo import ask_once
+
     name = display_name(detected.format)
+
+    def ask() -> str:
+        try:
+            return run_text(["qemu-img", "info", "--output=json", "--image-opts", image_opts(detected.format, path)],
+                            limits=INFO_LIMITS, env=CONVERT_ENV, timeout=120)
+        except CommandError as e:
+            raise UnsafeImage(f"qemu-img cannot read the {name} image: {e.last_line}") from None
+
     try:
-        out = run_text(["qemu-img", "info", "--output=json", "--image-opts", image_opts(detected.format, path)],
-                       limits=INFO_LIMITS, env=CONVERT_ENV, timeout=120)
-    except CommandError as e:
-        raise UnsafeImage(f"qemu-img cannot read the {name} image: {e.last_line}") from None
-    info: dict[str, Any] = json.loads(out)
+        info: dict[str, Any] = json.loads(ask_once(path, detected, kept, ask))
+    except ValueError:
+        raise UnsafeImage(f"qemu-img's description of the {name} image is not JSON") from None
+    if not isinstance(info, dict):
+        raise UnsafeImage(f"qemu-img's description of the {name} image is not a JSON object")
     if info.get("format") != detected.format.value:
         raise UnsafeImage(f"qemu-img reads the image as {info.get('format')}, our inspector as {name}")
     if info.get("backing-filename") or info.get("full-backing-filename"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -24,6 +25,7 @@ from .hookenv import HookFacts
 from .hooks import HookPlan, Phase, plan_hooks, run_hooks
 from .log import complete_step, format_size
 from .params import grow_requested, validate_parameters
+from .qemuinfo import RECORD_DIR as QEMU_INFO_DIR
 from .source import ImageRef, open_image, resolve_image
 from .staging import StagedDisks, staging_errors
 from .uridisk import check_uri
@@ -90,6 +92,7 @@ def write_image(ctx: CreateContext, ref: ImageRef, stack: ExitStack,
         stream = open_image(ref, ctx.site, stack)
     with complete_step("writing the image"):
         done = deploy_image(stream, ref.declared_format, target, ctx.site.paths.cache_dir / "tmp", stack,
+                            kept=ctx.site.paths.cache_dir / QEMU_INFO_DIR,
                             before_write=before_write, writing=writing)
     written = "" if done.written is None else f", {format_size(done.written)} written"
     log.info("wrote a %s image of %s onto %s%s", done.detected.details, format_size(done.detected.virtual_size),
@@ -119,7 +122,7 @@ def mount_guest_for_hooks(ctx: CreateContext, facts: HookFacts, stack: ExitStack
     return dataclasses.replace(facts, target=Path(root.path), root_partition=getattr(root, "device", None))
 
 
-def preload(*modules: str) -> threading.Thread:
+def preload(*modules: str) -> threading.Thread | None:
     """Import ``modules`` in the background while the image is written.
 
     The write waits on qemu-img or the disk most of the time, so the seeding and growing code
@@ -134,6 +137,8 @@ def preload(*modules: str) -> threading.Thread:
             except Exception:  # the import in the pipeline reports it
                 continue
 
+    if all(f"{__package__}{name}" in sys.modules for name in modules):
+        return None  # loaded already, as in a child of the warm worker
     thread = threading.Thread(target=load, name="preload", daemon=True)
     thread.start()
     return thread
@@ -180,7 +185,9 @@ def run_phases(ctx: CreateContext, plan: HookPlan, facts: HookFacts, stack: Exit
 
     def writing() -> None:
         # From here on the write waits on qemu-img or the disk: load what comes next meanwhile.
-        loading.append(preload(".seed", *((".grow",) if grow else ())))
+        thread = preload(".seed", *((".grow",) if grow else ()))
+        if thread is not None:
+            loading.append(thread)
 
     write_image(ctx, ref, stack, before_write=pre_write, writing=writing)
     for thread in loading:

@@ -1,0 +1,89 @@
+"""qemu-img info, the second opinion on a random-access image, asked once per image file.
+
+Every create from the same cached (or root-owned local) image asks qemu-img the same question
+about the same bytes, and a qemu-img start costs ~10 ms, a few percent of a small image's write.
+So the answer (qemu-img's JSON, before any check) is kept in ``<cache-dir>/qemu-info/``, keyed by
+the file's identity: device, inode, size, modification and change times (a change time no
+process can set; any write or chmod moves it), the detected format, and the qemu-img binary.
+convert.inspect_with_qemu applies every check to the JSON each time, cached or not, so a
+change of our rules takes effect at once.  A record is used only if this user owns it and no
+one else can write it; anything odd about it and qemu-img is simply asked again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from .formats import DetectedImage
+from .process import find_tool
+
+log = logging.getLogger(__name__)
+
+RECORD_DIR = "qemu-info"
+MAX_RECORD = 1 << 20
+
+
+def identity(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def record_key(st: os.stat_result, detected: DetectedImage) -> str:
+    import hashlib  # imported where used: create's path to qemu-img does not need it for raw images
+
+    qemu = os.stat(find_tool("qemu-img"))
+    text = f"{identity(st)} {detected.format.value} {identity(qemu)}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_record(directory: Path, key: str) -> str | None:
+    try:
+        fd = os.open(directory / key, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022
+                or st.st_size > MAX_RECORD):
+            return None
+        text = os.read(fd, MAX_RECORD).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+    import json  # where used, as in convert.inspect_with_qemu, which parses it again
+
+    try:
+        return text if isinstance(json.loads(text), dict) else None
+    except ValueError:
+        return None  # a torn or spoilt record: ask again
+
+
+def write_record(directory: Path, key: str, text: str) -> None:
+    """Best effort: a record that cannot be written only means asking qemu-img next time."""
+    tmp = directory / f".{key}.{os.getpid()}"
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # as cache.py makes the cache directory
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, directory / key)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        log.debug("could not keep qemu-img's answer in %s: %s", directory, e.strerror)
+
+
+def ask_once(path: Path, detected: DetectedImage, directory: Path | None, ask: Callable[[], str]) -> str:
+    """qemu-img's answer for ``path``: the kept one if the file is unchanged, else ``ask()``, then kept."""
+    if directory is None:
+        return ask()
+    before = os.stat(path)
+    key = record_key(before, detected)
+    if (text := read_record(directory, key)) is not None:
+        log.debug("qemu-img info: the answer kept for this very file (%s)", directory / key)
+        return text
+    text = ask()
+    if identity(os.stat(path)) == identity(before):  # unchanged while qemu-img read it
+        write_record(directory, key, text)
+    return text
