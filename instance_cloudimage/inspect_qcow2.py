@@ -94,6 +94,25 @@ def check_extensions(img: ImageFile, offset: int, cluster: int) -> None:
     raise refuse("has too many header extensions")
 
 
+FLAG_BITS = bytes(b & 0x40 for b in range(256))  # an entry's first byte: keep COMPRESSED (bit 62)
+WITHOUT_FLAGS = bytes(b & 0x3F for b in range(256))  # ...or drop it and COPIED (bit 63)
+
+
+def maps_inside(table: bytes, entry_size: int, cluster: int, file_size: int) -> bool:
+    """True if no entry of an L2 table is compressed and each maps a cluster inside the file.
+
+    Done in C (byte slicing, translate, one max), as a Python loop over 2 GiB's entries costs ~5 ms
+    of every create.  Without its two flag bits an entry is at least its offset, so a maximum
+    that fits proves every entry fits; False only means the exact loop must decide."""
+    raw = bytearray(table)
+    firsts = raw[0::entry_size]
+    if firsts.translate(FLAG_BITS).strip(b"\0"):
+        return False
+    raw[0::entry_size] = firsts.translate(WITHOUT_FLAGS)
+    highest: int = max(struct.unpack(f">{len(raw) // 8}Q", raw)[::entry_size // 8])
+    return highest + cluster <= file_size
+
+
 def check_clusters(img: ImageFile, cluster_bits: int, size: int, l1_size: int, l1_off: int,
                    extended_l2: bool) -> None:
     """Every L2 table and data cluster the image maps must start inside the file."""
@@ -116,12 +135,9 @@ def check_clusters(img: ImageFile, cluster_bits: int, size: int, l1_size: int, l
             if l2_off % cluster:
                 raise refuse("has a misaligned L2 table")
             table = img.read_at(l2_off, cluster)
+            if maps_inside(table, entry_size, cluster, img.size):
+                continue
             entries = struct.unpack(f">{cluster // 8}Q", table)[::entry_size // 8]
-            # Without compressed clusters one max() in C decides for the whole table: the usual case
-            # costs a millisecond per 2 GiB instead of a Python loop over every entry.
-            if not any(map(COMPRESSED.__and__, entries)):
-                if max(map(OFFSET_MASK.__and__, entries)) + cluster <= img.size:
-                    continue
             for e in entries:
                 if e & COMPRESSED:
                     host = e & ((1 << compressed_bits) - 1)
