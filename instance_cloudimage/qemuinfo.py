@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,8 @@ from .process import find_tool
 log = logging.getLogger(__name__)
 
 RECORD_DIR = "qemu-info"
+PLAIN_PATH = re.compile(r"[A-Za-z0-9/._+-]+")
+PLACEHOLDER = "@image-path@"  # "@" is not in a plain path
 MAX_RECORD = 1 << 20
 
 
@@ -35,7 +38,7 @@ def record_key(st: os.stat_result, detected: DetectedImage) -> str:
     import hashlib  # imported where used: create's path to qemu-img does not need it for raw images
 
     qemu = os.stat(find_tool("qemu-img"))
-    text = f"{identity(st)} {detected.format.value} {identity(qemu)}"
+    text = f"v2 {identity(st)} {detected.format.value} {identity(qemu)}"  # v2: the path as PLACEHOLDER
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -75,15 +78,21 @@ def write_record(directory: Path, key: str, text: str) -> None:
 
 
 def ask_once(path: Path, detected: DetectedImage, directory: Path | None, ask: Callable[[], str]) -> str:
-    """qemu-img's answer for ``path``: the kept one if the file is unchanged, else ``ask()``, then kept."""
-    if directory is None:
+    """qemu-img's answer for ``path``: the kept one if the file is unchanged, else ``ask()``, then kept.
+
+    The answer names the path qemu-img opened (a VMDK's extents are checked against it), and a
+    file used in place is opened through this process's /proc/<pid>/fd/<n>: the path is kept as
+    a placeholder and put back on reading.  Only plain paths are kept, whose characters JSON
+    leaves as they are."""
+    name = os.fspath(path)
+    if directory is None or not PLAIN_PATH.fullmatch(name):
         return ask()
     before = os.stat(path)
     key = record_key(before, detected)
     if (text := read_record(directory, key)) is not None:
         log.debug("qemu-img info: the answer kept for this very file (%s)", directory / key)
-        return text
+        return text.replace(PLACEHOLDER, name)
     text = ask()
-    if identity(os.stat(path)) == identity(before):  # unchanged while qemu-img read it
-        write_record(directory, key, text)
+    if identity(os.stat(path)) == identity(before) and PLACEHOLDER not in text:  # unchanged while read
+        write_record(directory, key, text.replace(name, PLACEHOLDER))
     return text

@@ -120,10 +120,13 @@ def test_without_a_directory_nothing_is_kept(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_create_keeps_the_answer_for_an_image_used_in_place(site: Site, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk"])
+def test_create_keeps_the_answer_for_an_image_used_in_place(site: Site, tmp_path: Path, fmt: str) -> None:
+    """Each run opens the image through its own /proc/<pid>/fd path, which a VMDK's answer names."""
     need_root()
-    image = site.images / "a.qcow2"
-    qcow2(image, "16M")
+    need_tools("qemu-img")
+    image = site.images / f"a.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, image, "16M"], check=True)
     runs = []
     for name in ("d1", "d2"):
         r = cli("--debug", "create", "--disk", os.fspath(tmp_path / f"{name}.raw"), "--disk-size", "32M",
