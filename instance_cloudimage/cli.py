@@ -249,7 +249,7 @@ def cmd_install(args: argparse.Namespace) -> None:
     if args.systemd_dir:
         from .install import WORKER_UNIT, install_worker_units
 
-        units = install_worker_units(Path(args.systemd_dir))
+        units = install_worker_units(Path(args.systemd_dir), socket=args.worker_socket)
         log.info("wrote %s into %s; enable the worker with: systemctl daemon-reload && systemctl enable --now "
                  "%s.socket", " and ".join(units), args.systemd_dir, WORKER_UNIT)
 

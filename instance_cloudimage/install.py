@@ -95,14 +95,14 @@ def install_os(os_dir: Path, paths: Paths, python: str | None = None, worker: st
 WORKER_UNIT = "instance-cloudimage-worker"
 
 
-def render_worker_units(python: str) -> dict[str, str]:
-    """systemd units for the warm worker, socket-activated at launch.WORKER_SOCKET."""
+def render_worker_units(python: str, socket: str = WORKER_SOCKET) -> dict[str, str]:
+    """systemd units for the warm worker, socket-activated at ``socket`` (the scripts' own)."""
     return {
         f"{WORKER_UNIT}.socket": f"""[Unit]
 Description=instance-cloudimage warm worker socket (Ganeti OS scripts start without their imports)
 
 [Socket]
-ListenStream={WORKER_SOCKET}
+ListenStream={socket}
 SocketMode=0600
 DirectoryMode=0700
 
@@ -123,9 +123,9 @@ Restart=on-failure
     }
 
 
-def install_worker_units(unit_dir: Path, python: str | None = None) -> list[str]:
+def install_worker_units(unit_dir: Path, python: str | None = None, socket: str | None = None) -> list[str]:
     """Write the worker's systemd units into ``unit_dir``; return their names."""
-    units = render_worker_units(python or sys.executable)
+    units = render_worker_units(python or sys.executable, socket or WORKER_SOCKET)
     try:
         unit_dir.mkdir(parents=True, exist_ok=True)
         for name, text in units.items():

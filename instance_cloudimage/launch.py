@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
 WORKER_SOCKET = "/run/instance-cloudimage/worker.sock"
+HANDOVER_TIMEOUT = 30.0  # seconds for the worker to take a run; then the script runs itself
+GO = b"go\n"
 PROTOCOL = b"instance-cloudimage-worker/1"
 MAX_REQUEST = 8 << 20  # Ganeti's environment (user-data included) stays far below this
 FORWARDED_SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
@@ -44,7 +46,8 @@ def code_identity(package_dir: str | None = None) -> str:
 
     Sizes and modification times, not contents: this is read on every run.  A worker whose
     identity differs runs other code (an upgrade, another install) and must not take the run."""
-    pkg = package_dir or os.path.dirname(os.path.abspath(__file__))
+    # realpath: the script and the worker may reach the package through different links.
+    pkg = package_dir or os.path.dirname(os.path.realpath(__file__))
     parts = [sys.base_prefix, sys.version, pkg]  # not sys.prefix: -S leaves a venv's unset
     with os.scandir(pkg) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
@@ -54,18 +57,21 @@ def code_identity(package_dir: str | None = None) -> str:
     return "\n".join(parts)
 
 
-def named_fds(environ: Mapping[str, str]) -> list[int]:
-    """The open descriptors FD_VARIABLES name; a number that is not an open descriptor stays behind,
-    and the script reports it as it would without a worker."""
+def named_fds(environ: Mapping[str, str]) -> list[int] | None:
+    """The open descriptors FD_VARIABLES name; None if one is set but cannot be handed over
+    (not a number, too high, not open): the script then runs here and reports it itself."""
     fds = []
     for name in FD_VARIABLES:
-        value = environ.get(name, "")
-        if value.isdigit() and 2 < int(value) < NAMED_FD_LIMIT:
-            try:
-                os.fstat(int(value))
-            except OSError:
-                continue
-            fds.append(int(value))
+        if name not in environ:
+            continue
+        try:
+            fd = int(environ[name])  # as env.py reads it
+            os.fstat(fd)
+        except (ValueError, OSError):
+            return None
+        if not 2 < fd < NAMED_FD_LIMIT:
+            return None
+        fds.append(fd)
     return fds
 
 
@@ -85,9 +91,13 @@ def connect(path: str) -> _socket.socket | None:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     except OSError:
         return None
+    if sock.fileno() <= 2:  # fd 0-2 were closed: the socket would be handed over as one of them
+        sock.close()
+        return None
+    sock.settimeout(HANDOVER_TIMEOUT)  # a wedged worker must not hang Ganeti's job
     try:
         sock.connect(path)
-    except OSError:  # no worker (ENOENT, ECONNREFUSED) or not ours to use (EACCES)
+    except OSError:  # no worker (ENOENT, ECONNREFUSED), not ours to use (EACCES), or no answer
         sock.close()
         return None
     return sock
@@ -97,6 +107,9 @@ def send_request(sock: _socket.socket, request: bytes, extra_fds: Sequence[int])
     try:
         cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
+        return False
+    if cwd <= 2:
+        os.close(cwd)
         return False
     try:
         rights = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2, cwd, *extra_fds))
@@ -137,13 +150,14 @@ def delegate(verb: str, worker: str, argv: Sequence[str], environ: Mapping[str, 
     umask = os.umask(0o022)
     os.umask(umask)
     extra = named_fds(environ)
-    if not send_request(sock, encode_request(code_identity(), verb, umask, argv, environ, extra), extra):
+    if extra is None or not send_request(sock, encode_request(code_identity(), verb, umask, argv, environ, extra),
+                                         extra):
         sock.close()
         return None
     replies = Replies(sock)
     first = replies.next_line()
     if first is None or not first.startswith(b"pid "):
-        sock.close()  # "stale": the worker runs other code; no answer: it never started the run
+        sock.close()  # "stale": the worker runs other code; no answer in time: it must not start now
         return None
     child = int(first[4:])
 
@@ -154,8 +168,14 @@ def delegate(verb: str, worker: str, argv: Sequence[str], environ: Mapping[str, 
         except ProcessLookupError:
             pass
 
+    try:
+        sock.sendall(GO)  # the child starts only now: until here this process could still run the script
+    except OSError:
+        sock.close()
+        return None
     for signum in FORWARDED_SIGNALS:
         _signal.signal(signum, forward)
+    sock.settimeout(None)  # the run itself takes as long as it takes
     while (line := replies.next_line()) is not None:
         if line.startswith(b"exit "):
             return int(line[5:])

@@ -26,13 +26,23 @@ import stat
 import struct
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
 from .errors import ConfigError
-from .launch import FD_COUNT, MAX_EXTRA_FDS, MAX_REQUEST, NAMED_FD_LIMIT, PROTOCOL, code_identity
+from .launch import (
+    FD_COUNT,
+    GO,
+    HANDOVER_TIMEOUT,
+    MAX_EXTRA_FDS,
+    MAX_REQUEST,
+    NAMED_FD_LIMIT,
+    PROTOCOL,
+    code_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +144,22 @@ def become_client(request: Request, fds: list[int]) -> None:
     sys.argv = list(request.argv)
 
 
+def receive_go(conn: socket.socket) -> bool:
+    """The script's go-ahead (launch.GO), sent once it has given up any idea of running itself."""
+    data = b""
+    conn.settimeout(HANDOVER_TIMEOUT + 5)
+    try:
+        while len(data) < len(GO):
+            chunk = conn.recv(len(GO) - len(data))
+            if not chunk:
+                return False
+            data += chunk
+    except OSError:
+        return False
+    conn.settimeout(None)
+    return data == GO
+
+
 def watch_client(conn: socket.socket) -> None:
     """SIGTERM ourselves when the client goes away (Ganeti killed the script), as a cold run would die."""
     def wait() -> None:
@@ -146,20 +172,21 @@ def watch_client(conn: socket.socket) -> None:
     threading.Thread(target=wait, name="client-watch", daemon=True).start()
 
 
-def run_child(conn: socket.socket, identity: str) -> NoReturn:
+def run_child(conn: socket.socket, identity: str, worker: int) -> NoReturn:
     """The forked child: one script run, then exit; never back into the parent's accept loop."""
     code = 1
     try:
-        code = serve_request(conn, identity)
+        code = serve_request(conn, identity, worker)
     except BaseException as e:  # the script's own errors were handled by its guarded(); this is ours
         log.error("internal error in a worker child: %s: %s (please report this)", type(e).__name__, e)
     finally:
         os._exit(code)
 
 
-def serve_request(conn: socket.socket, identity: str) -> int:
-    for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+def serve_request(conn: socket.socket, identity: str, worker: int) -> int:
+    for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_DFL)  # SIGCHLD was ignored in the parent: subprocess needs it back
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt, as in any script
     os.setsid()  # stopping or restarting the worker must not stop the runs it started
     conn = socket.socket(fileno=move_high(conn.detach()))
     try:
@@ -169,8 +196,8 @@ def serve_request(conn: socket.socket, identity: str) -> int:
         return 1
     if request.identity != identity:
         conn.sendall(b"stale\n")
-        if code_identity() != identity:  # our own files changed: reload them
-            os.kill(os.getppid(), signal.SIGUSR1)
+        if code_identity() != identity and os.getppid() == worker:  # our own files changed: reload them
+            os.kill(worker, signal.SIGUSR1)
         else:
             log.warning("a %s script of another install or interpreter ran itself: this worker serves "
                         "%s only", request.verb, os.path.dirname(__file__))
@@ -178,12 +205,15 @@ def serve_request(conn: socket.socket, identity: str) -> int:
     log.debug("pid %d runs %s (%s)", os.getpid(), request.verb, request.argv[0])  # in the worker's own log
     become_client(request, fds)
     conn.sendall(b"pid %d\n" % os.getpid())
+    if not receive_go(conn):
+        return 1  # the script gave up waiting and runs itself: this child must not run too
     watch_client(conn)
     from .cli import finish_streams, os_script_main
 
-    code = finish_streams(os_script_main(request.verb, os.environ, request.argv))
+    code = os_script_main(request.verb, os.environ, request.argv)
     # The client exits once it reads the code, and the watcher would then SIGTERM a finished run.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    code = finish_streams(code)
     try:
         conn.sendall(b"exit %d\n" % code)
     except OSError:
@@ -206,10 +236,11 @@ def preload_package() -> int:
 
 def serve(listener: socket.socket) -> NoReturn:
     """Accept runs forever; re-execute on SIGUSR1 (new code on disk) keeping the listening socket."""
+    identity = code_identity()  # before loading: files replaced meanwhile show as a change below
     count = preload_package()
-    identity = code_identity()
     if threading.active_count() != 1:
         raise ConfigError("the worker started threads while loading; forking it would be unsafe")
+    worker = os.getpid()
 
     # The handlers act at once rather than raise: an exception from a handler that runs inside
     # fork()'s at-fork callbacks is printed and dropped, and the worker would go on.
@@ -217,19 +248,29 @@ def serve(listener: socket.socket) -> NoReturn:
         os.write(2, b"instance-cloudimage: worker stopped\n")
         os._exit(0)
 
-    def reload(signum: int, frame: FrameType | None) -> None:
+    def reload(signum: int | None = None, frame: FrameType | None = None) -> None:
         os.write(2, b"instance-cloudimage: the package changed on disk: re-executing the worker to load it\n")
+        # Ignored stays ignored across exec: more stale children's SIGUSR1 must not kill the new one.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         os.set_inheritable(listener.fileno(), True)
-        os.execv(sys.executable, [sys.executable, "-P", "-m", __name__.rsplit(".", 1)[0], "worker",
+        debug = ["--debug"] if log.isEnabledFor(logging.DEBUG) else []
+        os.execv(sys.executable, [sys.executable, "-P", "-m", __name__.rsplit(".", 1)[0], *debug, "worker",
                                   "--fd", str(listener.fileno())])
 
+    if code_identity() != identity:
+        reload()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps finished runs
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, stop)
     signal.signal(signal.SIGUSR1, reload)
-    log.info("worker ready: %d modules loaded, pid %d", count, os.getpid())
+    log.info("worker ready: %d modules loaded, pid %d", count, worker)
     while True:
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except OSError as e:  # EMFILE and the like: that client runs its script itself
+            log.warning("cannot accept a run: %s", e.strerror)
+            time.sleep(0.1)
+            continue
         with conn:
             uid = peer_uid(conn)
             if uid != os.geteuid():
@@ -237,18 +278,23 @@ def serve(listener: socket.socket) -> NoReturn:
                 continue
             for stream in (sys.stdout, sys.stderr):
                 stream.flush()  # or each child would write the parent's buffer again
-            if os.fork() == 0:
+            try:
+                child = os.fork()
+            except OSError as e:  # EAGAIN under TasksMax: that client runs its script itself
+                log.warning("cannot fork a run: %s", e.strerror)
+                continue
+            if child == 0:
                 try:
                     listener.close()
                 finally:
-                    run_child(conn, identity)
+                    run_child(conn, identity, worker)
 
 
 def open_listener(path: Path) -> socket.socket:
     """A listening socket at ``path``, usable by root only: 0600 in a 0700 directory."""
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
+        if not path.parent.is_dir():  # an existing directory keeps its mode: it may be /run or /tmp
+            path.parent.mkdir(mode=0o700, parents=True)
         try:
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise ConfigError(f"cannot listen on {path}: it exists and is not a socket")

@@ -89,6 +89,11 @@ def test_installed_scripts_start_without_site_and_name_their_worker() -> None:
     assert render_script("verify", "/usr/bin/python3").rstrip().endswith('run_script("verify")')
 
 
+def test_the_worker_units_listen_where_the_scripts_look() -> None:
+    assert "ListenStream=/srv/w.sock\n" in render_worker_units("/usr/bin/python3", "/srv/w.sock")[
+        "instance-cloudimage-worker.socket"]
+
+
 def test_the_worker_units_pass_systemd_analyze(tmp_path: Path) -> None:
     units = render_worker_units(sys.executable)
     for name, text in units.items():
@@ -117,7 +122,9 @@ class Worker:
 
 def start_worker(sock: Path, log: Path, env: dict[str, str] | None = None,
                  python: list[str] | None = None) -> Worker:
-    argv = (python or [os.fspath(VENV_BIN / "instance-cloudimage")]) + ["worker", "--socket", os.fspath(sock)]
+    # --debug: the worker logs each run it takes ("pid N runs create"), which tests read.
+    argv = (python or [os.fspath(VENV_BIN / "instance-cloudimage")]) + ["--debug", "worker", "--socket",
+                                                                        os.fspath(sock)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stderr=out, env=env)
     deadline = time.monotonic() + 60
@@ -233,6 +240,7 @@ def test_a_refused_run_is_the_same_one_line_and_exit_code(tmp_path: Path, worker
     s = make_setup(tmp_path, worker.socket)
     disk = new_disk(tmp_path / "d.raw")
     warm = s.run("create", disk, OSP_IMAGE="/etc/shadow")
+    assert "runs create" in worker.log_text()  # refused in the worker's child, not by a fallback
     stop(worker)
     cold = s.run("create", disk, OSP_IMAGE="/etc/shadow")
     assert warm.returncode == cold.returncode != 0
@@ -266,6 +274,8 @@ def test_export_and_import_stream_through_the_worker(tmp_path: Path, worker: Wor
     assert r.returncode == 0, r.stderr
     assert same_data(target, s.image)
     assert b"error" not in r.stderr
+    log = worker.log_text()
+    assert "runs export" in log and "runs import" in log  # both went through the worker
 
 
 def process_gone(pid: int, timeout: float = 15) -> bool:
@@ -394,3 +404,47 @@ def test_a_second_worker_on_the_same_socket_is_refused(tmp_path: Path, worker: W
         f"instance-cloudimage: error: cannot listen on {worker.socket}: another worker is listening there"]
     with socket.socket(socket.AF_UNIX) as probe:
         probe.connect(os.fspath(worker.socket))  # the first one still is
+
+
+# --- handing over, and giving up on it ----------------------------------------------------------
+
+def test_descriptors_the_worker_cannot_take_keep_the_run_here() -> None:
+    r, w = os.pipe()
+    try:
+        assert launch.named_fds({}) == []
+        assert launch.named_fds({"EXP_SIZE_FD": str(w)}) == [w]
+        assert launch.named_fds({"EXP_SIZE_FD": "\u00b2"}) is None  # isdigit() but no int()
+        assert launch.named_fds({"EXP_SIZE_FD": "99"}) is None  # not open
+        assert launch.named_fds({"EXP_SIZE_FD": str(launch.NAMED_FD_LIMIT + 5)}) is None
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_worker_that_never_answers_leaves_the_run_to_the_script(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launch, "HANDOVER_TIMEOUT", 0.5)
+    path = tmp_path / "wedged.sock"
+    with socket.socket(socket.AF_UNIX) as wedged:
+        wedged.bind(os.fspath(path))
+        wedged.listen(1)
+        start = time.monotonic()
+        assert launch.delegate("verify", os.fspath(path), ["verify"], {"OS_API_VERSION": "20"}) is None
+        assert time.monotonic() - start < 10
+
+
+@pytest.mark.integration
+def test_a_child_never_runs_without_the_scripts_go_ahead(tmp_path: Path, worker: Worker) -> None:
+    """The script gave up after the child said its pid (a timeout): the child must not run as well."""
+    s = make_setup(tmp_path, worker.socket)
+    sock = launch.connect(os.fspath(worker.socket))
+    assert sock is not None
+    env = s.env(new_disk(tmp_path / "d.raw"))
+    assert launch.send_request(sock, launch.encode_request(launch.code_identity(), "create", 0o022,
+                                                           [os.fspath(s.os_dir / "create")], env), [])
+    first = launch.Replies(sock).next_line()
+    assert first is not None and first.startswith(b"pid ")
+    child = int(first[4:])
+    sock.close()  # no go-ahead
+    assert process_gone(child)
+    assert not s.marker.exists()  # the pre-fetch hook never ran
