@@ -83,6 +83,17 @@ class Source:
         return self.data.read(n)
 
 
+def decode_and_deploy(image: Path, src: Path, work: Path, tmp_path: Path) -> object:
+    """Decode ``image`` alone, then write it through deploy; both must give ``src``'s bytes.
+    Returns the decoding layer, for the caller to check which decoder it was."""
+    layer, out = decode(image, work)
+    assert out == src.read_bytes()
+    disk = new_disk(tmp_path / "disk", SIZE)
+    assert deploy(image, disk).wrappers == (Wrapper.XZ,)
+    compare(disk, src)
+    return layer
+
+
 PARALLEL = {
     "crc64, 2 MiB blocks": ("-T2", "-0", "--block-size=2MiB"),
     "crc32": ("-T2", "-0", "--block-size=1MiB", "--check=crc32"),
@@ -97,12 +108,8 @@ PARALLEL = {
 @pytest.mark.parametrize("name", PARALLEL)
 def test_multi_block_xz_is_decoded_in_parallel(name: str, src: Path, work: Path, tmp_path: Path) -> None:
     image = xz(src, work / f"{name.replace(' ', '_')}.xz", *PARALLEL[name])
-    layer, out = decode(image, work)
+    layer = decode_and_deploy(image, src, work, tmp_path)
     assert isinstance(layer, ParallelXz) and layer.unsplit == 0
-    assert out == src.read_bytes()
-    disk = new_disk(tmp_path / "disk", SIZE)
-    assert deploy(image, disk).wrappers == (Wrapper.XZ,)
-    compare(disk, src)
 
 
 def test_a_sparse_tar_inside_a_multi_block_xz(src: Path, work: Path, tmp_path: Path) -> None:
@@ -127,12 +134,7 @@ EXTERNAL = {
 @pytest.mark.parametrize("name", EXTERNAL)
 def test_shapes_it_cannot_split_go_to_the_external_decoder(name: str, src: Path, work: Path, tmp_path: Path) -> None:
     image = xz(src, work / f"{name[:9].replace(' ', '_')}.xz", *EXTERNAL[name])
-    layer, out = decode(image, work)
-    assert isinstance(layer, PipeDecoder)
-    assert out == src.read_bytes()
-    disk = new_disk(tmp_path / "disk", SIZE)
-    deploy(image, disk)
-    compare(disk, src)
+    assert isinstance(decode_and_deploy(image, src, work, tmp_path), PipeDecoder)
 
 
 def test_an_empty_stream_goes_to_the_external_decoder(work: Path) -> None:
