@@ -75,19 +75,21 @@ def inspect_with_qemu(path: Path, detected: DetectedImage, kept: Path | None = N
 
     name = display_name(detected.format)
 
-    def ask() -> str:
+    def ask() -> dict[str, Any]:
         try:
-            return run_text(["qemu-img", "info", "--output=json", "--image-opts", image_opts(detected.format, path)],
-                            limits=INFO_LIMITS, env=CONVERT_ENV, timeout=120)
+            out = run_text(["qemu-img", "info", "--output=json", "--image-opts", image_opts(detected.format, path)],
+                           limits=INFO_LIMITS, env=CONVERT_ENV, timeout=120)
         except CommandError as e:
             raise UnsafeImage(f"qemu-img cannot read the {name} image: {e.last_line}") from None
+        try:
+            answer = json.loads(out)
+        except ValueError:
+            raise UnsafeImage(f"qemu-img's description of the {name} image is not JSON") from None
+        if not isinstance(answer, dict):
+            raise UnsafeImage(f"qemu-img's description of the {name} image is not a JSON object")
+        return answer
 
-    try:
-        info: dict[str, Any] = json.loads(ask_once(path, detected, kept, ask))
-    except ValueError:
-        raise UnsafeImage(f"qemu-img's description of the {name} image is not JSON") from None
-    if not isinstance(info, dict):
-        raise UnsafeImage(f"qemu-img's description of the {name} image is not a JSON object")
+    info = ask_once(path, detected, kept, ask)
     if info.get("format") != detected.format.value:
         raise UnsafeImage(f"qemu-img reads the image as {info.get('format')}, our inspector as {name}")
     if info.get("backing-filename") or info.get("full-backing-filename"):

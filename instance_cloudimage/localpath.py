@@ -85,3 +85,10 @@ def open_verified_file(path: Path) -> int:
         flags |= os.O_NOFOLLOW
     return os.open(path, flags)
 
+
+def only_root_can_change(st: os.stat_result) -> bool:
+    """Whether nobody but root (or the user running us) can write this inode.
+
+    Named ACL entries that grant write also set the group write bit (the ACL mask), so the mode
+    bits tell the whole story."""
+    return st.st_uid in (0, os.geteuid()) and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)

@@ -6,7 +6,7 @@ So the answer (qemu-img's JSON, before any check) is kept in ``<cache-dir>/qemu-
 the file's identity: device, inode, size, modification and change times (a change time no
 process can set; any write or chmod moves it), the detected format, and the qemu-img binary.
 convert.inspect_with_qemu applies every check to the JSON each time, cached or not, so a
-change of our rules takes effect at once.  A record is used only if this user owns it and no
+change of our rules takes effect at once.  A record is used only if root (or this user) owns it and no
 one else can write it; anything odd about it and qemu-img is simply asked again.
 """
 
@@ -18,8 +18,10 @@ import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .formats import DetectedImage
+from .localpath import only_root_can_change
 from .process import find_tool
 
 log = logging.getLogger(__name__)
@@ -49,18 +51,11 @@ def read_record(directory: Path, key: str) -> str | None:
         return None
     try:
         st = os.fstat(fd)
-        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022
-                or st.st_size > MAX_RECORD):
+        if not stat.S_ISREG(st.st_mode) or not only_root_can_change(st) or st.st_size > MAX_RECORD:
             return None
-        text = os.read(fd, MAX_RECORD).decode("utf-8", "replace")
+        return os.read(fd, MAX_RECORD).decode("utf-8", "replace")
     finally:
         os.close(fd)
-    import json  # where used, as in convert.inspect_with_qemu, which parses it again
-
-    try:
-        return text if isinstance(json.loads(text), dict) else None
-    except ValueError:
-        return None  # a torn or spoilt record: ask again
 
 
 def write_record(directory: Path, key: str, text: str) -> None:
@@ -77,22 +72,31 @@ def write_record(directory: Path, key: str, text: str) -> None:
         log.debug("could not keep qemu-img's answer in %s: %s", directory, e.strerror)
 
 
-def ask_once(path: Path, detected: DetectedImage, directory: Path | None, ask: Callable[[], str]) -> str:
+def ask_once(path: Path, detected: DetectedImage, directory: Path | None,
+             ask: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """qemu-img's answer for ``path``: the kept one if the file is unchanged, else ``ask()``, then kept.
 
     The answer names the path qemu-img opened (a VMDK's extents are checked against it), and a
     file used in place is opened through this process's /proc/<pid>/fd/<n>: the path is kept as
     a placeholder and put back on reading.  Only plain paths are kept, whose characters JSON
     leaves as they are."""
+    import json  # imported where used: a raw image asks qemu-img nothing
+
     name = os.fspath(path)
     if directory is None or not PLAIN_PATH.fullmatch(name):
         return ask()
     before = os.stat(path)
     key = record_key(before, detected)
     if (text := read_record(directory, key)) is not None:
-        log.debug("qemu-img info: the answer kept for this very file (%s)", directory / key)
-        return text.replace(PLACEHOLDER, name)
-    text = ask()
+        try:
+            kept = json.loads(text.replace(PLACEHOLDER, name))
+        except ValueError:
+            kept = None  # a torn or spoilt record: ask again
+        if isinstance(kept, dict):
+            log.debug("qemu-img info: the answer kept for this very file (%s)", directory / key)
+            return kept
+    info = ask()
+    text = json.dumps(info)
     if identity(os.stat(path)) == identity(before) and PLACEHOLDER not in text:  # unchanged while read
         write_record(directory, key, text.replace(name, PLACEHOLDER))
-    return text
+    return info

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from .config import SiteConfig
 from .errors import ChecksumMismatch, ParameterError
-from .localpath import open_local_image, pinned_path, resolve_local_image_path
+from .localpath import only_root_can_change, open_local_image, pinned_path, resolve_local_image_path
 from .spool import CHUNK, Hasher, Spool, copy_file, hash_fd
 from .variants import Variant
 
@@ -235,14 +235,6 @@ def close_unless_busy(fd: int, box: list[Spool]) -> None:
     thread = box[0].thread if box else None
     if thread is None or not thread.is_alive():
         os.close(fd)
-
-
-def only_root_can_change(st: os.stat_result) -> bool:
-    """Whether nobody but root (or the user running us) can write this inode.
-
-    Named ACL entries that grant write also set the group write bit (the ACL mask), so the mode
-    bits tell the whole story."""
-    return st.st_uid in (0, os.geteuid()) and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 def open_local(path: Path, ref: ImageRef, site: SiteConfig, stack: ExitStack) -> ImageStream:
