@@ -5,23 +5,24 @@ Builds, once, a realistic cloud image as in ../shared/docs/image-perf.md §1 (2 
 GPT, one ext4 partition holding a copy of /usr/bin and 6 x 20 MiB of random data) and derives
 every input kind from it: raw, qcow2, zlib-compressed qcow2, streamOptimized vmdk, vhdx, and
 raw wrapped in xz (multi-block, as distros publish), gzip, zstd, bzip2 and a GCE-style sparse
-tar.gz.  Then, in interleaved rounds (the VM is noisy), it times onto a fresh sparse 2 GiB file:
+tar.gz.  Every candidate runs once and its result is checked with ``qemu-img compare``.  Then,
+onto a fresh sparse 2 GiB file, after ``sync`` (the VM is noisy):
 
-* every bare pipeline candidate for that input (qemu-img convert with several flag sets;
-  ``xz -T0 -dc``/``pigz -dc``/``zstd -dc``/``lbzip2 -dc`` into ``dd conv=sparse``), all durable;
-* ``deploy``: our image pipeline (unwrap, detect, inspect, qemu-img info, stream or convert) in
-  a fresh Python process, from a local file with no checksum, i.e. create minus fetching;
-* ``create``: the whole create as Ganeti runs it: the OS script ``instance-cloudimage install``
+* a pilot of interleaved rounds of every bare pipeline candidate for that input (qemu-img
+  convert with several flag sets; ``xz -T0 -dc``/``pigz -dc``/``zstd -dc``/``lbzip2 -dc`` into
+  ``dd conv=sparse``), all durable, picks the fastest;
+* timed interleaved rounds, in rotating order, of that fastest bare pipeline against
+  ``create``: the whole create as Ganeti runs it: the OS script ``instance-cloudimage install``
   wrote, started with Ganeti's environment, which starts a new interpreter and imports the
-  pipeline (no worker answers on its socket);
-* ``create+worker``: the same script with the warm worker (``instance-cloudimage worker``)
-  listening, so the script hands the run to a child the worker forks; its peak RSS counts that
-  child's process tree too;
+  pipeline (no worker answers on its socket); and ``create+worker``: the same script with the
+  warm worker (``instance-cloudimage worker``) listening, so the script hands the run to a child
+  the worker forks; its peak RSS counts that child's process tree too.
 
-and prints, per input kind, medians, the ratio to the fastest baseline, bytes allocated on the
-target against the image's non-zero data, and the peak RSS summed over each process tree.
+It prints, per input kind, medians, the ratio to the baseline (the median over rounds of our time
+over the baseline's time in the same round), each round's ratio, bytes allocated on the target
+against the image's non-zero data, and the peak RSS summed over each process tree.
 
-    bench/bench_formats.py [--workdir /var/tmp/cloudimage-bench] [--rounds 5] [--kinds raw xz ...]
+    bench/bench_formats.py [--workdir /var/tmp/cloudimage-bench] [--rounds 9] [--pilot 3] [--kinds raw xz ...]
 """
 
 from __future__ import annotations
@@ -140,17 +141,14 @@ def baselines(kind: str, image: Path) -> dict[str, str]:
     return {f"{decoder.split()[0]} | dd conv=sparse": f"{cmd} | {DD}"}
 
 
-OURS = ("create", "create+worker", "deploy")
+OURS = ("create", "create+worker")
 
 
-def ours(image: Path, work: Path) -> dict[str, list[str]]:
-    return {
-        "deploy": [sys.executable, os.fspath(HERE / "bench_formats.py"), "deploy", os.fspath(image), "{tgt}"],
-        # The OS script as Ganeti runs it (installed, Ganeti's environment): no worker listens on
-        # its socket, so it imports the pipeline itself; then the same script with a warm worker.
-        "create": [os.fspath(work / "os" / "cold" / "create")],
-        "create+worker": [os.fspath(work / "os" / "warm" / "create")],
-    }
+def ours(work: Path) -> dict[str, list[str]]:
+    # The OS script as Ganeti runs it (installed, Ganeti's environment): no worker listens on
+    # its socket, so it imports the pipeline itself; then the same script with a warm worker.
+    return {"create": [os.fspath(work / "os" / "cold" / "create")],
+            "create+worker": [os.fspath(work / "os" / "warm" / "create")]}
 
 
 def ganeti_env(image: Path, target: Path) -> dict[str, str]:
@@ -175,17 +173,19 @@ def write_site(work: Path) -> None:
 
 
 def start_worker(work: Path) -> subprocess.Popen[bytes]:
-    """The warm worker the create+worker candidate talks to, ready once its socket answers."""
+    """The warm worker the create+worker candidate talks to, once it says it is ready."""
     socket = work / "run" / "worker.sock"
-    socket.unlink(missing_ok=True)
-    proc = subprocess.Popen([os.fspath(VENV_BIN / "instance-cloudimage"), "worker", "--socket", os.fspath(socket)],
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not socket.exists():
+    log = work / "run" / "worker.log"
+    log.parent.mkdir(mode=0o700, exist_ok=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([os.fspath(VENV_BIN / "instance-cloudimage"), "worker", "--socket", os.fspath(socket)],
+                                stderr=out)
+    deadline = time.monotonic() + 60
+    while "worker ready" not in log.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the worker did not start")
+            proc.kill()
+            raise SystemExit(f"the worker did not start: {log.read_text()}")
         time.sleep(0.05)
-    time.sleep(1)  # its preload ends before it accepts; a first run would otherwise wait for it
     return proc
 
 
@@ -225,6 +225,8 @@ def run_one(cmd: str | list[str], target: Path, image: Path, worker: int | None 
     target.unlink(missing_ok=True)
     with open(target, "wb") as f:
         f.truncate(2 * GiB)
+    # The previous run's freed extents and journal commit would otherwise land in this run's time.
+    os.sync()
     if isinstance(cmd, str):
         argv = ["bash", "-o", "pipefail", "-c", cmd.replace("{tgt}", q(target))]
     else:
@@ -270,28 +272,35 @@ def bench(args: argparse.Namespace) -> None:
     write_site(work)
     target = work / "target.raw"
     kinds = args.kinds or list(images)
-    plan = {k: {**baselines(k, images[k]), **ours(images[k], work)} for k in kinds}
     sh(f"PYTHONDONTWRITEBYTECODE= {q(sys.executable)} -m compileall -q {q(HERE.parent / 'instance_cloudimage')}")
     for path in images.values():  # warm the page cache, as right after a download
         sh(f"cat {q(path)} > /dev/null")
     worker = start_worker(work)
     try:
-        measure(args, kinds, plan, images, target, raw, data, worker.pid)
+        bare = {k: baselines(k, images[k]) for k in kinds}
+        for kind in kinds:  # every candidate once, checked for correctness; not timed
+            checked: list[str | list[str]] = [*bare[kind].values(), *ours(work).values()]
+            for cmd in checked:
+                run_one(cmd, target, images[kind], worker.pid)
+                check_same(target, raw)
+        best = pick_baselines(args, kinds, bare, images, target)
+        plan: dict[str, dict[str, str | list[str]]] = {k: {best[k]: bare[k][best[k]], **ours(work)} for k in kinds}
+        times, rss, alloc = measure(args.rounds, kinds, plan, images, target, worker.pid)
     finally:
         worker.terminate()
         worker.wait()
+    report(kinds, best, images, times, rss, alloc, data)
 
 
-def measure(args: argparse.Namespace, kinds: list[str], plan: dict[str, dict[str, str | list[str]]],
-            images: dict[str, Path], target: Path, raw: Path, data: int, worker: int) -> None:
-    for kind in kinds:  # every candidate once, checked for correctness; not timed
-        for cmd in plan[kind].values():
-            run_one(cmd, target, images[kind], worker)
-            check_same(target, raw)
-    times: dict[tuple[str, str], list[float]] = {}
+Times = dict[tuple[str, str], list[float]]
+
+
+def measure(rounds: int, kinds: list[str], plan: dict[str, dict[str, str | list[str]]], images: dict[str, Path],
+            target: Path, worker: int | None) -> tuple[Times, dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+    times: Times = {}
     rss: dict[tuple[str, str], int] = {}
     alloc: dict[tuple[str, str], int] = {}
-    for rnd in range(args.rounds):
+    for rnd in range(rounds):
         for kind in kinds:
             names = list(plan[kind])
             shift = rnd % len(names)
@@ -300,72 +309,65 @@ def measure(args: argparse.Namespace, kinds: list[str], plan: dict[str, dict[str
                 times.setdefault((kind, name), []).append(t)
                 rss[(kind, name)] = max(rss.get((kind, name), 0), r)
                 alloc[(kind, name)] = a
-        print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    report(kinds, plan, images, times, rss, alloc, data)
+        print(f"round {rnd + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return times, rss, alloc
 
 
-def report(kinds: list[str], plan: dict[str, dict[str, object]], images: dict[str, Path],
-           times: dict[tuple[str, str], list[float]], rss: dict[tuple[str, str], int],
-           alloc: dict[tuple[str, str], int], data: int) -> None:
-    print(f"\nimage: 2 GiB virtual, {data / MiB:.0f} MiB of non-zero data (4 KiB blocks); medians of "
-          f"{len(next(iter(times.values())))} interleaved rounds; target: fresh sparse file\n")
-    print("| input | fastest bare pipeline | median s | create s | ratio | create+worker s | ratio | deploy s "
-          "| ratio | written MiB (create / best) | peak RSS MiB (best / create / create+worker) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+def pick_baselines(args: argparse.Namespace, kinds: list[str], bare: dict[str, dict[str, str]],
+                   images: dict[str, Path], target: Path) -> dict[str, str]:
+    """The fastest bare candidate per input, from rounds of their own.
+
+    Picking it from the same runs it is then compared with would favour it: of several flag
+    sets that are equally fast, the one that drew the luckiest runs would win and set the bar
+    (the winner's curse).  So a pilot picks it, and the timed rounds measure it afresh."""
+    several = [k for k in kinds if len(bare[k]) > 1]
+    if not several:
+        return {k: next(iter(bare[k])) for k in kinds}
+    print(f"pilot: {args.pilot} rounds of the bare candidates", file=sys.stderr, flush=True)
+    times, _, _ = measure(args.pilot, several, {k: dict(bare[k]) for k in several}, images, target, None)
+    best = {k: next(iter(bare[k])) for k in kinds}
+    for kind in several:
+        med = {n: statistics.median(times[(kind, n)]) for n in bare[kind]}
+        best[kind] = min(med, key=lambda n: med[n])
+        print(f"  {kind}: " + ", ".join(f"{n} {t:.2f}" for n, t in med.items()), file=sys.stderr)
+    return best
+
+
+def paired_ratios(times: Times, kind: str, ours_name: str, base: str) -> list[float]:
+    """Per round, ours over the baseline run next to it: drift between rounds cancels out."""
+    return sorted(o / b for o, b in zip(times[(kind, ours_name)], times[(kind, base)], strict=True))
+
+
+def report(kinds: list[str], best: dict[str, str], images: dict[str, Path], times: Times,
+           rss: dict[tuple[str, str], int], alloc: dict[tuple[str, str], int], data: int) -> None:
+    rounds = len(next(iter(times.values())))
+    print(f"\nimage: 2 GiB virtual, {data / MiB:.0f} MiB of non-zero data (4 KiB blocks); {rounds} interleaved "
+          "rounds; target: fresh sparse file; ratio: median over rounds of ours / the baseline's run in that round\n")
+    print("| input | fastest bare pipeline | bare s | create s | ratio | create+worker s | ratio "
+          "| written MiB (create / bare) | peak RSS MiB (bare / create / create+worker) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    spread = []
     for kind in kinds:
-        med = {name: statistics.median(times[(kind, name)]) for name in plan[kind]}
-        base = min((n for n in plan[kind] if n not in OURS), key=lambda n: med[n])
-        ratios = " | ".join(f"{med[n]:.2f} | {med[n] / med[base]:.2f}" for n in OURS)
-        print(f"| {kind} ({images[kind].stat().st_size / MiB:.0f} MiB) | `{base}` | {med[base]:.2f} | {ratios} "
+        base = best[kind]
+        cells = []
+        for name in OURS:
+            ratios = paired_ratios(times, kind, name, base)
+            cells.append(f"{statistics.median(times[(kind, name)]):.2f} | {statistics.median(ratios):.2f}")
+            spread.append(f"  {kind}, {name}: " + " ".join(f"{r:.2f}" for r in ratios))
+        print(f"| {kind} ({images[kind].stat().st_size / MiB:.0f} MiB) | `{base}` "
+              f"| {statistics.median(times[(kind, base)]):.2f} | {' | '.join(cells)} "
               f"| {alloc[(kind, 'create')] / MiB:.0f} / {alloc[(kind, base)] / MiB:.0f} "
               f"| {rss[(kind, base)] / MiB:.0f} / {rss[(kind, 'create')] / MiB:.0f} "
               f"/ {rss[(kind, 'create+worker')] / MiB:.0f} |")
-    print("\nall candidates (median s):")
-    for kind in kinds:
-        cells = ", ".join(f"{n} {statistics.median(times[(kind, n)]):.2f}" for n in plan[kind])
-        print(f"  {kind}: {cells}")
-
-
-# --- the in-process deploy -------------------------------------------------------------------
-
-def deploy_one(image: str, disk: str) -> None:
-    """Our pipeline from a local file, as source.py hands it over (no checksum configured)."""
-    from contextlib import ExitStack
-
-    from instance_cloudimage.deploy import deploy_image
-    from instance_cloudimage.writer import open_disk
-
-    class Stream:
-        def __init__(self, path: Path) -> None:
-            self.file = open(path, "rb")
-            self.size: int | None = os.fstat(self.file.fileno()).st_size
-            self.local_path = path
-            self.path = path
-
-        def peek(self, n: int) -> bytes:
-            return os.pread(self.file.fileno(), n, self.file.tell())
-
-        def readinto(self, buf: bytearray | memoryview) -> int:
-            return self.file.readinto(buf)
-
-        def read(self, n: int = 4 * MiB) -> bytes:
-            return self.file.read(n)
-
-        def finish(self) -> Stream:
-            return self
-
-    with ExitStack() as stack:
-        target = open_disk(disk, wiped=False, stack=stack)
-        deploy_image(Stream(Path(image)), "auto", target, Path(disk).parent / "spool", stack)
+    print("\nper-round ratios, sorted:")
+    print("\n".join(spread))
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "deploy":
-        deploy_one(sys.argv[2], sys.argv[3])
-        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/var/tmp/cloudimage-bench")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds of the chosen baselines and ours")
+    parser.add_argument("--pilot", type=int, default=3, help="rounds of the bare candidates that pick the baselines")
     parser.add_argument("--kinds", nargs="*")
     bench(parser.parse_args())
 
