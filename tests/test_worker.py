@@ -235,6 +235,40 @@ def test_create_runs_in_a_child_of_the_worker_and_writes_the_same_disk(tmp_path:
     assert cold.stderr == r.stderr.replace("warm.raw", "cold.raw")
 
 
+BARRIER = """touch {arrived}/$$
+tries=0
+while [ "$(ls {arrived} | wc -l)" -lt {n} ]; do
+    tries=$((tries + 1)); [ "$tries" -gt 600 ] && echo "only $(ls {arrived} | wc -l) runs at once" >&2 && exit 1
+    sleep 0.05
+done
+"""
+
+
+@pytest.mark.integration
+def test_runs_started_together_run_at_once_each_in_its_own_child(tmp_path: Path, worker: Worker) -> None:
+    """Ganeti runs jobs for several instances of a node in parallel.  Each hook waits until all
+    runs reached it, so a worker serving one run at a time fails the test instead of slowing it."""
+    n = 3
+    arrived = tmp_path / "arrived"
+    arrived.mkdir()
+    s = make_setup(tmp_path, worker.socket, hook_extra=BARRIER.format(arrived=arrived, n=n))
+    qcow2 = s.site.images / "disk.qcow2"  # qemu-img info too, and its answer kept, by runs at once
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", s.image, qcow2], check=True)
+    disks = [new_disk(tmp_path / f"d{i}.raw") for i in range(n)]
+    procs = [subprocess.Popen([s.os_dir / "create"], cwd=s.os_dir,
+                              env=s.env(d, INSTANCE_NAME=f"w{i}.example.org", OSP_IMAGE=os.fspath(qcow2)),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i, d in enumerate(disks)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, errs
+    for i, (disk, err) in enumerate(zip(disks, errs, strict=True)):
+        assert same_data(disk, s.image)
+        assert f"instance w{i}.example.org installed" in err
+    children = {chain[chain.index(worker.proc.pid) - 1] for chain in s.ancestors()}
+    assert len(children) == n and worker.proc.pid not in children
+    assert worker.log_text().count("runs create") == n
+
+
 @pytest.mark.integration
 def test_a_refused_run_is_the_same_one_line_and_exit_code(tmp_path: Path, worker: Worker) -> None:
     s = make_setup(tmp_path, worker.socket)
