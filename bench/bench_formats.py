@@ -11,7 +11,7 @@ onto a fresh sparse 2 GiB file, after ``sync`` (the VM is noisy):
 * a pilot of interleaved rounds of every bare pipeline candidate for that input (qemu-img
   convert with several flag sets; ``xz -T0 -dc``/``pigz -dc``/``zstd -dc``/``lbzip2 -dc`` into
   ``dd conv=sparse``), all durable, picks the fastest;
-* timed interleaved rounds, in rotating order, of that fastest bare pipeline against
+* timed rounds, input by input, in rotating order, of that fastest bare pipeline against
   ``create``: the whole create as Ganeti runs it: the OS script ``instance-cloudimage install``
   wrote, started with Ganeti's environment, which starts a new interpreter and imports the
   pipeline (no worker answers on its socket); and ``create+worker``: the same script with the
@@ -300,8 +300,10 @@ def measure(rounds: int, kinds: list[str], plan: dict[str, dict[str, str | list[
     times: Times = {}
     rss: dict[tuple[str, str], int] = {}
     alloc: dict[tuple[str, str], int] = {}
-    for rnd in range(rounds):
-        for kind in kinds:
+    # One input at a time, short ones first: a round of the long decodes writes gigabytes, and the
+    # VM's disk then stalls now and then for seconds, which would land at random in the short runs.
+    for kind in kinds:
+        for rnd in range(rounds):
             names = list(plan[kind])
             shift = rnd % len(names)
             for name in names[shift:] + names[:shift]:  # rotate the order to cancel drift
@@ -309,7 +311,7 @@ def measure(rounds: int, kinds: list[str], plan: dict[str, dict[str, str | list[
                 times.setdefault((kind, name), []).append(t)
                 rss[(kind, name)] = max(rss.get((kind, name), 0), r)
                 alloc[(kind, name)] = a
-        print(f"round {rnd + 1}/{rounds} done", file=sys.stderr, flush=True)
+        print(f"{kind}: {rounds} rounds done", file=sys.stderr, flush=True)
     return times, rss, alloc
 
 
@@ -341,8 +343,8 @@ def paired_ratios(times: Times, kind: str, ours_name: str, base: str) -> list[fl
 def report(kinds: list[str], best: dict[str, str], images: dict[str, Path], times: Times,
            rss: dict[tuple[str, str], int], alloc: dict[tuple[str, str], int], data: int) -> None:
     rounds = len(next(iter(times.values())))
-    print(f"\nimage: 2 GiB virtual, {data / MiB:.0f} MiB of non-zero data (4 KiB blocks); {rounds} interleaved "
-          "rounds; target: fresh sparse file; ratio: median over rounds of ours / the baseline's run in that round\n")
+    print(f"\nimage: 2 GiB virtual, {data / MiB:.0f} MiB of non-zero data (4 KiB blocks); {rounds} rounds "
+          "per input; target: fresh sparse file; ratio: median over rounds of ours / the baseline's run in that round\n")
     print("| input | fastest bare pipeline | bare s | create s | ratio | create+worker s | ratio "
           "| written MiB (create / bare) | peak RSS MiB (bare / create / create+worker) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
