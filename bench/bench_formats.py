@@ -344,7 +344,8 @@ def report(kinds: list[str], best: dict[str, str], images: dict[str, Path], time
            rss: dict[tuple[str, str], int], alloc: dict[tuple[str, str], int], data: int) -> None:
     rounds = len(next(iter(times.values())))
     print(f"\nimage: 2 GiB virtual, {data / MiB:.0f} MiB of non-zero data (4 KiB blocks); {rounds} rounds "
-          "per input; target: fresh sparse file; ratio: median over rounds of ours / the baseline's run in that round\n")
+          "per input; target: fresh sparse file;\nratio: median over rounds of ours / the baseline's run in that "
+          "round\n")
     print("| input | fastest bare pipeline | bare s | create s | ratio | create+worker s | ratio "
           "| written MiB (create / bare) | peak RSS MiB (bare / create / create+worker) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
