@@ -1,0 +1,78 @@
+"""More of the hostile corpus (test_hostile.py has the first part): inputs that cost the host
+unbounded work, and damaged images that a tool would otherwise convert "successfully" with
+zeros in place of the missing data.  Each image is built here with qemu-img and struct.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from instance_cloudimage.detect import inspect_file
+from instance_cloudimage.imagefile import ImageFile
+
+from .imagetools import MiB, compare, deploy, new_disk, qemu_convert
+
+pytestmark = pytest.mark.integration
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hostile-more")
+
+
+class CountingImage(ImageFile):
+    """An ImageFile that counts the bytes an inspector reads."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self.bytes_read = 0
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        self.bytes_read += length
+        return super().read_at(offset, length)
+
+
+def inspect_counting(path: Path) -> tuple[int, int]:
+    """(virtual size, bytes read) of our inspector on ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        img = CountingImage(fd)
+        return inspect_file(img).virtual_size, img.bytes_read
+    finally:
+        os.close(fd)
+
+
+def qcow2_l1_l2(data: bytes | bytearray) -> tuple[int, int, int, int]:
+    """(cluster_bits, l1 size, l1 offset, the first L2 table's offset) of a qcow2 file."""
+    cluster_bits = struct.unpack_from(">I", data, 20)[0]
+    l1_size, l1_off = struct.unpack_from(">IQ", data, 36)
+    return cluster_bits, l1_size, l1_off, struct.unpack_from(">Q", data, l1_off)[0] & OFFSET_MASK
+
+
+def test_qcow2_whose_l1_entries_all_name_one_l2_table(work: Path, tmp_path: Path) -> None:
+    """qemu accepts an L1 table larger than the virtual size needs; 4096 entries naming the same
+    L2 table made our inspector read 4096 clusters (with 2 MiB clusters and 2^20 entries, a 21 MB
+    file cost an hour of CPU).  Each table is now read once, so the work is bounded by the file."""
+    src = work / "l1.raw"
+    src.write_bytes(os.urandom(MiB))
+    image = qemu_convert(src, work / "l1-base.qcow2", "qcow2")
+    data = bytearray(image.read_bytes())
+    cluster_bits, _size, l1_off, _l2 = qcow2_l1_l2(data)
+    cluster = 1 << cluster_bits
+    new_l1 = -(-len(data) // cluster) * cluster
+    entries = 4096
+    data += bytes(new_l1 - len(data)) + data[l1_off:l1_off + 8] * entries
+    struct.pack_into(">IQ", data, 36, entries, new_l1)
+    bomb = work / "l1-bomb.qcow2"
+    bomb.write_bytes(bytes(data))
+    size, read = inspect_counting(bomb)
+    assert size == MiB
+    assert read < 2 * len(data), f"read {read} bytes of a {len(data)}-byte file"
+    disk = new_disk(tmp_path / "disk", MiB)
+    deploy(bomb, disk, local=True)  # a legitimate image all the same: qemu reads it
+    compare(disk, src)
