@@ -145,14 +145,17 @@ def check_clusters(img: ImageFile, cluster_bits: int, size: int, l1_size: int, l
             entries = struct.unpack(f">{cluster // 8}Q", table)[::entry_size // 8]
             for e in entries:
                 if e & COMPRESSED:
+                    # The data runs over nb sectors from host; qemu pads a short last sector with
+                    # zeros, so only that sector's first byte must be in the file.
                     host = e & ((1 << compressed_bits) - 1)
-                    end = host + 1
+                    sectors = (e >> compressed_bits & ((1 << (cluster_bits - 8)) - 1)) + 1
+                    end = ((host >> 9) + sectors - 1) * 512 + 1
                 else:
                     host = e & OFFSET_MASK
                     end = host + cluster
                 if host and end > img.size:
-                    raise refuse(f"is truncated: it maps data at offset {host}, beyond the end of the file "
-                                 f"({img.size} bytes)", "download it again; check its checksum")
+                    raise refuse(f"is truncated: it maps data at offset {host} that runs beyond the end of the "
+                                 f"file ({img.size} bytes)", "download it again; check its checksum")
 
 
 def inspect_qcow2(img: ImageFile) -> DetectedImage:

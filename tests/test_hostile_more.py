@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from instance_cloudimage.detect import inspect_file
+from instance_cloudimage.errors import UnsafeImage
 from instance_cloudimage.imagefile import ImageFile
 
-from .imagetools import MiB, compare, deploy, new_disk, qemu_convert
+from .imagetools import MiB, compare, deploy, make_raw_disk, new_disk, qemu_convert, sh
+from .test_hostile import refused
 
 pytestmark = pytest.mark.integration
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -75,4 +77,35 @@ def test_qcow2_whose_l1_entries_all_name_one_l2_table(work: Path, tmp_path: Path
     assert read < 2 * len(data), f"read {read} bytes of a {len(data)}-byte file"
     disk = new_disk(tmp_path / "disk", MiB)
     deploy(bomb, disk, local=True)  # a legitimate image all the same: qemu reads it
+    compare(disk, src)
+
+
+def last_compressed_cluster(data: bytes) -> int:
+    """Host offset of the compressed cluster stored last in a qcow2 file."""
+    cluster_bits, l1_size, l1_off, _l2 = qcow2_l1_l2(data)
+    offset_bits = 62 - (cluster_bits - 8)
+    last = 0
+    for l1_entry in struct.unpack_from(f">{l1_size}Q", data, l1_off):
+        l2 = l1_entry & OFFSET_MASK
+        if l2:
+            for entry in struct.unpack_from(f">{(1 << cluster_bits) // 8}Q", data, l2):
+                if entry & (1 << 62):
+                    last = max(last, entry & ((1 << offset_bits) - 1))
+    assert last, "the image has compressed clusters"
+    return last
+
+
+def test_compressed_qcow2_cut_inside_its_last_cluster(work: Path, tmp_path: Path) -> None:
+    """Cut one byte into its last compressed cluster, a compressed qcow2 passed our inspector and
+    qemu-img info, then qemu-img convert failed half-way with "Input/output error"."""
+    src = make_raw_disk(work / "c.raw", 16 * MiB)
+    full = work / "c.qcow2"
+    if not full.exists():
+        sh("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", src, full)
+    data = full.read_bytes()
+    cut = work / "c-cut.qcow2"
+    cut.write_bytes(data[:last_compressed_cluster(data) + 1])
+    refused(cut, tmp_path, UnsafeImage, "qcow2 image is truncated", local=True)
+    disk = new_disk(tmp_path / "whole", 16 * MiB)
+    deploy(full, disk, local=True)
     compare(disk, src)
