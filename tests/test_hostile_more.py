@@ -109,3 +109,19 @@ def test_compressed_qcow2_cut_inside_its_last_cluster(work: Path, tmp_path: Path
     disk = new_disk(tmp_path / "whole", 16 * MiB)
     deploy(full, disk, local=True)
     compare(disk, src)
+
+
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "streamOptimized"])
+def test_truncated_vmdk(subformat: str, work: Path, tmp_path: Path) -> None:
+    """qemu reads a grain beyond the end of a VMDK as zeros: a monolithicSparse cut to 60% was
+    written "successfully" with its last 40% zeroed, a streamOptimized one failed half-way
+    through qemu-img convert with "Invalid argument"."""
+    src = make_raw_disk(work / "v.raw", 16 * MiB)
+    full = qemu_convert(src, work / f"{subformat}.vmdk", "vmdk", "-o", f"subformat={subformat}")
+    data = full.read_bytes()
+    cut = work / f"{subformat}-cut.vmdk"
+    cut.write_bytes(data[:len(data) * 6 // 10])
+    refused(cut, tmp_path, UnsafeImage, "is truncated", local=True)
+    disk = new_disk(tmp_path / "whole", 16 * MiB)
+    deploy(full, disk, local=True)
+    compare(disk, src)
