@@ -5,8 +5,13 @@ zeros in place of the missing data.  Each image is built here with qemu-img and 
 
 from __future__ import annotations
 
+import io
 import os
+import signal
 import struct
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -125,3 +130,34 @@ def test_truncated_vmdk(subformat: str, work: Path, tmp_path: Path) -> None:
     disk = new_disk(tmp_path / "whole", 16 * MiB)
     deploy(full, disk, local=True)
     compare(disk, src)
+
+
+@contextmanager
+def cpu_budget(seconds: int) -> Iterator[None]:
+    """Fail the test once this process has used ``seconds`` more CPU time: a resource bound for
+    inputs that used to cost minutes or hours, not a speed target (the margin is 100x)."""
+    def expired(_signum: int, _frame: object) -> None:
+        raise AssertionError(f"more than {seconds} s of CPU time")
+
+    previous = signal.signal(signal.SIGPROF, expired)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+
+
+def test_tar_with_a_huge_pax_sparse_map(work: Path, tmp_path: Path) -> None:
+    """A PAX 1.0 sparse map announcing 2^20 entries, then 32 MiB of digits without a newline
+    (32 KB gzipped): re-splitting the text after each 512-byte block took ~15 minutes."""
+    body = b"1048576\n" + b"0" * (32 * MiB + 512)
+    info = tarfile.TarInfo("disk.raw")
+    info.size = len(body)
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": str(MiB),
+                        "GNU.sparse.name": "disk.raw"}
+    image = work / "sparse-map.tar.gz"
+    with tarfile.open(image, "w:gz", format=tarfile.PAX_FORMAT, compresslevel=1) as tf:
+        tf.addfile(info, io.BytesIO(body))
+    with cpu_budget(30):
+        refused(image, tmp_path, UnsafeImage, "oversized sparse map")
