@@ -161,3 +161,47 @@ def test_tar_with_a_huge_pax_sparse_map(work: Path, tmp_path: Path) -> None:
         tf.addfile(info, io.BytesIO(body))
     with cpu_budget(30):
         refused(image, tmp_path, UnsafeImage, "oversized sparse map")
+
+
+def with_creator(vhd: bytes, creator: bytes, current: int) -> bytes:
+    """A VHD with its footer (and the dynamic disk's copy at offset 0) naming another creator
+    application and current size, checksums recomputed."""
+    data = bytearray(vhd)
+    for offset in ((0, len(data) - 512) if data[:8] == b"conectix" else (len(data) - 512,)):
+        footer = data[offset:offset + 512]
+        footer[28:32] = creator
+        struct.pack_into(">QQ", footer, 40, current, current)  # original and current size
+        footer[64:68] = bytes(4)
+        struct.pack_into(">I", footer, 64, ~sum(footer) & 0xFFFFFFFF)
+        data[offset:offset + 512] = footer
+    return bytes(data)
+
+
+@pytest.mark.parametrize("creator", [b"vbox", b"vs  ", b"win "])
+def test_dynamic_vhd_sized_as_qemu_sizes_it(creator: bytes, work: Path, tmp_path: Path) -> None:
+    """qemu takes the size of a VHD from its CHS geometry unless the creator is one it knows to
+    write the current size (Hyper-V's "win ", "qem2", "d2v ", "CTXS", "tap\\0").  We used the
+    current size for every creator but "vpc " and "qemu", so a VirtualBox VHD whose current
+    size is not a whole geometry was refused: "qemu-img and our inspector disagree"."""
+    src = make_raw_disk(work / "vhd.raw", 20 * MiB)
+    image = work / f"{creator.decode().strip()}.vhd"
+    image.write_bytes(with_creator(qemu_convert(src, work / "d.vhd", "vpc").read_bytes(), creator, 20 * MiB))
+    expected = work / f"{creator.decode().strip()}-qemu.raw"
+    sh("qemu-img", "convert", "-f", "vpc", "-O", "raw", image, expected)
+    disk = new_disk(tmp_path / "disk", 21 * MiB)
+    done = deploy(image, disk, local=True)
+    assert done.detected.virtual_size == expected.stat().st_size
+    compare(disk, expected)
+
+
+def test_fixed_vhd_is_as_large_as_its_data(work: Path, tmp_path: Path) -> None:
+    """A fixed VHD's data is copied as raw bytes, so it fits a disk of the data's size whatever
+    its geometry says (20994048 bytes for a 20 MiB VirtualBox disk)."""
+    src = make_raw_disk(work / "vhd.raw", 20 * MiB)
+    image = work / "vbox-fixed.vhd"
+    fixed = qemu_convert(src, work / "f.vhd", "vpc", "-o", "subformat=fixed").read_bytes()
+    image.write_bytes(with_creator(src.read_bytes() + fixed[-512:], b"vbox", 20 * MiB))
+    for local in (True, False):
+        disk = new_disk(tmp_path / "disk", 20 * MiB)
+        assert deploy(image, disk, local=local).detected.virtual_size == 20 * MiB
+        compare(disk, src)
