@@ -41,10 +41,9 @@ def parse_number(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256, for sizes of 8 GiB and more
         return int.from_bytes(field, "big") - (0x80 << (8 * (len(field) - 1)))
     text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise UnsafeImage("tar archive has a malformed header") from None
+    if text.strip(b"01234567"):  # int() would also take "-1", "+7", "0o7" or "1_0", which tar refuses
+        raise UnsafeImage("tar archive has a malformed header")
+    return int(text, 8) if text else 0
 
 
 def is_disk_member(name: str) -> bool:

@@ -205,3 +205,29 @@ def test_fixed_vhd_is_as_large_as_its_data(work: Path, tmp_path: Path) -> None:
         disk = new_disk(tmp_path / "disk", 20 * MiB)
         assert deploy(image, disk, local=local).detected.virtual_size == 20 * MiB
         compare(disk, src)
+
+
+def ustar_header(name: bytes, size_field: bytes) -> bytes:
+    """A ustar header with a size field written verbatim (checksum computed)."""
+    header = bytearray(512)
+    header[:len(name)] = name
+    header[100:124] = b"0000644\0" + b"0000000\0" * 2
+    header[124:136] = size_field
+    header[136:148] = b"00000000000\0"
+    header[156:157] = b"0"
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+@pytest.mark.parametrize("size_field", [b"-0000000001\0", b"0o0000001\0\0\0", b"00000_00001\0"])
+def test_tar_size_fields_that_tar_refuses(size_field: bytes, work: Path, tmp_path: Path) -> None:
+    """Python's int(text, 8) takes a sign, a 0o prefix and underscores; GNU tar refuses such an
+    archive ("does not look like a tar archive").  A member of size -1 made us read the next
+    header as part of it, and the disk member was written anyway."""
+    payload = os.urandom(MiB)
+    image = tmp_path / "numbers.tar"
+    image.write_bytes(ustar_header(b"readme.txt", size_field) + ustar_header(b"disk.raw", b"%011o\0" % len(payload))
+                      + payload + bytes(1024))
+    refused(image, tmp_path, UnsafeImage, "malformed header")
