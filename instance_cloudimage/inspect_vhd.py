@@ -18,6 +18,7 @@ VHD_COOKIE = b"conectix"
 VHD_FOOTER_FMT = ">8sIIQI4sI4sQQHBBII"
 VHD_FIXED, VHD_DYNAMIC, VHD_DIFFERENCING = 2, 3, 4
 VHD_MAX_CHS_SECTORS = 65535 * 16 * 255
+VHD_SIZE_CREATORS = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
 
 
 def vhd_footer(data: bytes) -> tuple[int, int] | None:
@@ -29,10 +30,12 @@ def vhd_footer(data: bytes) -> tuple[int, int] | None:
     if (~(sum(data[:64]) + sum(data[68:512]))) & 0xFFFFFFFF != checksum:
         return None
     chs = cyls * heads * secs
-    # qemu reads images from Virtual PC and old qemu by their CHS geometry, others by current size.
-    if creator in (b"vpc ", b"qemu") and chs != VHD_MAX_CHS_SECTORS:
-        return disk_type, chs * 512
-    return disk_type, current - current % 512
+    # qemu (block/vpc.c) reads the current size only from the creators it knows to write it
+    # (Hyper-V, newer qemu, Disk2vhd, XenConverter, XenServer) or with a maximal geometry; any
+    # other creator (Virtual PC, old qemu, VirtualBox...) by its CHS geometry.
+    if creator in VHD_SIZE_CREATORS or chs == VHD_MAX_CHS_SECTORS:
+        return disk_type, current - current % 512
+    return disk_type, chs * 512
 
 
 def fixed_vhd_data_size(tail: bytes, total: int) -> int | None:
@@ -49,10 +52,12 @@ def inspect_vhd(img: ImageFile) -> DetectedImage:
     head = img.read_upto(0, 512)
     if head[:8] != VHD_COOKIE:
         tail = img.read_at(img.size - 512, 512)
-        data_size, footer = fixed_vhd_data_size(tail, img.size), vhd_footer(tail)
-        if data_size is None or footer is None:
+        data_size = fixed_vhd_data_size(tail, img.size)
+        if data_size is None:
             raise UnsafeImage("VHD image has an invalid footer")
-        return DetectedImage(DiskFormat.VPC, footer[1], "vhd (fixed)", raw_data_size=data_size)
+        # Its data is copied as raw bytes, whatever size qemu would derive from the geometry
+        # (as a streamed fixed VHD, deploy.raw_result).
+        return DetectedImage(DiskFormat.VPC, data_size, "vhd (fixed)", raw_data_size=data_size)
     footer = vhd_footer(head)
     if footer is None:
         raise UnsafeImage("VHD image has an invalid footer (checksum mismatch)")

@@ -3,12 +3,15 @@
 A VMDK descriptor can name other files as extents (``RW 2048 FLAT "/etc/shadow" 0``) and a
 parent disk; qemu follows both even with ``-f vmdk`` (CVE-2022-47951).  So text descriptors are
 refused outright, and the descriptor embedded in a sparse file must describe exactly one sparse
-extent, no parent, and an allowed create type (image-safety.md §C.14, §C.16).
+extent, no parent, and an allowed create type (image-safety.md §C.14, §C.16).  Every grain table
+and grain must lie inside the file: qemu reads beyond the end as zeros, so a cut download would
+otherwise convert "successfully".
 """
 
 from __future__ import annotations
 
 import re
+import struct
 
 from .errors import UnsafeImage, UnsupportedFormat
 from .formats import DetectedImage, DiskFormat
@@ -21,6 +24,9 @@ MAX_DESCRIPTOR_SECTORS = 2048  # 1 MiB, as qemu
 HEADER_FMT = "<4sIIQQQQIQQQB4sH"
 MARKER_FOOTER = 3
 MARKER_EOS = 0
+FLAG_ZEROED_GRAINS = 1 << 2  # a grain table entry of 1 is an all-zero grain
+FLAG_MARKERS = 1 << 17  # streamOptimized: each compressed grain starts with (lba u64, size u32)
+COMPRESSION_DEFLATE = 1
 EXTENT_RE = re.compile(r'^(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)\s+"([^"]*)"(\s+\d+)?$')
 HEADER_LINE_RE = re.compile(r'^[A-Za-z][A-Za-z0-9_.]*\s*=\s*("[^"]*"|\S*)$')
 
@@ -86,7 +92,7 @@ def inspect_vmdk(img: ImageFile) -> DetectedImage:
     """Vet a whole VMDK file.  Raises UnsafeImage or UnsupportedFormat."""
     header = img.unpack(HEADER_FMT, 0)
     (magic, version, flags, capacity, grain, desc_sector, desc_sectors, gtes_per_gt, _rgd, gd_offset,
-     _overhead, unclean, newline_check, _compress) = header
+     _overhead, unclean, newline_check, compress) = header
     if magic != MAGIC:
         raise refuse("has no VMDK magic")
     if version not in (1, 2, 3):
@@ -106,9 +112,31 @@ def inspect_vmdk(img: ImageFile) -> DetectedImage:
     if capacity <= 0 or not 1 <= grain <= 2048 or grain & (grain - 1) or not 1 <= gtes_per_gt <= 4096:
         raise refuse("has an invalid geometry")
     grain_tables = -(-capacity // (grain * gtes_per_gt))
-    if grain_tables:
-        img.read_at(gd_offset * 512 + 4 * (grain_tables - 1), 4)  # the grain directory is in the file
+    last = last_grain(img, gd_offset, grain_tables, gtes_per_gt, flags)
+    if last:
+        end = last * 512 + grain * 512
+        if compress == COMPRESSION_DEFLATE:
+            # Compressed grains vary in length; only streamOptimized's markers say how long.
+            end = last * 512 + (12 + img.unpack("<QI", last * 512)[1] if flags & FLAG_MARKERS else 1)
+        if end > img.size:
+            raise refuse(f"is truncated: it maps a grain at offset {last * 512} that runs beyond the end of "
+                         f"the file ({img.size} bytes)", "download it again; check its checksum")
     return DetectedImage(DiskFormat.VMDK, capacity * 512, f"vmdk {create_type}")
+
+
+def last_grain(img: ImageFile, gd_offset: int, grain_tables: int, gtes_per_gt: int, flags: int) -> int:
+    """The highest sector any grain table maps (0 if none); each table must lie in the file.
+
+    A table named twice is read once, so the work is bounded by the file's size."""
+    checked: set[int] = set()
+    last = 0
+    for start in range(0, grain_tables, 1 << 18):
+        count = min(1 << 18, grain_tables - start)
+        for table in struct.unpack(f"<{count}I", img.read_at(gd_offset * 512 + 4 * start, 4 * count)):
+            if table and table not in checked:
+                checked.add(table)
+                last = max(last, *struct.unpack(f"<{gtes_per_gt}I", img.read_at(table * 512, 4 * gtes_per_gt)))
+    return 0 if last == 1 and flags & FLAG_ZEROED_GRAINS else last
 
 
 def looks_like_descriptor(head: bytes) -> bool:
