@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import UnsafeImage
 
 # No inspector needs more than this in one read (a qcow2 L2 table is at most 2 MiB).
 MAX_READ = 4 * 1024 * 1024
+ARRAY_READ = 1024 * 1024  # bytes per read of a table of offsets
 
 
 class ImageFile:
@@ -47,4 +49,14 @@ class ImageFile:
 
     def unpack(self, fmt: str, offset: int) -> tuple[Any, ...]:
         return struct.unpack(fmt, self.read_at(offset, struct.calcsize(fmt)))
+
+    def read_array(self, offset: int, count: int, item: str) -> Iterator[int]:
+        """The ``count`` integers of a table at ``offset`` (``item``: a struct code with its byte
+        order, e.g. ">Q"), read 1 MiB at a time: a table may be far larger than memory should hold."""
+        order, code = item[0], item[1:]
+        size = struct.calcsize(item)
+        per_read = ARRAY_READ // size
+        for start in range(0, count, per_read):
+            n = min(per_read, count - start)
+            yield from struct.unpack(f"{order}{n}{code}", self.read_at(offset + size * start, size * n))
 

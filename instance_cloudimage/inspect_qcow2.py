@@ -129,33 +129,30 @@ def check_clusters(img: ImageFile, cluster_bits: int, size: int, l1_size: int, l
     # is checked once: 2^20 L1 entries naming one 2 MiB table would otherwise cost an hour of CPU
     # for a 21 MB file.  So the work is bounded by the file's size.
     checked: set[int] = set()
-    for start in range(0, needed, 1 << 16):
-        count = min(1 << 16, needed - start)
-        l1 = struct.unpack(f">{count}Q", img.read_at(l1_off + 8 * start, 8 * count))
-        for entry in l1:
-            l2_off = entry & OFFSET_MASK
-            if not l2_off or l2_off in checked:
-                continue
-            checked.add(l2_off)
-            if l2_off % cluster:
-                raise refuse("has a misaligned L2 table")
-            table = img.read_at(l2_off, cluster)
-            if maps_inside(table, entry_size, cluster, img.size):
-                continue
-            entries = struct.unpack(f">{cluster // 8}Q", table)[::entry_size // 8]
-            for e in entries:
-                if e & COMPRESSED:
-                    # The data runs over nb sectors from host; qemu pads a short last sector with
-                    # zeros, so only that sector's first byte must be in the file.
-                    host = e & ((1 << compressed_bits) - 1)
-                    sectors = (e >> compressed_bits & ((1 << (cluster_bits - 8)) - 1)) + 1
-                    end = ((host >> 9) + sectors - 1) * 512 + 1
-                else:
-                    host = e & OFFSET_MASK
-                    end = host + cluster
-                if host and end > img.size:
-                    raise refuse(f"is truncated: it maps data at offset {host} that runs beyond the end of the "
-                                 f"file ({img.size} bytes)", "download it again; check its checksum")
+    for entry in img.read_array(l1_off, needed, ">Q"):
+        l2_off = entry & OFFSET_MASK
+        if not l2_off or l2_off in checked:
+            continue
+        checked.add(l2_off)
+        if l2_off % cluster:
+            raise refuse("has a misaligned L2 table")
+        table = img.read_at(l2_off, cluster)
+        if maps_inside(table, entry_size, cluster, img.size):
+            continue
+        entries = struct.unpack(f">{cluster // 8}Q", table)[::entry_size // 8]
+        for e in entries:
+            if e & COMPRESSED:
+                # The data runs over nb sectors from host; qemu pads a short last sector with
+                # zeros, so only that sector's first byte must be in the file.
+                host = e & ((1 << compressed_bits) - 1)
+                sectors = (e >> compressed_bits & ((1 << (cluster_bits - 8)) - 1)) + 1
+                end = ((host >> 9) + sectors - 1) * 512 + 1
+            else:
+                host = e & OFFSET_MASK
+                end = host + cluster
+            if host and end > img.size:
+                raise refuse(f"is truncated: it maps data at offset {host} that runs beyond the end of the "
+                             f"file ({img.size} bytes)", "download it again; check its checksum")
 
 
 def inspect_qcow2(img: ImageFile) -> DetectedImage:

@@ -76,12 +76,10 @@ def inspect_vhd(img: ImageFile) -> DetectedImage:
     if entries * block_size < size:
         raise UnsafeImage("VHD image has a block table too small for its size")
     bitmap = -(-block_size // (512 * 8 * 512)) * 512
-    for start in range(0, entries, 1 << 18):
-        count = min(1 << 18, entries - start)
-        for sector in struct.unpack(f">{count}I", img.read_at(bat_off + 4 * start, 4 * count)):
-            if sector != 0xFFFFFFFF and sector * 512 + bitmap + block_size > img.size:
-                raise UnsafeImage(f"VHD image is truncated: a block lies beyond the end of the file "
-                                  f"({img.size} bytes)", "download it again; check its checksum")
+    for sector in img.read_array(bat_off, entries, ">I"):
+        if sector != 0xFFFFFFFF and sector * 512 + bitmap + block_size > img.size:
+            raise UnsafeImage(f"VHD image is truncated: a block lies beyond the end of the file "
+                              f"({img.size} bytes)", "download it again; check its checksum")
     return DetectedImage(DiskFormat.VPC, size, "vhd (dynamic)")
 
 

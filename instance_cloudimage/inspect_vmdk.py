@@ -11,7 +11,6 @@ otherwise convert "successfully".
 from __future__ import annotations
 
 import re
-import struct
 
 from .errors import UnsafeImage, UnsupportedFormat
 from .formats import DetectedImage, DiskFormat
@@ -130,12 +129,10 @@ def last_grain(img: ImageFile, gd_offset: int, grain_tables: int, gtes_per_gt: i
     A table named twice is read once, so the work is bounded by the file's size."""
     checked: set[int] = set()
     last = 0
-    for start in range(0, grain_tables, 1 << 18):
-        count = min(1 << 18, grain_tables - start)
-        for table in struct.unpack(f"<{count}I", img.read_at(gd_offset * 512 + 4 * start, 4 * count)):
-            if table and table not in checked:
-                checked.add(table)
-                last = max(last, *struct.unpack(f"<{gtes_per_gt}I", img.read_at(table * 512, 4 * gtes_per_gt)))
+    for table in img.read_array(gd_offset * 512, grain_tables, "<I"):
+        if table and table not in checked:
+            checked.add(table)
+            last = max(last, *img.read_array(table * 512, gtes_per_gt, "<I"))
     return 0 if last == 1 and flags & FLAG_ZEROED_GRAINS else last
 
 
