@@ -201,7 +201,7 @@ class TarMember(Layer):
                     if not 0 <= count <= MAX_SPARSE_ENTRIES:
                         break
                 if count is not None and newlines > 2 * count:
-                    numbers = [int(x) for x in bytes(text).split(b"\n", 2 * count + 1)[1:1 + 2 * count]]
+                    numbers = [int(x) for x in text.split(b"\n", 2 * count + 1)[1:1 + 2 * count]]
                     return list(zip(numbers[::2], numbers[1::2], strict=True)), len(text)
             except ValueError:
                 raise UnsafeImage("tar archive has a malformed sparse map") from None
