@@ -1,4 +1,4 @@
-"""``python -m instance_cloudimage``: the instance-cloudimage command (the worker re-executes itself so)."""
+"""``python -m instance_cloudimage``: the instance-cloudimage command."""
 
 from .cli import console_main
 

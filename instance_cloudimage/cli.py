@@ -22,7 +22,6 @@ from . import __version__
 from .config import DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Paths, SiteConfig, load_site_config
 from .env import OS_NAME_RE, GanetiEnv, Script, debug_level_of, parse_environment, parse_os_params
 from .errors import CloudImageError, CommandError, ConfigError, ParameterError, UserError
-from .launch import WORKER_SOCKET
 from .log import hide_values, printable, setup_logging
 from .settings import parse_size
 from .uridisk import uri_secrets
@@ -243,27 +242,9 @@ def cmd_install(args: argparse.Namespace) -> None:
     from .install import install_os
 
     paths = Paths(Path(args.config_dir), Path(args.cache_dir))
-    variants = install_os(Path(args.os_dir), paths, worker=args.worker_socket)
+    variants = install_os(Path(args.os_dir), paths)
     log.info("installed OS %s in %s with %d variants: %s", Path(args.os_dir).name, args.os_dir,
              len(variants), " ".join(variants))
-    if args.systemd_dir:
-        from .install import WORKER_UNIT, install_worker_units
-
-        units = install_worker_units(Path(args.systemd_dir), socket=args.worker_socket)
-        log.info("wrote %s into %s; enable the worker with: systemctl daemon-reload && systemctl enable --now "
-                 "%s.socket", " and ".join(units), args.systemd_dir, WORKER_UNIT)
-
-
-def cmd_worker(args: argparse.Namespace) -> None:
-    from .worker import listener_from_fd, open_listener, serve
-
-    if args.fd is not None:
-        listener = listener_from_fd(args.fd)
-    elif os.environ.get("LISTEN_FDS") == "1" and os.environ.get("LISTEN_PID") == str(os.getpid()):
-        listener = listener_from_fd(3)  # systemd socket activation (sd_listen_fds)
-    else:
-        listener = open_listener(Path(args.socket))
-    serve(listener)
 
 
 def cmd_variants(args: argparse.Namespace) -> None:
@@ -341,10 +322,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("install", help="install the Ganeti OS definition on this node")
     p.add_argument("--os-dir", default="/srv/ganeti/os/cloudimage",
                    help="OS definition directory; its name is the OS name (default: %(default)s)")
-    p.add_argument("--systemd-dir", metavar="DIR",
-                   help="also write the warm worker's systemd units there (e.g. /etc/systemd/system)")
-    p.add_argument("--worker-socket", metavar="PATH",
-                   help=f"the worker socket the scripts try (default: {WORKER_SOCKET})")
     add_site_options(p)
     p.set_defaults(func=cmd_install)
 
@@ -358,13 +335,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="prune: remove every image not in use")
     add_site_options(p)
     p.set_defaults(func=cmd_cache)
-
-    p = sub.add_parser("worker", help="serve the OS scripts from a warm process (systemd unit in systemd/)",
-                       description="Imports everything once and forks a child per OS script run; the "
-                                   "scripts use it when its socket answers and run themselves otherwise.")
-    p.add_argument("--socket", default=WORKER_SOCKET, help="socket to listen on (default: %(default)s)")
-    p.add_argument("--fd", type=int, help=argparse.SUPPRESS)  # the listening socket, on re-execution
-    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("variants", help="list the variants and their agents")
     add_site_options(p)
