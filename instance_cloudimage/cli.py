@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Paths, SiteConfig, load_site_config
@@ -346,28 +346,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     return guarded("instance-cloudimage", 1 if args.debug else 0, lambda: args.func(args))
-
-
-def finish_streams(code: int) -> int:
-    """Flush the log and the standard streams; return ``code``, or 1 if output was lost."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            code = code or 1  # the output was lost: not a success
-    return code
-
-
-def exit_now(code: int) -> NoReturn:
-    """End the process without the interpreter's teardown.
-
-    By the time a script returns, its ExitStack has unmounted, detached and removed everything,
-    so the teardown would only free memory, tens of milliseconds on every create.  The log is
-    flushed first; nothing else is registered with atexit."""
-    os._exit(finish_streams(code))
-
-
-def console_main() -> NoReturn:
-    """The ``instance-cloudimage`` console script."""
-    exit_now(main())
