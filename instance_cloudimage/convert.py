@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,13 +126,11 @@ def supports_direct_io(target: DiskTarget) -> bool:
     return True
 
 
-def convert_file(source: Path, detected: DetectedImage, target: DiskTarget,
-                 started: Callable[[], None] | None = None) -> None:
+def convert_file(source: Path, detected: DetectedImage, target: DiskTarget) -> None:
     """Write the image file ``source`` onto ``target`` with qemu-img convert.
 
     A random-access format must have passed inspect_file and inspect_with_qemu; raw data (also a
     fixed VHD's, limited to its data size) needs neither: ``driver=raw`` reads nothing else.
-    ``started()`` is called once qemu-img runs.
     """
     if detected.needs_qemu:
         fmt, size = detected.format, None
@@ -147,6 +144,6 @@ def convert_file(source: Path, detected: DetectedImage, target: DiskTarget,
     log.info("writing the %s image (%s virtual) with qemu-img", detected.details,
              format_size(detected.virtual_size))
     try:
-        run(argv, limits=CONVERT_LIMITS, env=CONVERT_ENV, started=started)
+        run(argv, limits=CONVERT_LIMITS, env=CONVERT_ENV)
     except CommandError as e:
         raise ConversionError(f"qemu-img convert failed: {e.last_line}") from None

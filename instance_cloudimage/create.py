@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-import sys
-import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -80,12 +78,10 @@ def prepare(genv: GanetiEnv, site: SiteConfig) -> CreateContext:
 
 
 def write_image(ctx: CreateContext, ref: ImageRef, stack: ExitStack,
-                before_write: Callable[[DetectedImage, Path | None], None] | None = None,
-                writing: Callable[[], None] | None = None) -> DetectedImage:
+                before_write: Callable[[DetectedImage, Path | None], None] | None = None) -> DetectedImage:
     """Open the disk, then stream or convert the image onto it (deploy.py).
 
-    ``before_write`` runs once the image is detected and vetted, before the disk is touched;
-    ``writing`` once the write is under way (qemu-img or the decoder started).
+    ``before_write`` runs once the image is detected and vetted, before the disk is touched.
     """
     target = open_disk(ctx.disk.path or "", wiped=ctx.wiped, stack=stack)
     with complete_step(f"fetching {ref.describe()}"):
@@ -93,7 +89,7 @@ def write_image(ctx: CreateContext, ref: ImageRef, stack: ExitStack,
     with complete_step("writing the image"):
         done = deploy_image(stream, ref.declared_format, target, ctx.site.paths.cache_dir / "tmp", stack,
                             kept=ctx.site.paths.cache_dir / QEMU_INFO_DIR,
-                            before_write=before_write, writing=writing)
+                            before_write=before_write)
     written = "" if done.written is None else f", {format_size(done.written)} written"
     log.info("wrote a %s image of %s onto %s%s", done.detected.details, format_size(done.detected.virtual_size),
              ctx.disk.describe(), written)
@@ -120,28 +116,6 @@ def mount_guest_for_hooks(ctx: CreateContext, facts: HookFacts, stack: ExitStack
         log.warning("post-write hooks run without the guest filesystem (TARGET is unset): %s", e)
         return facts
     return dataclasses.replace(facts, target=Path(root.path), root_partition=getattr(root, "device", None))
-
-
-def preload(*modules: str) -> threading.Thread | None:
-    """Import ``modules`` in the background while the image is written.
-
-    The write waits on qemu-img or the disk most of the time, so the seeding and growing code
-    (tens of milliseconds of imports, YAML included) loads for free instead of after it.  It is
-    started only once the write is under way (deploy_image's ``writing``): any earlier, its
-    imports would compete for the GIL with the path to qemu-img.  An import error is left for
-    the real import, which raises it where it belongs."""
-    def load() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name, __package__)
-            except Exception:  # the import in the pipeline reports it
-                continue
-
-    if all(f"{__package__}{name}" in sys.modules for name in modules):
-        return None  # loaded already, as in a child of the warm worker
-    thread = threading.Thread(target=load, name="preload", daemon=True)
-    thread.start()
-    return thread
 
 
 def run_create(genv: GanetiEnv, site: SiteConfig, *, plan: HookPlan | None = None) -> None:
@@ -174,25 +148,14 @@ def run_phases(ctx: CreateContext, plan: HookPlan, facts: HookFacts, stack: Exit
     ref = run_hooks(plan, Phase.PRE_FETCH, facts, site)
     facts = dataclasses.replace(facts, image=ref)
 
-    grow = grow_requested(ctx.genv.params, ctx.variant)
-    loading: list[threading.Thread] = []
-
     def pre_write(detected: DetectedImage, image_path: Path | None) -> None:
         nonlocal facts
         facts = dataclasses.replace(facts, image_path=image_path, image_format=detected.format.value,
                                     image_virtual_size=detected.virtual_size)
         run_hooks(plan, Phase.PRE_WRITE, facts, site)
 
-    def writing() -> None:
-        # From here on the write waits on qemu-img or the disk: load what comes next meanwhile.
-        thread = preload(".seed", *((".grow",) if grow else ()))
-        if thread is not None:
-            loading.append(thread)
-
-    write_image(ctx, ref, stack, before_write=pre_write, writing=writing)
-    for thread in loading:
-        thread.join()
-    if grow:
+    write_image(ctx, ref, stack, before_write=pre_write)
+    if grow_requested(ctx.genv.params, ctx.variant):
         from .grow import grow_root
 
         with complete_step("growing the root filesystem to the end of the disk"):
