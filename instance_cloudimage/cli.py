@@ -7,16 +7,19 @@ of a running create still unmounts and detaches what it set up.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
 import stat
 import sys
+import time
 import traceback
+import uuid
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Paths, SiteConfig, load_site_config
@@ -25,10 +28,6 @@ from .errors import CloudImageError, CommandError, ConfigError, ParameterError, 
 from .log import hide_values, printable, setup_logging
 from .settings import parse_size
 from .uridisk import uri_secrets
-
-if TYPE_CHECKING:
-    # argparse and uuid are imported where used: the OS scripts need neither.
-    import argparse
 
 log = logging.getLogger("instance_cloudimage")
 
@@ -203,7 +202,6 @@ def simulated_environment(args: argparse.Namespace) -> dict[str, str]:
         create_disk_file(disk, args.disk_size)
     st = disk.stat()
     is_block = stat.S_ISBLK(st.st_mode)
-    import uuid
 
     from .convert import target_size
 
@@ -258,9 +256,6 @@ def cmd_variants(args: argparse.Namespace) -> None:
 
 def cmd_cache(args: argparse.Namespace) -> None:
     """``cache list|prune|fetch``: what administrators run on each node (gnt-cluster command)."""
-    import time
-    from contextlib import ExitStack
-
     from .cache import make_cache
     from .log import format_size
     from .source import fetch_image, resolve_image
@@ -301,8 +296,6 @@ def add_site_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="instance-cloudimage",
                                      description="Ganeti OS provider for distribution cloud images")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

@@ -9,6 +9,7 @@ limits as a second opinion on our own inspector, and only after it (§C.17).
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 from pathlib import Path
@@ -68,8 +69,6 @@ def inspect_with_qemu(path: Path, detected: DetectedImage, kept: Path | None = N
 
     With ``kept`` (a directory), qemu-img is asked once per unchanged file (qemuinfo.py); the
     checks below run on its answer every time."""
-    import json  # imported where used: create's path to qemu-img does not need it (raw needs no qemu-img info)
-
     from .qemuinfo import ask_once
 
     name = display_name(detected.format)

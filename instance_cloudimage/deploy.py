@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -184,8 +185,6 @@ def raw_result(result: CopyResult, target: DiskTarget, details: str) -> Detected
 
 def spool(source: Readable, target: DiskTarget, spool_dir: Path, stack: ExitStack) -> Path:
     """Decompress into a private sparse file, capped a little above the disk's size."""
-    import tempfile  # imported where used: create's path to qemu-img does not need it
-
     spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, name = tempfile.mkstemp(dir=spool_dir, prefix="spool-", suffix=".img")
     path = Path(name)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import os
 import re
 import signal
 import stat
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -31,7 +33,7 @@ from .process import run_streaming
 from .resources import shipped_dir
 from .source import ImageRef
 
-# json, tempfile and urlpolicy are imported where used: create's path to qemu-img runs no hooks.
+# urlpolicy is imported where used: create's path to qemu-img runs no hooks.
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +310,6 @@ def run_hooks(plan: HookPlan, phase: Phase, facts: HookFacts, site: SiteConfig) 
     if withheld:
         log.debug("secret parameters %s are not passed to hooks ([Hooks] PassSecrets)", ", ".join(withheld))
     timeout = float(site.get("hook_timeout"))
-    import json
-    import tempfile
 
     with tempfile.TemporaryDirectory(prefix=f"cloudimage-{phase.value}-") as tmp:
         json_path = Path(tmp) / "instance.json"

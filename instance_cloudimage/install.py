@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from .config import Paths
@@ -29,10 +30,6 @@ SCRIPTS = (Script.CREATE, Script.IMPORT, Script.EXPORT, Script.RENAME, Script.VE
 
 
 def _write_atomic(path: Path, content: str, mode: int) -> None:
-    # Imported where used: every OS script imports this module for installed_paths, and
-    # tempfile (shutil, random with it) is not on create's path to qemu-img.
-    import tempfile
-
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:

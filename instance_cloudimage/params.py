@@ -6,6 +6,8 @@ private/secret parameters arrive as plain OSP_* variables.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -186,9 +188,6 @@ def values_to_hide(params: Mapping[str, str]) -> list[str]:
                 continue
             out += [x for x in (parts.netloc, parts.path, parts.query) if len(x) >= MIN_HIDDEN]
         elif name == "user_data" and value.startswith(BASE64_PREFIX):
-            import base64
-            import binascii
-
             try:
                 decoded = base64.b64decode("".join(value[len(BASE64_PREFIX):].split()))
             except (binascii.Error, ValueError):

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -310,8 +311,6 @@ def spawn(
     anonymous temporary file, so a chatty child can never block on it.  The caller must
     ``close()`` the result (register it on the ExitStack).
     """
-    import tempfile
-
     argv = [os.fspath(a) for a in argv]
     if not os.path.isabs(argv[0]):
         argv[0] = find_tool(argv[0])

@@ -12,6 +12,7 @@ one else can write it; anything odd about it and qemu-img is simply asked again.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -80,8 +81,6 @@ def ask_once(path: Path, detected: DetectedImage, directory: Path | None,
     file used in place is opened through this process's /proc/<pid>/fd/<n>: the path is kept as
     a placeholder and put back on reading.  Only plain paths are kept, whose characters JSON
     leaves as they are."""
-    import json  # imported where used: a raw image asks qemu-img nothing
-
     name = os.fspath(path)
     if directory is None or not PLAIN_PATH.fullmatch(name):
         return ask()
