@@ -22,12 +22,22 @@ from pathlib import Path
 from types import FrameType
 
 from . import __version__
+from .cache import make_cache
 from .config import DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Paths, SiteConfig, load_site_config
+from .convert import target_size
+from .create import run_create
 from .env import OS_NAME_RE, GanetiEnv, Script, debug_level_of, parse_environment, parse_os_params
 from .errors import CloudImageError, CommandError, ConfigError, ParameterError, UserError
-from .log import hide_values, printable, setup_logging
+from .install import install_os, installed_paths
+from .log import format_size, hide_values, printable, setup_logging
+from .params import validate_parameters, values_to_hide
 from .settings import parse_size
+from .source import fetch_image, resolve_image
 from .uridisk import uri_secrets
+from .variants import host_architecture, list_variants, load_variant
+
+# seeddata, lifecycle and reseed are imported where used: they bring PyYAML, which a create
+# without a seed never needs.
 
 log = logging.getLogger("instance_cloudimage")
 
@@ -76,9 +86,6 @@ def guarded(prog: str, debug_level: int, fn: Callable[[], None]) -> int:
 # --- the OS scripts ----------------------------------------------------------------------------
 
 def run_verify(genv: GanetiEnv, paths: Paths, argv: Sequence[str]) -> None:
-    from .params import validate_parameters
-    from .variants import load_variant
-
     if argv and argv[0] != "parameters":
         raise ParameterError(f"verify: unknown check '{argv[0]}' (Ganeti passes 'parameters')")
     site = load_site_config(paths)
@@ -109,8 +116,6 @@ def dispatch(script: Script, genv: GanetiEnv, paths: Paths, argv: Sequence[str])
         run_verify(genv, paths, argv)
         return
     if script is Script.CREATE:
-        from .create import run_create
-
         run_create(genv, load_site_config(paths))
         return
     from . import lifecycle
@@ -137,8 +142,6 @@ def dispatch(script: Script, genv: GanetiEnv, paths: Paths, argv: Sequence[str])
 def os_script_main(verb: str, environ: Mapping[str, str] | None = None,
                    argv: Sequence[str] | None = None) -> int:
     """What scripts/<verb> calls: parse the Ganeti environment once, then dispatch."""
-    from .install import installed_paths
-
     environ = os.environ if environ is None else environ
     argv = sys.argv if argv is None else argv
     script = Script(verb)
@@ -147,8 +150,6 @@ def os_script_main(verb: str, environ: Mapping[str, str] | None = None,
     prog = f"{name if OS_NAME_RE.match(name) else 'cloudimage'} {verb}"
 
     def body() -> None:
-        from .params import values_to_hide
-
         hide_values(values_to_hide(parse_os_params(environ)))
         paths = installed_paths(argv[0]) if argv else Paths()
         genv = parse_environment(environ, script)
@@ -203,8 +204,6 @@ def simulated_environment(args: argparse.Namespace) -> dict[str, str]:
     st = disk.stat()
     is_block = stat.S_ISBLK(st.st_mode)
 
-    from .convert import target_size
-
     env = {
         "OS_API_VERSION": "20",
         "OS_NAME": "cloudimage",
@@ -227,9 +226,6 @@ def simulated_environment(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_create(args: argparse.Namespace) -> None:
-    from .create import run_create
-    from .params import values_to_hide
-
     hide_values(values_to_hide(parse_option_pairs(args.os_param)))
     paths = Paths(Path(args.config_dir), Path(args.cache_dir))
     genv = parse_environment(simulated_environment(args), Script.CREATE)
@@ -237,8 +233,6 @@ def cmd_create(args: argparse.Namespace) -> None:
 
 
 def cmd_install(args: argparse.Namespace) -> None:
-    from .install import install_os
-
     paths = Paths(Path(args.config_dir), Path(args.cache_dir))
     variants = install_os(Path(args.os_dir), paths)
     log.info("installed OS %s in %s with %d variants: %s", Path(args.os_dir).name, args.os_dir,
@@ -246,8 +240,6 @@ def cmd_install(args: argparse.Namespace) -> None:
 
 
 def cmd_variants(args: argparse.Namespace) -> None:
-    from .variants import list_variants, load_variant
-
     paths = Paths(Path(args.config_dir), Path(args.cache_dir))
     for name in list_variants(paths):
         v = load_variant(name, paths)
@@ -256,11 +248,6 @@ def cmd_variants(args: argparse.Namespace) -> None:
 
 def cmd_cache(args: argparse.Namespace) -> None:
     """``cache list|prune|fetch``: what administrators run on each node (gnt-cluster command)."""
-    from .cache import make_cache
-    from .log import format_size
-    from .source import fetch_image, resolve_image
-    from .variants import host_architecture, load_variant
-
     paths = Paths(Path(args.config_dir), Path(args.cache_dir))
     site = load_site_config(paths)
     cache = make_cache(site)

@@ -19,6 +19,7 @@ from .errors import CommandError, ConversionError, ImageTooLarge, UnsafeImage
 from .formats import DetectedImage, DiskFormat, display_name
 from .log import format_size
 from .process import Limits, run, run_text
+from .qemuinfo import ask_once
 from .writer import DiskTarget
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,6 @@ def inspect_with_qemu(path: Path, detected: DetectedImage, kept: Path | None = N
 
     With ``kept`` (a directory), qemu-img is asked once per unchanged file (qemuinfo.py); the
     checks below run on its answer every time."""
-    from .qemuinfo import ask_once
-
     name = display_name(detected.format)
 
     def ask() -> dict[str, Any]:

@@ -19,6 +19,7 @@ from .deploy import deploy_image
 from .env import Disk, GanetiEnv, Instance
 from .errors import EnvironmentError_, ParameterError, UserError
 from .formats import DetectedImage
+from .grow import grow_root
 from .hookenv import HookFacts
 from .hooks import HookPlan, Phase, plan_hooks, run_hooks
 from .log import complete_step, format_size
@@ -29,6 +30,9 @@ from .staging import StagedDisks, staging_errors
 from .uridisk import check_uri
 from .variants import Variant, host_architecture, load_variant
 from .writer import open_disk
+
+# seeddata and seed are imported where used: they bring PyYAML, which a create without a seed
+# never needs.
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +160,6 @@ def run_phases(ctx: CreateContext, plan: HookPlan, facts: HookFacts, stack: Exit
 
     write_image(ctx, ref, stack, before_write=pre_write)
     if grow_requested(ctx.genv.params, ctx.variant):
-        from .grow import grow_root
-
         with complete_step("growing the root filesystem to the end of the disk"):
             grow_root(ctx.disk.path or "", ctx.arch, stack)
     with complete_step("seeding the guest agent"):

@@ -32,8 +32,7 @@ from .params import check_image, check_image_checksum
 from .process import run_streaming
 from .resources import shipped_dir
 from .source import ImageRef
-
-# urlpolicy is imported where used: create's path to qemu-img runs no hooks.
+from .urlpolicy import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +287,6 @@ def parse_pre_fetch_result(hook: Hook, text: str, image: ImageRef, site: SiteCon
     if "image_checksum" in values:
         new = dataclasses.replace(new, checksum=values["image_checksum"].lower(), checksum_url=None,
                                   signature_url=None, keyring=None)
-    from .urlpolicy import redact_url
-
     # Say that the image changed, but not to what when the original came from a parameter.
     log.info("%s replaced the image%s", hook.describe(),
              "" if image.from_parameter else f" with {redact_url(new.location)}")
