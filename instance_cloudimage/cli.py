@@ -28,7 +28,7 @@ from .convert import target_size
 from .create import run_create
 from .env import OS_NAME_RE, GanetiEnv, Script, debug_level_of, parse_environment, parse_os_params
 from .errors import CloudImageError, CommandError, ConfigError, ParameterError, UserError
-from .install import install_os, installed_paths
+from .install import install_os, installed_paths, remove_old_worker
 from .log import format_size, hide_values, printable, setup_logging
 from .params import validate_parameters, values_to_hide
 from .settings import parse_size
@@ -237,6 +237,7 @@ def cmd_install(args: argparse.Namespace) -> None:
     variants = install_os(Path(args.os_dir), paths)
     log.info("installed OS %s in %s with %d variants: %s", Path(args.os_dir).name, args.os_dir,
              len(variants), " ".join(variants))
+    remove_old_worker()
 
 
 def cmd_variants(args: argparse.Namespace) -> None:
