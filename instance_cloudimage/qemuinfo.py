@@ -38,8 +38,7 @@ def identity(st: os.stat_result) -> tuple[int, ...]:
 
 
 def record_key(st: os.stat_result, detected: DetectedImage) -> str:
-    """The record's file name: the identities themselves, readable and not hashed (hashlib
-    would load OpenSSL, ~4 ms on create's path to qemu-img)."""
+    """The record's file name: the identities themselves, readable and not hashed."""
     qemu = os.stat(find_tool("qemu-img"))
     fields = ("v3", *identity(st), detected.format.value, *identity(qemu))  # v3: the path as PLACEHOLDER
     return "-".join(map(str, fields))
