@@ -14,9 +14,7 @@ onto a fresh sparse 2 GiB file, after ``sync`` (the VM is noisy):
 * timed rounds, input by input, in rotating order, of that fastest bare pipeline against
   ``create``: the whole create as Ganeti runs it: the OS script ``instance-cloudimage install``
   wrote, started with Ganeti's environment, which starts a new interpreter and imports the
-  pipeline (no worker answers on its socket); and ``create+worker``: the same script with the
-  warm worker (``instance-cloudimage worker``) listening, so the script hands the run to a child
-  the worker forks; its peak RSS counts that child's process tree too.
+  pipeline.
 
 It prints, per input kind, medians, the ratio to the baseline (the median over rounds of our time
 over the baseline's time in the same round), each round's ratio, bytes allocated on the target
@@ -141,14 +139,9 @@ def baselines(kind: str, image: Path) -> dict[str, str]:
     return {f"{decoder.split()[0]} | dd conv=sparse": f"{cmd} | {DD}"}
 
 
-OURS = ("create", "create+worker")
-
-
 def ours(work: Path) -> dict[str, list[str]]:
-    # The OS script as Ganeti runs it (installed, Ganeti's environment): no worker listens on
-    # its socket, so it imports the pipeline itself; then the same script with a warm worker.
-    return {"create": [os.fspath(work / "os" / "cold" / "create")],
-            "create+worker": [os.fspath(work / "os" / "warm" / "create")]}
+    # The OS script as Ganeti runs it: installed, started with Ganeti's environment (run_one).
+    return {"create": [os.fspath(work / "os" / "create")]}
 
 
 def ganeti_env(image: Path, target: Path) -> dict[str, str]:
@@ -167,26 +160,8 @@ def write_site(work: Path) -> None:
     (etc / "variants" / "plain.conf").write_text(
         "[Variant]\nDescription = plain disk\nAgent = none\nSeed = none\nArchitectures = x86_64 aarch64\n"
         "[Image]\nURL = builtin:demo\n")
-    for name, socket in (("cold", work / "run" / "no-worker.sock"), ("warm", work / "run" / "worker.sock")):
-        sh(f"{q(VENV_BIN / 'instance-cloudimage')} install --os-dir {q(work / 'os' / name)} "
-           f"--config-dir {q(etc)} --cache-dir {q(work / 'cache')} --worker-socket {q(socket)} 2>/dev/null")
-
-
-def start_worker(work: Path) -> subprocess.Popen[bytes]:
-    """The warm worker the create+worker candidate talks to, once it says it is ready."""
-    socket = work / "run" / "worker.sock"
-    log = work / "run" / "worker.log"
-    log.parent.mkdir(mode=0o700, exist_ok=True)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([os.fspath(VENV_BIN / "instance-cloudimage"), "worker", "--socket", os.fspath(socket)],
-                                stderr=out)
-    deadline = time.monotonic() + 60
-    while "worker ready" not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"the worker did not start: {log.read_text()}")
-        time.sleep(0.05)
-    return proc
+    sh(f"{q(VENV_BIN / 'instance-cloudimage')} install --os-dir {q(work / 'os')} "
+       f"--config-dir {q(etc)} --cache-dir {q(work / 'cache')} 2>/dev/null")
 
 
 # --- measuring -------------------------------------------------------------------------------
@@ -209,18 +184,7 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def worker_children_rss(worker: int | None) -> int:
-    """The RSS of the worker's forked runs and what they started (not the idle parent's)."""
-    if worker is None:
-        return 0
-    try:
-        with open(f"/proc/{worker}/task/{worker}/children") as f:
-            return sum(tree_rss(int(c)) for c in f.read().split())
-    except (FileNotFoundError, ValueError):
-        return 0
-
-
-def run_one(cmd: str | list[str], target: Path, image: Path, worker: int | None = None) -> tuple[float, int, int]:
+def run_one(cmd: str | list[str], target: Path, image: Path) -> tuple[float, int, int]:
     """Run onto a fresh sparse 2 GiB target; return (seconds, peak tree RSS, bytes allocated)."""
     target.unlink(missing_ok=True)
     with open(target, "wb") as f:
@@ -236,15 +200,13 @@ def run_one(cmd: str | list[str], target: Path, image: Path, worker: int | None 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as installed: .pyc cached
     if argv[0].endswith("/create"):
         env = ganeti_env(image, target)
-    else:
-        worker = None
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     done = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, tree_rss(proc.pid) + worker_children_rss(worker))
+            peak = max(peak, tree_rss(proc.pid))
             done.wait(0.02)
 
     sampler = threading.Thread(target=sample)
@@ -275,20 +237,15 @@ def bench(args: argparse.Namespace) -> None:
     sh(f"PYTHONDONTWRITEBYTECODE= {q(sys.executable)} -m compileall -q {q(HERE.parent / 'instance_cloudimage')}")
     for path in images.values():  # warm the page cache, as right after a download
         sh(f"cat {q(path)} > /dev/null")
-    worker = start_worker(work)
-    try:
-        bare = {k: baselines(k, images[k]) for k in kinds}
-        for kind in kinds:  # every candidate once, checked for correctness; not timed
-            checked: list[str | list[str]] = [*bare[kind].values(), *ours(work).values()]
-            for cmd in checked:
-                run_one(cmd, target, images[kind], worker.pid)
-                check_same(target, raw)
-        best = pick_baselines(args, kinds, bare, images, target)
-        plan: dict[str, dict[str, str | list[str]]] = {k: {best[k]: bare[k][best[k]], **ours(work)} for k in kinds}
-        times, rss, alloc = measure(args.rounds, kinds, plan, images, target, worker.pid)
-    finally:
-        worker.terminate()
-        worker.wait()
+    bare = {k: baselines(k, images[k]) for k in kinds}
+    for kind in kinds:  # every candidate once, checked for correctness; not timed
+        checked: list[str | list[str]] = [*bare[kind].values(), *ours(work).values()]
+        for cmd in checked:
+            run_one(cmd, target, images[kind])
+            check_same(target, raw)
+    best = pick_baselines(args, kinds, bare, images, target)
+    plan: dict[str, dict[str, str | list[str]]] = {k: {best[k]: bare[k][best[k]], **ours(work)} for k in kinds}
+    times, rss, alloc = measure(args.rounds, kinds, plan, images, target)
     report(kinds, best, images, times, rss, alloc, data)
 
 
@@ -296,7 +253,7 @@ Times = dict[tuple[str, str], list[float]]
 
 
 def measure(rounds: int, kinds: list[str], plan: dict[str, dict[str, str | list[str]]], images: dict[str, Path],
-            target: Path, worker: int | None) -> tuple[Times, dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+            target: Path) -> tuple[Times, dict[tuple[str, str], int], dict[tuple[str, str], int]]:
     times: Times = {}
     rss: dict[tuple[str, str], int] = {}
     alloc: dict[tuple[str, str], int] = {}
@@ -307,7 +264,7 @@ def measure(rounds: int, kinds: list[str], plan: dict[str, dict[str, str | list[
             names = list(plan[kind])
             shift = rnd % len(names)
             for name in names[shift:] + names[:shift]:  # rotate the order to cancel drift
-                t, r, a = run_one(plan[kind][name], target, images[kind], worker)
+                t, r, a = run_one(plan[kind][name], target, images[kind])
                 times.setdefault((kind, name), []).append(t)
                 rss[(kind, name)] = max(rss.get((kind, name), 0), r)
                 alloc[(kind, name)] = a
@@ -326,7 +283,7 @@ def pick_baselines(args: argparse.Namespace, kinds: list[str], bare: dict[str, d
     if not several:
         return {k: next(iter(bare[k])) for k in kinds}
     print(f"pilot: {args.pilot} rounds of the bare candidates", file=sys.stderr, flush=True)
-    times, _, _ = measure(args.pilot, several, {k: dict(bare[k]) for k in several}, images, target, None)
+    times, _, _ = measure(args.pilot, several, {k: dict(bare[k]) for k in several}, images, target)
     best = {k: next(iter(bare[k])) for k in kinds}
     for kind in several:
         med = {n: statistics.median(times[(kind, n)]) for n in bare[kind]}
@@ -346,22 +303,19 @@ def report(kinds: list[str], best: dict[str, str], images: dict[str, Path], time
     print(f"\nimage: 2 GiB virtual, {data / MiB:.0f} MiB of non-zero data (4 KiB blocks); {rounds} rounds "
           "per input; target: fresh sparse file;\nratio: median over rounds of ours / the baseline's run in that "
           "round\n")
-    print("| input | fastest bare pipeline | bare s | create s | ratio | create+worker s | ratio "
-          "| written MiB (create / bare) | peak RSS MiB (bare / create / create+worker) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| input | fastest bare pipeline | bare s | create s | ratio "
+          "| written MiB (create / bare) | peak RSS MiB (bare / create) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     spread = []
     for kind in kinds:
         base = best[kind]
-        cells = []
-        for name in OURS:
-            ratios = paired_ratios(times, kind, name, base)
-            cells.append(f"{statistics.median(times[(kind, name)]):.2f} | {statistics.median(ratios):.2f}")
-            spread.append(f"  {kind}, {name}: " + " ".join(f"{r:.2f}" for r in ratios))
+        ratios = paired_ratios(times, kind, "create", base)
+        spread.append(f"  {kind}: " + " ".join(f"{r:.2f}" for r in ratios))
         print(f"| {kind} ({images[kind].stat().st_size / MiB:.0f} MiB) | `{base}` "
-              f"| {statistics.median(times[(kind, base)]):.2f} | {' | '.join(cells)} "
+              f"| {statistics.median(times[(kind, base)]):.2f} | {statistics.median(times[(kind, 'create')]):.2f} "
+              f"| {statistics.median(ratios):.2f} "
               f"| {alloc[(kind, 'create')] / MiB:.0f} / {alloc[(kind, base)] / MiB:.0f} "
-              f"| {rss[(kind, base)] / MiB:.0f} / {rss[(kind, 'create')] / MiB:.0f} "
-              f"/ {rss[(kind, 'create+worker')] / MiB:.0f} |")
+              f"| {rss[(kind, base)] / MiB:.0f} / {rss[(kind, 'create')] / MiB:.0f} |")
     print("\nper-round ratios, sorted:")
     print("\n".join(spread))
 

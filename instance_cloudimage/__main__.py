@@ -1,5 +1,7 @@
-"""``python -m instance_cloudimage``: the instance-cloudimage command (the worker re-executes itself so)."""
+"""``python -m instance_cloudimage``: the instance-cloudimage command."""
 
-from .cli import console_main
+import sys
 
-console_main()
+from .cli import main
+
+sys.exit(main())

@@ -7,29 +7,37 @@ of a running create still unmounts and detaches what it set up.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
 import stat
 import sys
+import time
 import traceback
+import uuid
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
+from .cache import make_cache
 from .config import DEFAULT_CACHE_DIR, DEFAULT_CONFIG_DIR, Paths, SiteConfig, load_site_config
+from .convert import target_size
+from .create import run_create
 from .env import OS_NAME_RE, GanetiEnv, Script, debug_level_of, parse_environment, parse_os_params
 from .errors import CloudImageError, CommandError, ConfigError, ParameterError, UserError
-from .launch import WORKER_SOCKET
-from .log import hide_values, printable, setup_logging
+from .install import install_os, installed_paths, remove_old_worker
+from .log import format_size, hide_values, printable, setup_logging
+from .params import validate_parameters, values_to_hide
 from .settings import parse_size
+from .source import fetch_image, resolve_image
 from .uridisk import uri_secrets
+from .variants import host_architecture, list_variants, load_variant
 
-if TYPE_CHECKING:
-    # argparse and uuid are imported where used: the OS scripts need neither.
-    import argparse
+# seeddata, lifecycle and reseed are imported where used: they bring PyYAML, which a create
+# without a seed never needs.
 
 log = logging.getLogger("instance_cloudimage")
 
@@ -78,9 +86,6 @@ def guarded(prog: str, debug_level: int, fn: Callable[[], None]) -> int:
 # --- the OS scripts ----------------------------------------------------------------------------
 
 def run_verify(genv: GanetiEnv, paths: Paths, argv: Sequence[str]) -> None:
-    from .params import validate_parameters
-    from .variants import load_variant
-
     if argv and argv[0] != "parameters":
         raise ParameterError(f"verify: unknown check '{argv[0]}' (Ganeti passes 'parameters')")
     site = load_site_config(paths)
@@ -111,8 +116,6 @@ def dispatch(script: Script, genv: GanetiEnv, paths: Paths, argv: Sequence[str])
         run_verify(genv, paths, argv)
         return
     if script is Script.CREATE:
-        from .create import run_create
-
         run_create(genv, load_site_config(paths))
         return
     from . import lifecycle
@@ -139,8 +142,6 @@ def dispatch(script: Script, genv: GanetiEnv, paths: Paths, argv: Sequence[str])
 def os_script_main(verb: str, environ: Mapping[str, str] | None = None,
                    argv: Sequence[str] | None = None) -> int:
     """What scripts/<verb> calls: parse the Ganeti environment once, then dispatch."""
-    from .install import installed_paths
-
     environ = os.environ if environ is None else environ
     argv = sys.argv if argv is None else argv
     script = Script(verb)
@@ -149,8 +150,6 @@ def os_script_main(verb: str, environ: Mapping[str, str] | None = None,
     prog = f"{name if OS_NAME_RE.match(name) else 'cloudimage'} {verb}"
 
     def body() -> None:
-        from .params import values_to_hide
-
         hide_values(values_to_hide(parse_os_params(environ)))
         paths = installed_paths(argv[0]) if argv else Paths()
         genv = parse_environment(environ, script)
@@ -204,9 +203,6 @@ def simulated_environment(args: argparse.Namespace) -> dict[str, str]:
         create_disk_file(disk, args.disk_size)
     st = disk.stat()
     is_block = stat.S_ISBLK(st.st_mode)
-    import uuid
-
-    from .convert import target_size
 
     env = {
         "OS_API_VERSION": "20",
@@ -230,9 +226,6 @@ def simulated_environment(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_create(args: argparse.Namespace) -> None:
-    from .create import run_create
-    from .params import values_to_hide
-
     hide_values(values_to_hide(parse_option_pairs(args.os_param)))
     paths = Paths(Path(args.config_dir), Path(args.cache_dir))
     genv = parse_environment(simulated_environment(args), Script.CREATE)
@@ -240,35 +233,14 @@ def cmd_create(args: argparse.Namespace) -> None:
 
 
 def cmd_install(args: argparse.Namespace) -> None:
-    from .install import install_os
-
     paths = Paths(Path(args.config_dir), Path(args.cache_dir))
-    variants = install_os(Path(args.os_dir), paths, worker=args.worker_socket)
+    variants = install_os(Path(args.os_dir), paths)
     log.info("installed OS %s in %s with %d variants: %s", Path(args.os_dir).name, args.os_dir,
              len(variants), " ".join(variants))
-    if args.systemd_dir:
-        from .install import WORKER_UNIT, install_worker_units
-
-        units = install_worker_units(Path(args.systemd_dir), socket=args.worker_socket)
-        log.info("wrote %s into %s; enable the worker with: systemctl daemon-reload && systemctl enable --now "
-                 "%s.socket", " and ".join(units), args.systemd_dir, WORKER_UNIT)
-
-
-def cmd_worker(args: argparse.Namespace) -> None:
-    from .worker import listener_from_fd, open_listener, serve
-
-    if args.fd is not None:
-        listener = listener_from_fd(args.fd)
-    elif os.environ.get("LISTEN_FDS") == "1" and os.environ.get("LISTEN_PID") == str(os.getpid()):
-        listener = listener_from_fd(3)  # systemd socket activation (sd_listen_fds)
-    else:
-        listener = open_listener(Path(args.socket))
-    serve(listener)
+    remove_old_worker()
 
 
 def cmd_variants(args: argparse.Namespace) -> None:
-    from .variants import list_variants, load_variant
-
     paths = Paths(Path(args.config_dir), Path(args.cache_dir))
     for name in list_variants(paths):
         v = load_variant(name, paths)
@@ -277,14 +249,6 @@ def cmd_variants(args: argparse.Namespace) -> None:
 
 def cmd_cache(args: argparse.Namespace) -> None:
     """``cache list|prune|fetch``: what administrators run on each node (gnt-cluster command)."""
-    import time
-    from contextlib import ExitStack
-
-    from .cache import make_cache
-    from .log import format_size
-    from .source import fetch_image, resolve_image
-    from .variants import host_architecture, load_variant
-
     paths = Paths(Path(args.config_dir), Path(args.cache_dir))
     site = load_site_config(paths)
     cache = make_cache(site)
@@ -320,8 +284,6 @@ def add_site_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="instance-cloudimage",
                                      description="Ganeti OS provider for distribution cloud images")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -341,10 +303,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("install", help="install the Ganeti OS definition on this node")
     p.add_argument("--os-dir", default="/srv/ganeti/os/cloudimage",
                    help="OS definition directory; its name is the OS name (default: %(default)s)")
-    p.add_argument("--systemd-dir", metavar="DIR",
-                   help="also write the warm worker's systemd units there (e.g. /etc/systemd/system)")
-    p.add_argument("--worker-socket", metavar="PATH",
-                   help=f"the worker socket the scripts try (default: {WORKER_SOCKET})")
     add_site_options(p)
     p.set_defaults(func=cmd_install)
 
@@ -359,13 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_site_options(p)
     p.set_defaults(func=cmd_cache)
 
-    p = sub.add_parser("worker", help="serve the OS scripts from a warm process (systemd unit in systemd/)",
-                       description="Imports everything once and forks a child per OS script run; the "
-                                   "scripts use it when its socket answers and run themselves otherwise.")
-    p.add_argument("--socket", default=WORKER_SOCKET, help="socket to listen on (default: %(default)s)")
-    p.add_argument("--fd", type=int, help=argparse.SUPPRESS)  # the listening socket, on re-execution
-    p.set_defaults(func=cmd_worker)
-
     p = sub.add_parser("variants", help="list the variants and their agents")
     add_site_options(p)
     p.set_defaults(func=cmd_variants)
@@ -376,28 +327,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     return guarded("instance-cloudimage", 1 if args.debug else 0, lambda: args.func(args))
-
-
-def finish_streams(code: int) -> int:
-    """Flush the log and the standard streams; return ``code``, or 1 if output was lost."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            code = code or 1  # the output was lost: not a success
-    return code
-
-
-def exit_now(code: int) -> NoReturn:
-    """End the process without the interpreter's teardown.
-
-    By the time a script returns, its ExitStack has unmounted, detached and removed everything,
-    so the teardown would only free memory, tens of milliseconds on every create.  The log is
-    flushed first; nothing else is registered with atexit."""
-    os._exit(finish_streams(code))
-
-
-def console_main() -> NoReturn:
-    """The ``instance-cloudimage`` console script."""
-    exit_now(main())

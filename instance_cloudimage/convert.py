@@ -9,9 +9,9 @@ limits as a second opinion on our own inspector, and only after it (§C.17).
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from .errors import CommandError, ConversionError, ImageTooLarge, UnsafeImage
 from .formats import DetectedImage, DiskFormat, display_name
 from .log import format_size
 from .process import Limits, run, run_text
+from .qemuinfo import ask_once
 from .writer import DiskTarget
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,6 @@ def inspect_with_qemu(path: Path, detected: DetectedImage, kept: Path | None = N
 
     With ``kept`` (a directory), qemu-img is asked once per unchanged file (qemuinfo.py); the
     checks below run on its answer every time."""
-    import json  # imported where used: create's path to qemu-img does not need it (raw needs no qemu-img info)
-
-    from .qemuinfo import ask_once
-
     name = display_name(detected.format)
 
     def ask() -> dict[str, Any]:
@@ -127,13 +124,11 @@ def supports_direct_io(target: DiskTarget) -> bool:
     return True
 
 
-def convert_file(source: Path, detected: DetectedImage, target: DiskTarget,
-                 started: Callable[[], None] | None = None) -> None:
+def convert_file(source: Path, detected: DetectedImage, target: DiskTarget) -> None:
     """Write the image file ``source`` onto ``target`` with qemu-img convert.
 
     A random-access format must have passed inspect_file and inspect_with_qemu; raw data (also a
     fixed VHD's, limited to its data size) needs neither: ``driver=raw`` reads nothing else.
-    ``started()`` is called once qemu-img runs.
     """
     if detected.needs_qemu:
         fmt, size = detected.format, None
@@ -147,6 +142,6 @@ def convert_file(source: Path, detected: DetectedImage, target: DiskTarget,
     log.info("writing the %s image (%s virtual) with qemu-img", detected.details,
              format_size(detected.virtual_size))
     try:
-        run(argv, limits=CONVERT_LIMITS, env=CONVERT_ENV, started=started)
+        run(argv, limits=CONVERT_LIMITS, env=CONVERT_ENV)
     except CommandError as e:
         raise ConversionError(f"qemu-img convert failed: {e.last_line}") from None

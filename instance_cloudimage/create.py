@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-import sys
-import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from .deploy import deploy_image
 from .env import Disk, GanetiEnv, Instance
 from .errors import EnvironmentError_, ParameterError, UserError
 from .formats import DetectedImage
+from .grow import grow_root
 from .hookenv import HookFacts
 from .hooks import HookPlan, Phase, plan_hooks, run_hooks
 from .log import complete_step, format_size
@@ -31,6 +30,9 @@ from .staging import StagedDisks, staging_errors
 from .uridisk import check_uri
 from .variants import Variant, host_architecture, load_variant
 from .writer import open_disk
+
+# seeddata and seed are imported where used: they bring PyYAML, which a create without a seed
+# never needs.
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +82,10 @@ def prepare(genv: GanetiEnv, site: SiteConfig) -> CreateContext:
 
 
 def write_image(ctx: CreateContext, ref: ImageRef, stack: ExitStack,
-                before_write: Callable[[DetectedImage, Path | None], None] | None = None,
-                writing: Callable[[], None] | None = None) -> DetectedImage:
+                before_write: Callable[[DetectedImage, Path | None], None] | None = None) -> DetectedImage:
     """Open the disk, then stream or convert the image onto it (deploy.py).
 
-    ``before_write`` runs once the image is detected and vetted, before the disk is touched;
-    ``writing`` once the write is under way (qemu-img or the decoder started).
+    ``before_write`` runs once the image is detected and vetted, before the disk is touched.
     """
     target = open_disk(ctx.disk.path or "", wiped=ctx.wiped, stack=stack)
     with complete_step(f"fetching {ref.describe()}"):
@@ -93,7 +93,7 @@ def write_image(ctx: CreateContext, ref: ImageRef, stack: ExitStack,
     with complete_step("writing the image"):
         done = deploy_image(stream, ref.declared_format, target, ctx.site.paths.cache_dir / "tmp", stack,
                             kept=ctx.site.paths.cache_dir / QEMU_INFO_DIR,
-                            before_write=before_write, writing=writing)
+                            before_write=before_write)
     written = "" if done.written is None else f", {format_size(done.written)} written"
     log.info("wrote a %s image of %s onto %s%s", done.detected.details, format_size(done.detected.virtual_size),
              ctx.disk.describe(), written)
@@ -120,28 +120,6 @@ def mount_guest_for_hooks(ctx: CreateContext, facts: HookFacts, stack: ExitStack
         log.warning("post-write hooks run without the guest filesystem (TARGET is unset): %s", e)
         return facts
     return dataclasses.replace(facts, target=Path(root.path), root_partition=getattr(root, "device", None))
-
-
-def preload(*modules: str) -> threading.Thread | None:
-    """Import ``modules`` in the background while the image is written.
-
-    The write waits on qemu-img or the disk most of the time, so the seeding and growing code
-    (tens of milliseconds of imports, YAML included) loads for free instead of after it.  It is
-    started only once the write is under way (deploy_image's ``writing``): any earlier, its
-    imports would compete for the GIL with the path to qemu-img.  An import error is left for
-    the real import, which raises it where it belongs."""
-    def load() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name, __package__)
-            except Exception:  # the import in the pipeline reports it
-                continue
-
-    if all(f"{__package__}{name}" in sys.modules for name in modules):
-        return None  # loaded already, as in a child of the warm worker
-    thread = threading.Thread(target=load, name="preload", daemon=True)
-    thread.start()
-    return thread
 
 
 def run_create(genv: GanetiEnv, site: SiteConfig, *, plan: HookPlan | None = None) -> None:
@@ -174,27 +152,14 @@ def run_phases(ctx: CreateContext, plan: HookPlan, facts: HookFacts, stack: Exit
     ref = run_hooks(plan, Phase.PRE_FETCH, facts, site)
     facts = dataclasses.replace(facts, image=ref)
 
-    grow = grow_requested(ctx.genv.params, ctx.variant)
-    loading: list[threading.Thread] = []
-
     def pre_write(detected: DetectedImage, image_path: Path | None) -> None:
         nonlocal facts
         facts = dataclasses.replace(facts, image_path=image_path, image_format=detected.format.value,
                                     image_virtual_size=detected.virtual_size)
         run_hooks(plan, Phase.PRE_WRITE, facts, site)
 
-    def writing() -> None:
-        # From here on the write waits on qemu-img or the disk: load what comes next meanwhile.
-        thread = preload(".seed", *((".grow",) if grow else ()))
-        if thread is not None:
-            loading.append(thread)
-
-    write_image(ctx, ref, stack, before_write=pre_write, writing=writing)
-    for thread in loading:
-        thread.join()
-    if grow:
-        from .grow import grow_root
-
+    write_image(ctx, ref, stack, before_write=pre_write)
+    if grow_requested(ctx.genv.params, ctx.variant):
         with complete_step("growing the root filesystem to the end of the disk"):
             grow_root(ctx.disk.path or "", ctx.arch, stack)
     with complete_step("seeding the guest agent"):

@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from .cache import unusable_cache
 from .errors import ParameterError
 from .partitions import ROOT_TYPES
 from .process import run
@@ -71,8 +72,6 @@ def build_demo_image(name: str, cache_dir: Path) -> Path:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        from .cache import unusable_cache
-
         raise unusable_cache(cache_dir, e) from None
     log.info("building the demo image in %s", out_dir)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:

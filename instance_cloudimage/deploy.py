@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -184,8 +185,6 @@ def raw_result(result: CopyResult, target: DiskTarget, details: str) -> Detected
 
 def spool(source: Readable, target: DiskTarget, spool_dir: Path, stack: ExitStack) -> Path:
     """Decompress into a private sparse file, capped a little above the disk's size."""
-    import tempfile  # imported where used: create's path to qemu-img does not need it
-
     spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, name = tempfile.mkstemp(dir=spool_dir, prefix="spool-", suffix=".img")
     path = Path(name)
@@ -199,9 +198,9 @@ def spool(source: Readable, target: DiskTarget, spool_dir: Path, stack: ExitStac
 
 
 def write_from_file(path: Path, declared: DiskFormat | None, target: DiskTarget,
-                    started: Callable[[], None] | None = None, kept: Path | None = None) -> DetectedImage:
+                    kept: Path | None = None) -> DetectedImage:
     """Vet the whole verified file (our inspector, then qemu-img info, its answer kept in ``kept``
-    per file), then qemu-img convert it (``started()`` once qemu-img convert runs)."""
+    per file), then qemu-img convert it."""
     fd = open_verified_file(path)
     try:
         detected = inspect_file(ImageFile(fd))
@@ -211,23 +210,20 @@ def write_from_file(path: Path, declared: DiskFormat | None, target: DiskTarget,
     check_fits(detected.virtual_size, target)
     if detected.needs_qemu:
         inspect_with_qemu(path, detected, kept)
-    convert_file(path, detected, target, started=started)
+    convert_file(path, detected, target)
     return detected
 
 
 def deploy_image(stream: ImageStream, declared: str, target: DiskTarget, spool_dir: Path,
                  stack: ExitStack,
                  before_write: Callable[[DetectedImage, Path | None], None] | None = None,
-                 writing: Callable[[], None] | None = None, kept: Path | None = None) -> Deployed:
+                 kept: Path | None = None) -> Deployed:
     """Write the image in ``stream`` onto ``target``.  Raises a UserError on any refusal.
 
     ``before_write(detected, file_or_None)`` runs after detection and the checks that can be
     made from the head, before the first byte reaches the disk (the pre-write hooks); the file
     is the verified, unwrapped image when one exists, None when raw content is streamed.
-    ``writing()`` runs once the write is under way: right after qemu-img convert started, or
-    just before a stream is copied (its decoder, if any, already runs).  From then on the write
-    mostly waits on a child or the disk, so work that does not need the image (background
-    imports) costs it little; before, it would only delay the write's start.  ``kept`` is where
+    ``kept`` is where
     qemu-img's answers about stable image files (cache entries, local files used in place) are
     kept (qemuinfo.py); a spool or a private copy is new every time and asks afresh.
     """
@@ -245,8 +241,6 @@ def deploy_image(stream: ImageStream, declared: str, target: DiskTarget, spool_d
     if found.format is DiskFormat.RAW and (inner.layers or not local):
         if before_write is not None:
             before_write(found, None)  # streamed: there is no whole file yet
-        if writing is not None:
-            writing()
         done = stream_raw(stream, inner.source, inner.layers, found, declared_fmt, target)
         return Deployed(done.detected, wrappers, done.written)
     if inner.layers:
@@ -256,5 +250,5 @@ def deploy_image(stream: ImageStream, declared: str, target: DiskTarget, spool_d
         path = Path(stream.finish().path)
     if before_write is not None:
         before_write(found, path)  # verified (and unwrapped); the disk is not touched yet
-    return Deployed(write_from_file(path, declared_fmt, target, started=writing,
-                                    kept=kept if local and not inner.layers else None), wrappers, None)
+    return Deployed(write_from_file(path, declared_fmt, target, kept=kept if local and not inner.layers else None),
+                    wrappers, None)

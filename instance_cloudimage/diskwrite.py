@@ -9,17 +9,13 @@ are zeros written.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
-import functools
 import os
 import stat
 import struct
 from types import TracebackType
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import ctypes
 
 BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -27,22 +23,13 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 SECTOR = 512
 ZERO_WRITE = bytes(4 * 1024 * 1024)
 
-
-@functools.cache
-def libc() -> ctypes.CDLL:
-    # ctypes is imported where used: create's path to qemu-img does not need it.
-    import ctypes
-
-    lib = ctypes.CDLL(None, use_errno=True)
-    lib.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    return lib
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Deallocate a range of a regular file (it then reads as zeros); False if unsupported."""
-    import ctypes
-
-    if libc().fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):

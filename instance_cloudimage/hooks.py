@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import os
 import re
 import signal
 import stat
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -30,8 +32,7 @@ from .params import check_image, check_image_checksum
 from .process import run_streaming
 from .resources import shipped_dir
 from .source import ImageRef
-
-# json, tempfile and urlpolicy are imported where used: create's path to qemu-img runs no hooks.
+from .urlpolicy import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +287,6 @@ def parse_pre_fetch_result(hook: Hook, text: str, image: ImageRef, site: SiteCon
     if "image_checksum" in values:
         new = dataclasses.replace(new, checksum=values["image_checksum"].lower(), checksum_url=None,
                                   signature_url=None, keyring=None)
-    from .urlpolicy import redact_url
-
     # Say that the image changed, but not to what when the original came from a parameter.
     log.info("%s replaced the image%s", hook.describe(),
              "" if image.from_parameter else f" with {redact_url(new.location)}")
@@ -308,8 +307,6 @@ def run_hooks(plan: HookPlan, phase: Phase, facts: HookFacts, site: SiteConfig) 
     if withheld:
         log.debug("secret parameters %s are not passed to hooks ([Hooks] PassSecrets)", ", ".join(withheld))
     timeout = float(site.get("hook_timeout"))
-    import json
-    import tempfile
 
     with tempfile.TemporaryDirectory(prefix=f"cloudimage-{phase.value}-") as tmp:
         json_path = Path(tmp) / "instance.json"

@@ -8,6 +8,7 @@ Virtual sizes are computed exactly as qemu does, so that qemu-img info can confi
 from __future__ import annotations
 
 import struct
+import uuid
 
 from .errors import UnsafeImage, UnsupportedFormat
 from .formats import DetectedImage, DiskFormat
@@ -84,18 +85,11 @@ def inspect_vhd(img: ImageFile) -> DetectedImage:
 
 
 # --- VHDX ------------------------------------------------------------------------------------
-def guid(text: str) -> bytes:
-    """A GUID as VHDX stores it, uuid.UUID(text).bytes_le (without importing uuid, and platform
-    with it, on create's path): its first three fields little-endian."""
-    b = bytes.fromhex(text.replace("-", ""))
-    return b[3::-1] + b[5:3:-1] + b[7:5:-1] + b[8:]
-
-
-VHDX_BAT = guid("2DC27766-F623-4200-9D64-115E9BFD4A08")
-VHDX_METADATA = guid("8B7CA206-4790-4B9A-B8FE-575F050F886E")
-VHDX_FILE_PARAMS = guid("CAA16737-FA36-4D43-B3B6-33F0AA44E76B")
-VHDX_DISK_SIZE = guid("2FA54224-CD1B-4876-B211-5DBED83BF4B8")
-VHDX_PARENT_LOCATOR = guid("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
+VHDX_BAT = uuid.UUID("2DC27766-F623-4200-9D64-115E9BFD4A08").bytes_le
+VHDX_METADATA = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E").bytes_le
+VHDX_FILE_PARAMS = uuid.UUID("CAA16737-FA36-4D43-B3B6-33F0AA44E76B").bytes_le
+VHDX_DISK_SIZE = uuid.UUID("2FA54224-CD1B-4876-B211-5DBED83BF4B8").bytes_le
+VHDX_PARENT_LOCATOR = uuid.UUID("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C").bytes_le
 VHDX_MAX_ENTRIES = 2047
 
 

@@ -11,14 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import sys
+import tempfile
+from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 
 from .config import Paths
 from .env import Script
 from .errors import ConfigError
-from .launch import WORKER_SOCKET
 from .params import render_parameters_list
+from .process import run
 from .resources import shipped_dir
 from .variants import list_variants, load_variant
 
@@ -28,12 +32,17 @@ DEFAULT_OS_DIR = Path("/srv/ganeti/os/cloudimage")
 INSTALL_INFO = "instance-cloudimage.json"
 SCRIPTS = (Script.CREATE, Script.IMPORT, Script.EXPORT, Script.RENAME, Script.VERIFY)
 
+# The warm worker of earlier versions: 'install --systemd-dir DIR' wrote these two units (the
+# README's DIR was /etc/systemd/system; a unit elsewhere on systemd's search path ran too), and
+# systemd made the socket they listen on.
+OLD_WORKER_UNITS = ("instance-cloudimage-worker.socket", "instance-cloudimage-worker.service")
+OLD_UNIT_DIRS = tuple(Path(d) for d in ("/etc/systemd/system", "/usr/local/lib/systemd/system",
+                                        "/usr/lib/systemd/system", "/lib/systemd/system"))
+OLD_WORKER_SOCKET = Path("/run/instance-cloudimage/worker.sock")
+SYSTEMD_BOOTED = Path("/run/systemd/system")  # sd_booted(): systemd runs this machine
+
 
 def _write_atomic(path: Path, content: str, mode: int) -> None:
-    # Imported where used: every OS script imports this module for installed_paths, and
-    # tempfile (shutil, random with it) is not on create's path to qemu-img.
-    import tempfile
-
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
@@ -45,29 +54,15 @@ def _write_atomic(path: Path, content: str, mode: int) -> None:
         raise
 
 
-def render_script(verb: str, python: str, worker: str | None = None) -> str:
-    """scripts/<verb> with this interpreter and this package's location baked in.
-
-    The interpreter runs isolated and without site (-IS): site and an editable install's import
-    hooks cost up to ~15 ms on every run, and launch.py needs only the package, which the script
-    finds on the path it puts first.  A script that runs itself (no worker) loads site then."""
+def render_script(verb: str, python: str) -> str:
+    """scripts/<verb> with this interpreter on line 1, in isolated mode (-I): no PYTHON*
+    variable, user site-packages or file beside the script changes what it imports."""
     template = (shipped_dir("scripts") / verb).read_text()
-    lines = template.split("\n")
-    call = f'run_script("{verb}")'
-    entry = "from instance_cloudimage.launch import run_script"
-    if not lines[0].startswith("#!") or entry not in lines or call not in template:
-        raise ConfigError(f"the shipped script {verb} is not the expected template; reinstall instance-cloudimage")
-    package_parent = os.fspath(Path(__file__).resolve().parent.parent)
-    at = lines.index(entry)
-    lines[at:at] = ["import sys", "", f"sys.path.insert(0, {package_parent!r})  # -S: see install.render_script"]
-    lines[at + 3] += "  # noqa: E402"
-    body = "\n".join(lines[1:])
-    if worker is not None:
-        body = body.replace(call, f'run_script("{verb}", worker={worker!r})')
-    return f"#!{python} -IS\n{body}"
+    body = template.split("\n", 1)[1] if template.startswith("#!") else template
+    return f"#!{python} -I\n{body}"
 
 
-def install_os(os_dir: Path, paths: Paths, python: str | None = None, worker: str | None = None) -> list[str]:
+def install_os(os_dir: Path, paths: Paths, python: str | None = None) -> list[str]:
     """Write the OS definition into ``os_dir``; return the variants it lists."""
     python = python or sys.executable
     variants = list_variants(paths)
@@ -78,7 +73,7 @@ def install_os(os_dir: Path, paths: Paths, python: str | None = None, worker: st
     try:
         os_dir.mkdir(parents=True, exist_ok=True)
         for verb in SCRIPTS:
-            _write_atomic(os_dir / verb.value, render_script(verb.value, python, worker), 0o755)
+            _write_atomic(os_dir / verb.value, render_script(verb.value, python), 0o755)
         _write_atomic(os_dir / "ganeti_api_version", "20\n", 0o644)
         _write_atomic(os_dir / "variants.list", "".join(f"{v}\n" for v in variants), 0o644)
         _write_atomic(os_dir / "parameters.list", render_parameters_list(), 0o644)
@@ -92,47 +87,63 @@ def install_os(os_dir: Path, paths: Paths, python: str | None = None, worker: st
     return variants
 
 
-WORKER_UNIT = "instance-cloudimage-worker"
-
-
-def render_worker_units(python: str, socket: str = WORKER_SOCKET) -> dict[str, str]:
-    """systemd units for the warm worker, socket-activated at ``socket`` (the scripts' own)."""
-    return {
-        f"{WORKER_UNIT}.socket": f"""[Unit]
-Description=instance-cloudimage warm worker socket (Ganeti OS scripts start without their imports)
-
-[Socket]
-ListenStream={socket}
-SocketMode=0600
-DirectoryMode=0700
-
-[Install]
-WantedBy=sockets.target
-""",
-        f"{WORKER_UNIT}.service": f"""[Unit]
-Description=instance-cloudimage warm worker (forks a child per Ganeti OS script run)
-Requires={WORKER_UNIT}.socket
-After={WORKER_UNIT}.socket
-
-[Service]
-ExecStart={python} -P -m instance_cloudimage worker
-# Runs in progress are children: stopping or restarting the worker must leave them running.
-KillMode=process
-Restart=on-failure
-""",
-    }
-
-
-def install_worker_units(unit_dir: Path, python: str | None = None, socket: str | None = None) -> list[str]:
-    """Write the worker's systemd units into ``unit_dir``; return their names."""
-    units = render_worker_units(python or sys.executable, socket or WORKER_SOCKET)
+def listen_paths(socket_unit: Path) -> list[Path]:
+    """The socket paths a worker socket unit listens on ('install --worker-socket' chose them)."""
     try:
-        unit_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in units.items():
-            _write_atomic(unit_dir / name, text, 0o644)
-    except OSError as e:
-        raise ConfigError(f"cannot write the worker's systemd units into {unit_dir}: {e.strerror}") from None
-    return list(units)
+        text = socket_unit.read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [Path(value) for line in text.splitlines()
+            if line.startswith("ListenStream=") and (value := line.partition("=")[2].strip()).startswith("/")]
+
+
+def remove_old_worker(unit_dirs: Sequence[Path] | None = None, socket: Path | None = None) -> list[Path]:
+    """Stop, disable and delete the warm worker an earlier version installed: its units in
+    ``unit_dirs`` (default OLD_UNIT_DIRS) and its sockets, at ``socket`` (default
+    OLD_WORKER_SOCKET) and where the socket unit listened.  Returns what was removed."""
+    unit_dirs = OLD_UNIT_DIRS if unit_dirs is None else unit_dirs
+    socket = OLD_WORKER_SOCKET if socket is None else socket
+    units = [d / name for d in unit_dirs for name in OLD_WORKER_UNITS if os.path.lexists(d / name)]
+    sockets = [socket, *(p for d in unit_dirs for p in listen_paths(d / OLD_WORKER_UNITS[0]))]
+    booted = bool(units) and SYSTEMD_BOOTED.is_dir()
+    stopped = False
+    if booted:
+        result = run(["systemctl", "disable", "--now", *OLD_WORKER_UNITS], check=False)
+        stopped = result.returncode == 0
+        if not stopped:
+            log.warning("systemctl disable --now %s failed: %s", " ".join(OLD_WORKER_UNITS),
+                        result.stderr.decode(errors="replace").strip())
+    # What 'systemctl enable' linked, for a machine where systemd does not run (an image, a chroot).
+    links = [p for d in unit_dirs for name in OLD_WORKER_UNITS for p in d.glob(f"*.wants/{name}") if p.is_symlink()]
+    removed = []
+    for path in [*links, *units]:
+        try:
+            path.unlink()
+        except OSError as e:
+            log.warning("cannot remove %s, the warm worker's unit: %s", path, e.strerror)
+            continue
+        removed.append(path)
+        if path in units:
+            log.info("%s %s: this version has no warm worker", "stopped, disabled and removed" if stopped
+                     else "removed", path)
+    if booted:
+        run(["systemctl", "daemon-reload"], check=False)
+    for path in dict.fromkeys(sockets):
+        try:
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                continue
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            log.warning("cannot remove %s, the warm worker's socket: %s", path, e.strerror)
+            continue
+        removed.append(path)
+        log.info("removed %s, the warm worker's socket", path)
+    if socket == OLD_WORKER_SOCKET:
+        with suppress(OSError):
+            socket.parent.rmdir()  # systemd made it for the socket; left alone if not empty
+    return removed
 
 
 def installed_paths(script_path: str) -> Paths:

@@ -6,6 +6,8 @@ private/secret parameters arrive as plain OSP_* variables.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -13,10 +15,14 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .config import SiteConfig
-from .errors import ParameterError
+from .errors import ImageFetchError, ParameterError
+from .localpath import check_local_image_path
+from .netconfig import NETWORK_MODES
 from .seedparams import check_hostname, check_nameservers, check_password_hash, check_search, parse_choice
 from .settings import parse_bool
-from .variants import CHECKSUM_RE, Variant
+from .sshkeys import KEY_TYPES, parse_authorized_keys
+from .urlpolicy import check_url, policy_for
+from .variants import CHECKSUM_RE, SEEDS, Variant
 
 Check = Callable[[str, SiteConfig], None]
 
@@ -30,8 +36,6 @@ class Parameter:
 
 
 def check_image(value: str, site: SiteConfig) -> None:
-    from .localpath import check_local_image_path
-
     v = value.strip()
     if not v:
         raise ParameterError("image must not be empty")
@@ -42,9 +46,6 @@ def check_image(value: str, site: SiteConfig) -> None:
         raise ParameterError("image is not a valid URL", "check the brackets around an IPv6 address") from None
     scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
-        from .errors import ImageFetchError
-        from .urlpolicy import check_url, policy_for
-
         if not parts.hostname:
             raise ParameterError("image URL has no host")
         try:
@@ -92,26 +93,20 @@ def check_keep_instance_id(value: str, site: SiteConfig) -> None:
 
 
 def check_ssh_authorized_keys(value: str, site: SiteConfig) -> None:
-    from .sshkeys import parse_authorized_keys
-
     parse_authorized_keys(value)
 
 
 def check_user_data(value: str, site: SiteConfig) -> None:
-    from .userdata import decode_user_data
+    from .userdata import decode_user_data  # PyYAML with it: loaded only when user_data is given
 
     decode_user_data(value)
 
 
 def check_network(value: str, site: SiteConfig) -> None:
-    from .netconfig import NETWORK_MODES
-
     parse_choice("network", value, NETWORK_MODES)
 
 
 def check_seed(value: str, site: SiteConfig) -> None:
-    from .variants import SEEDS
-
     parse_choice("seed", value, SEEDS)
 
 
@@ -159,8 +154,6 @@ BASE64_PREFIX = "base64:"  # as userdata.py reads it
 
 
 def _pieces(text: str) -> list[str]:
-    from .sshkeys import KEY_TYPES
-
     lines = [ln.strip() for ln in text.splitlines()]
     tokens = re.split(r"[\s;,]+", text)
     out = [text.strip(), repr(text)[1:-1]]
@@ -186,9 +179,6 @@ def values_to_hide(params: Mapping[str, str]) -> list[str]:
                 continue
             out += [x for x in (parts.netloc, parts.path, parts.query) if len(x) >= MIN_HIDDEN]
         elif name == "user_data" and value.startswith(BASE64_PREFIX):
-            import base64
-            import binascii
-
             try:
                 decoded = base64.b64decode("".join(value[len(BASE64_PREFIX):].split()))
             except (binascii.Error, ValueError):

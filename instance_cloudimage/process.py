@@ -12,8 +12,10 @@ import logging
 import os
 import selectors
 import shlex
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,7 +66,7 @@ class Limits:
 
     Applied by exec'ing the child through util-linux ``prlimit``, not in a ``preexec_fn``: Python
     code between fork and exec is unsafe while other threads run (a download's producer, the xz
-    workers, the background imports of create), and without it subprocess can use vfork."""
+    workers), and without it subprocess can use vfork."""
 
     address_space: int | None = None
     cpu_seconds: int | None = None
@@ -81,13 +83,10 @@ class Limits:
 
 def find_tool(name: str) -> str:
     """Return the absolute path of a host tool, or raise CommandNotFound."""
-    # shutil.which(name, path=SAFE_PATH), spelled out: importing shutil (and bz2, lzma with it)
-    # costs create's path to qemu-img 2 ms.
-    candidates = [name] if os.path.dirname(name) else [os.path.join(d, name) for d in SAFE_PATH.split(":")]
-    for path in candidates:
-        if os.access(path, os.X_OK) and not os.path.isdir(path):
-            return path
-    raise CommandNotFound(name, PACKAGES.get(name))
+    path = shutil.which(name, path=SAFE_PATH)
+    if path is None:
+        raise CommandNotFound(name, PACKAGES.get(name))
+    return path
 
 
 def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -110,14 +109,12 @@ def run(
     timeout: float | None = None,
     limits: Limits | None = None,
     cwd: str | None = None,
-    started: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``argv`` and wait for it.
 
     stderr is always captured (it goes into ``CommandError``); stdout is captured unless a
     file is given.  ``env`` is added to the minimal child environment, or replaces it with
-    ``replace_env``.  ``started()`` is called once the child runs, before the wait (the
-    caller's work that may overlap it).  Raises CommandNotFound or CommandError.
+    ``replace_env``.  Raises CommandNotFound or CommandError.
     """
     argv = [os.fspath(a) for a in argv]
     if not os.path.isabs(argv[0]):
@@ -127,36 +124,27 @@ def run(
     if input is not None and stdin is not None:
         raise ValueError("give input or stdin, not both")
     try:
-        proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
+        proc = subprocess.run(  # noqa: S603 - argv list, no shell
             limits.wrap(argv) if limits else argv,
-            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL if stdin is None else stdin,
+            input=input,
+            stdin=subprocess.DEVNULL if (input is None and stdin is None) else stdin,
             stdout=stdout,
             stderr=subprocess.PIPE,
             env=child_env,
+            timeout=timeout,
             cwd=cwd,
+            check=False,
         )
     except FileNotFoundError as e:
         raise CommandNotFound(argv[0], PACKAGES.get(os.path.basename(argv[0]))) from e
-    # As subprocess.run does it, with room for ``started`` between the start and the wait.
-    with proc:
-        try:
-            if started is not None:
-                started()
-            out, err = proc.communicate(input, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            proc.kill()
-            proc.wait()
-            partial = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else ""
-            raise CommandError(argv, -9, f"timed out after {timeout:.0f}s\n{partial}") from e
-        except BaseException:
-            proc.kill()
-            raise
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    if check and result.returncode != 0:
-        stderr = result.stderr.decode(errors="replace")
-        log.debug("%s exited %d: %s", argv[0], result.returncode, stderr.strip())
-        raise CommandError(argv, result.returncode, stderr)
-    return result
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else ""
+        raise CommandError(argv, -9, f"timed out after {timeout:.0f}s\n{err}") from e
+    if check and proc.returncode != 0:
+        stderr = proc.stderr.decode(errors="replace")
+        log.debug("%s exited %d: %s", argv[0], proc.returncode, stderr.strip())
+        raise CommandError(argv, proc.returncode, stderr)
+    return proc
 
 
 def run_text(argv: Sequence[str], **kwargs: Any) -> str:
@@ -323,8 +311,6 @@ def spawn(
     anonymous temporary file, so a chatty child can never block on it.  The caller must
     ``close()`` the result (register it on the ExitStack).
     """
-    import tempfile
-
     argv = [os.fspath(a) for a in argv]
     if not os.path.isabs(argv[0]):
         argv[0] = find_tool(argv[0])

@@ -12,6 +12,7 @@ one else can write it; anything odd about it and qemu-img is simply asked again.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -37,8 +38,7 @@ def identity(st: os.stat_result) -> tuple[int, ...]:
 
 
 def record_key(st: os.stat_result, detected: DetectedImage) -> str:
-    """The record's file name: the identities themselves, readable and not hashed (hashlib
-    would load OpenSSL, ~4 ms on create's path to qemu-img)."""
+    """The record's file name: the identities themselves, readable and not hashed."""
     qemu = os.stat(find_tool("qemu-img"))
     fields = ("v3", *identity(st), detected.format.value, *identity(qemu))  # v3: the path as PLACEHOLDER
     return "-".join(map(str, fields))
@@ -80,8 +80,6 @@ def ask_once(path: Path, detected: DetectedImage, directory: Path | None,
     file used in place is opened through this process's /proc/<pid>/fd/<n>: the path is kept as
     a placeholder and put back on reading.  Only plain paths are kept, whose characters JSON
     leaves as they are."""
-    import json  # imported where used: a raw image asks qemu-img nothing
-
     name = os.fspath(path)
     if directory is None or not PLAIN_PATH.fullmatch(name):
         return ask()

@@ -23,17 +23,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from .cache import make_cache
+from .checksums import Digest, lookup_required
 from .config import SiteConfig
+from .demo import build_demo_image
 from .errors import ChecksumMismatch, ParameterError
 from .localpath import only_root_can_change, open_local_image, pinned_path, resolve_local_image_path
 from .spool import CHUNK, Hasher, Spool, copy_file, hash_fd
+from .urlpolicy import PARAMETER_URL, redact_url
 from .variants import Variant
 
-# The cache, checksums and urlpolicy (hashlib, socket) are imported where used: create's path to
-# qemu-img with a local image and no checksum needs none of them.
 if TYPE_CHECKING:
-    from .checksums import Digest
-    from .remote import RemoteSpec
+    from .remote import RemoteSpec  # imported where used: see open_remote_image
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,9 @@ class ImageRef:
 
     def describe(self) -> str:
         # A user-given location may be private; the variant's is public.
-        if self.from_parameter and self.scheme not in ("http", "https"):
-            return "the file given by the image parameter"
-        from .urlpolicy import PARAMETER_URL, redact_url
-
-        return PARAMETER_URL if self.from_parameter else redact_url(self.location)
+        if self.from_parameter:
+            return PARAMETER_URL if self.scheme in ("http", "https") else "the file given by the image parameter"
+        return redact_url(self.location)
 
     def remote_spec(self) -> RemoteSpec:
         from .remote import RemoteSpec
@@ -173,8 +172,6 @@ def open_image(ref: ImageRef, site: SiteConfig, stack: ExitStack) -> ImageStream
     if scheme in ("http", "https"):
         stream = open_remote_image(ref, site, stack)
     elif scheme == "builtin":
-        from .demo import build_demo_image
-
         stream = open_local(build_demo_image(ref.location[len(BUILTIN_PREFIX):], site.paths.cache_dir),
                             ref, site, stack)
     elif scheme in ("path", "file"):
@@ -214,14 +211,9 @@ def open_remote_image(ref: ImageRef, site: SiteConfig, stack: ExitStack) -> Imag
 
 
 def expected_local_digest(ref: ImageRef, path: Path, site: SiteConfig) -> Digest | None:
-    if not ref.checksum and not ref.checksum_url:
-        return None
-    from .checksums import Digest, lookup_required
-
     if ref.checksum:
         return Digest.parse(ref.checksum)
     if ref.checksum_url:
-        from .cache import make_cache
         from .remote import resolve_checksums
 
         checksums = resolve_checksums(ref.remote_spec(), site, make_cache(site))
@@ -292,8 +284,6 @@ def copy_local(src: int, total: int, expected: Digest | None, ref: ImageRef, sit
     """Copy the file into a private spool while hashing it (in a producer thread)."""
     box: list[Spool] = []
     stack.callback(close_unless_busy, src, box)
-    from .cache import make_cache
-
     cache = make_cache(site)
     fd, spool_path = cache.new_temp("local")
     spool = Spool(fd)

@@ -9,6 +9,7 @@ module needs nothing from the network side, so local images never import an HTTP
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -27,9 +28,6 @@ class Hasher:
         self.reset()
 
     def reset(self) -> None:
-        # Imported where used: create's path to qemu-img (a local image, no checksum) does not hash.
-        import hashlib
-
         self._h = {a: hashlib.new(a) for a in self.algorithms}
 
     def update(self, data: bytes | memoryview) -> None:

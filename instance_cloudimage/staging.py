@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
@@ -42,8 +43,6 @@ def full_error(site: SiteConfig) -> ConversionError:
 
 def make_staging_file(site: SiteConfig, size: int, stack: ExitStack) -> Path:
     """A new sparse file of ``size`` bytes, removed when ``stack`` unwinds.  Raises ConversionError."""
-    import tempfile  # imported where used: create's path to qemu-img does not need it (disks with a path)
-
     directory = staging_dir(site)
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -25,6 +25,7 @@ that not even qemu-img's error messages can show them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -136,8 +137,6 @@ def failed(what: str, e: CommandError, uri: str) -> ConversionError:
 
 def uri_size(uri: str) -> int:
     """The size in bytes of the raw disk at ``uri``.  Raises ConversionError."""
-    import json  # imported where used: create's path to qemu-img does not need it (disks with a path)
-
     try:
         out = run_text(["qemu-img", "info", "--output=json", "-f", "raw", uri], env=QEMU_ENV, timeout=INFO_TIMEOUT)
         size = int(json.loads(out)["virtual-size"])

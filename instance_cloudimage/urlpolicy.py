@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urlsplit
 
@@ -189,7 +190,6 @@ def check_resolved(host: str, policy: UrlPolicy) -> None:
     """Best effort for proxied requests (the proxy resolves): every address we see must pass."""
     if not policy.restricted or policy.host_is_allowlisted(host):
         return
-    import socket  # imported where used: redact_url, on create's path with a local image, needs none of it
 
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)

@@ -7,7 +7,7 @@ one, so it may override just one key).  Every file goes through ``VARIANT_SETTIN
 
 from __future__ import annotations
 
-import os
+import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,5 +186,4 @@ def load_variant(name: str, paths: Paths) -> Variant:
 
 
 def host_architecture() -> str:
-    # platform.machine() is this on Linux, without importing platform (2 ms on create's path).
-    return os.uname().machine
+    return platform.machine()

@@ -12,8 +12,11 @@ and the sizes some formats announce only serve to refuse a bomb before starting.
 
 from __future__ import annotations
 
+import bz2
 import fcntl
+import gzip
 import logging
+import lzma
 import os
 import struct
 import subprocess
@@ -330,16 +333,10 @@ class FileDecoder(Layer):
             self.reader = zstandard.ZstdDecompressor().stream_reader(tapped, read_size=CHUNK,
                                                                      read_across_frames=True)
         elif wrapper is Wrapper.XZ:
-            import lzma
-
             self.reader = lzma.LZMAFile(fileobj)
         elif wrapper is Wrapper.GZIP:
-            import gzip
-
             self.reader = gzip.GzipFile(fileobj=fileobj)
         else:
-            import bz2
-
             self.reader = bz2.BZ2File(fileobj)
 
     def readinto(self, buf: bytearray | memoryview) -> int:

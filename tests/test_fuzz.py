@@ -69,7 +69,7 @@ def disk(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def in_process(monkeypatch: pytest.MonkeyPatch, paths: Paths) -> Iterator[None]:
-    monkeypatch.setattr("instance_cloudimage.install.installed_paths", lambda argv0: paths)
+    monkeypatch.setattr("instance_cloudimage.cli.installed_paths", lambda argv0: paths)
     yield
     logging.getLogger("instance_cloudimage").handlers.clear()
 

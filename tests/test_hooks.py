@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+# Imported before a test fakes guestfs, create (grow with it) and seed keep the real one.
+import instance_cloudimage.create
+import instance_cloudimage.seed  # noqa: F401
 from instance_cloudimage import params
 from instance_cloudimage.config import SITE_SETTINGS, Paths, SiteConfig, load_site_config
 from instance_cloudimage.env import Script, parse_environment
@@ -514,7 +517,6 @@ def test_bad_replacement_is_refused(tmp_path: Path, shipped: Path, line: str, ma
 @pytest.fixture
 def fake_guestfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The seam for the delivery branch's guestfs: a real directory stands in for the mount."""
-    import instance_cloudimage.create  # noqa: F401 - imports grow.py, which needs the real guestfs
     root = tmp_path / "guest-root"
     root.mkdir()
     module = types.ModuleType("instance_cloudimage.guestfs")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from instance_cloudimage import qemuinfo
+from instance_cloudimage import convert
 from instance_cloudimage.convert import inspect_with_qemu
 from instance_cloudimage.detect import inspect_file
 from instance_cloudimage.errors import UnsafeImage
@@ -36,7 +36,7 @@ class Asked:
         self.path, self.detected, self.kept, self.count = path, detected, kept, 0
 
     def __call__(self) -> dict[str, object]:
-        real = qemuinfo.ask_once
+        real = convert.ask_once  # the name inspect_with_qemu looks up
 
         def counting(path, detected, directory, ask):  # type: ignore[no-untyped-def]
             def counted() -> str:
@@ -44,11 +44,11 @@ class Asked:
                 return ask()  # type: ignore[no-any-return]
             return real(path, detected, directory, counted)
 
-        qemuinfo.ask_once = counting  # type: ignore[assignment]
+        convert.ask_once = counting  # type: ignore[assignment]
         try:
             return inspect_with_qemu(self.path, self.detected, self.kept)
         finally:
-            qemuinfo.ask_once = real  # type: ignore[assignment]
+            convert.ask_once = real  # type: ignore[assignment]
 
 
 def test_an_unchanged_file_is_asked_about_once(tmp_path: Path) -> None:
