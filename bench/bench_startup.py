@@ -8,7 +8,7 @@ actual binary, after prlimit) and to the first child of any kind.  strace stops 
 at execve (seccomp-bpf), so it adds little; the whole run's wall time is printed too, to show
 that what moved out of the way is not simply paid for later.  Then ``-X importtime``, as medians
 of the same number of runs: of the same command, the imports seen before the log line that
-announces qemu-img; and of ``import instance_cloudimage.cli, instance_cloudimage.create``.
+announces qemu-img; and of ``import instance_cloudimage.cli.main, instance_cloudimage.verbs.create``.
 
 ``--script`` runs the Ganeti OS script (installed into the work directory by ``instance-cloudimage
 install``) with a Ganeti environment instead of the console command, i.e. Ganeti's own path
@@ -110,12 +110,12 @@ def imports_before_convert(argv: list[str], tree: Path | None) -> tuple[int, flo
 def imports_of_modules(tree: Path | None) -> float:
     """ms, cumulative, of importing cli and then create in a fresh interpreter."""
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c",
-                           "import instance_cloudimage.cli, instance_cloudimage.create"],
+                           "import instance_cloudimage.cli.main, instance_cloudimage.verbs.create"],
                           check=True, capture_output=True, text=True, env=environment(tree), cwd="/")
     total = 0
     for line in proc.stderr.splitlines():
         m = IMPORT.match(line)
-        if m and m.group(3) in ("instance_cloudimage.cli", "instance_cloudimage.create"):
+        if m and m.group(3) in ("instance_cloudimage.cli.main", "instance_cloudimage.verbs.create"):
             total += int(m.group(2))
     return total / 1000
 

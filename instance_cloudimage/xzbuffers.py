@@ -14,8 +14,8 @@ from collections import deque
 from pathlib import Path
 from typing import IO, Protocol
 
-from .diskwrite import write_all
-from .errors import ConversionError
+from instance_cloudimage.disk.sparse import write_all
+from instance_cloudimage.runtime.errors import ConversionError
 
 MiB = 1024 * 1024
 OUT_CHUNK = MiB  # decompressed bytes per decompress() call, the largest piece of zeros handed out

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .httpfixtures import Server, ServerState
+from tests.support.httpfixtures import Server, ServerState
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -29,7 +29,7 @@ from instance_cloudimage.xzformat import (
     synthetic_tail,
 )
 
-from .imagetools import MiB, sh
+from tests.support.imagetools import MiB, sh
 
 
 class Source:

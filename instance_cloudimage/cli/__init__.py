@@ -1,0 +1,1 @@
+"""The instance-cloudimage console command."""

@@ -1,0 +1,158 @@
+"""``instance-cloudimage install``: lay out a valid Ganeti OS definition.
+
+Ganeti runs the scripts with a reset environment (PATH=/sbin:/bin:/usr/sbin:/usr/bin, no HOME,
+cwd = the OS directory), so each installed script names the exact interpreter this package was
+installed with, in isolated mode, and the config/cache directories are baked into a JSON file
+beside the scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import Sequence
+from contextlib import suppress
+from pathlib import Path
+
+from instance_cloudimage.runtime.siteconfig import Paths
+from instance_cloudimage.ganeti.env import Script
+from instance_cloudimage.runtime.errors import ConfigError
+from instance_cloudimage.params.table import render_parameters_list
+from instance_cloudimage.runtime.process import run
+from instance_cloudimage.runtime.resources import shipped_dir
+from instance_cloudimage.ganeti.variants import list_variants, load_variant
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OS_DIR = Path("/srv/ganeti/os/cloudimage")
+INSTALL_INFO = "instance-cloudimage.json"
+SCRIPTS = (Script.CREATE, Script.IMPORT, Script.EXPORT, Script.RENAME, Script.VERIFY)
+
+# The warm worker of earlier versions: 'install --systemd-dir DIR' wrote these two units (the
+# README's DIR was /etc/systemd/system; a unit elsewhere on systemd's search path ran too), and
+# systemd made the socket they listen on.
+OLD_WORKER_UNITS = ("instance-cloudimage-worker.socket", "instance-cloudimage-worker.service")
+OLD_UNIT_DIRS = tuple(Path(d) for d in ("/etc/systemd/system", "/usr/local/lib/systemd/system",
+                                        "/usr/lib/systemd/system", "/lib/systemd/system"))
+OLD_WORKER_SOCKET = Path("/run/instance-cloudimage/worker.sock")
+SYSTEMD_BOOTED = Path("/run/systemd/system")  # sd_booted(): systemd runs this machine
+
+
+def _write_atomic(path: Path, content: str, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def render_script(verb: str, python: str) -> str:
+    """scripts/<verb> with this interpreter on line 1, in isolated mode (-I): no PYTHON*
+    variable, user site-packages or file beside the script changes what it imports."""
+    template = (shipped_dir("scripts") / verb).read_text()
+    body = template.split("\n", 1)[1] if template.startswith("#!") else template
+    return f"#!{python} -I\n{body}"
+
+
+def install_os(os_dir: Path, paths: Paths, python: str | None = None) -> list[str]:
+    """Write the OS definition into ``os_dir``; return the variants it lists."""
+    python = python or sys.executable
+    variants = list_variants(paths)
+    for name in variants:
+        load_variant(name, paths)  # refuse to install a definition with a broken variant
+    if not variants:
+        raise ConfigError("no variants found; nothing to install")
+    try:
+        os_dir.mkdir(parents=True, exist_ok=True)
+        for verb in SCRIPTS:
+            _write_atomic(os_dir / verb.value, render_script(verb.value, python), 0o755)
+        _write_atomic(os_dir / "ganeti_api_version", "20\n", 0o644)
+        _write_atomic(os_dir / "variants.list", "".join(f"{v}\n" for v in variants), 0o644)
+        _write_atomic(os_dir / "parameters.list", render_parameters_list(), 0o644)
+        info = {"config_dir": os.fspath(paths.config_dir), "cache_dir": os.fspath(paths.cache_dir)}
+        _write_atomic(os_dir / INSTALL_INFO, json.dumps(info, indent=2) + "\n", 0o644)
+        # A create_untrusted would make Ganeti run the helper-VM path, which needs an install image.
+        (os_dir / "create_untrusted").unlink(missing_ok=True)
+    except OSError as e:
+        why = "a parent is not a directory" if isinstance(e, FileExistsError) else e.strerror
+        raise ConfigError(f"cannot install the OS definition into {os_dir}: {why}") from None
+    return variants
+
+
+def listen_paths(socket_unit: Path) -> list[Path]:
+    """The socket paths a worker socket unit listens on ('install --worker-socket' chose them)."""
+    try:
+        text = socket_unit.read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [Path(value) for line in text.splitlines()
+            if line.startswith("ListenStream=") and (value := line.partition("=")[2].strip()).startswith("/")]
+
+
+def remove_old_worker(unit_dirs: Sequence[Path] | None = None, socket: Path | None = None) -> list[Path]:
+    """Stop, disable and delete the warm worker an earlier version installed: its units in
+    ``unit_dirs`` (default OLD_UNIT_DIRS) and its sockets, at ``socket`` (default
+    OLD_WORKER_SOCKET) and where the socket unit listened.  Returns what was removed."""
+    unit_dirs = OLD_UNIT_DIRS if unit_dirs is None else unit_dirs
+    socket = OLD_WORKER_SOCKET if socket is None else socket
+    units = [d / name for d in unit_dirs for name in OLD_WORKER_UNITS if os.path.lexists(d / name)]
+    sockets = [socket, *(p for d in unit_dirs for p in listen_paths(d / OLD_WORKER_UNITS[0]))]
+    booted = bool(units) and SYSTEMD_BOOTED.is_dir()
+    stopped = False
+    if booted:
+        result = run(["systemctl", "disable", "--now", *OLD_WORKER_UNITS], check=False)
+        stopped = result.returncode == 0
+        if not stopped:
+            log.warning("systemctl disable --now %s failed: %s", " ".join(OLD_WORKER_UNITS),
+                        result.stderr.decode(errors="replace").strip())
+    # What 'systemctl enable' linked, for a machine where systemd does not run (an image, a chroot).
+    links = [p for d in unit_dirs for name in OLD_WORKER_UNITS for p in d.glob(f"*.wants/{name}") if p.is_symlink()]
+    removed = []
+    for path in [*links, *units]:
+        try:
+            path.unlink()
+        except OSError as e:
+            log.warning("cannot remove %s, the warm worker's unit: %s", path, e.strerror)
+            continue
+        removed.append(path)
+        if path in units:
+            log.info("%s %s: this version has no warm worker", "stopped, disabled and removed" if stopped
+                     else "removed", path)
+    if booted:
+        run(["systemctl", "daemon-reload"], check=False)
+    for path in dict.fromkeys(sockets):
+        try:
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                continue
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            log.warning("cannot remove %s, the warm worker's socket: %s", path, e.strerror)
+            continue
+        removed.append(path)
+        log.info("removed %s, the warm worker's socket", path)
+    if socket == OLD_WORKER_SOCKET:
+        with suppress(OSError):
+            socket.parent.rmdir()  # systemd made it for the socket; left alone if not empty
+    return removed
+
+
+def installed_paths(script_path: str) -> Paths:
+    """The Paths baked into the OS directory that holds ``script_path`` (defaults otherwise)."""
+    info_file = Path(script_path).resolve().parent / INSTALL_INFO
+    try:
+        info = json.loads(info_file.read_text())
+    except FileNotFoundError:
+        return Paths()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{info_file} is unreadable ({e}); re-run 'instance-cloudimage install'") from None
+    return Paths(config_dir=Path(info["config_dir"]), cache_dir=Path(info["cache_dir"]))

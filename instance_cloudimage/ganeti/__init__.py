@@ -1,0 +1,1 @@
+"""What Ganeti gives a script: the environment, the variants, disk URIs."""

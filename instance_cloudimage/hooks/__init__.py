@@ -1,0 +1,1 @@
+"""Administrators' hooks: finding them, what they are told, running them."""

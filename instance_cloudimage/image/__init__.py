@@ -1,0 +1,1 @@
+"""Image formats: detection, the header inspectors, wrappers and tar, qemu-img's second opinion."""

@@ -1,0 +1,1 @@
+"""The OS parameters: declared once, checked by verify and create."""

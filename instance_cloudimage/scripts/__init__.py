@@ -1,0 +1,1 @@
+"""The OS-script entry: dispatch, one-line errors, exit codes."""

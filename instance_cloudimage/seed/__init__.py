@@ -1,0 +1,1 @@
+"""What the guest agent is told and how it gets there: content, network, user-data, keys, delivery, re-seeding."""

@@ -1,0 +1,1 @@
+"""The OS verbs: create, export, import, rename, verify."""

@@ -1,0 +1,107 @@
+"""The instance-cloudimage command with bad input: one line on stderr, a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Site, cli
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess[str], phrase: str) -> None:
+    rc, err = r.returncode, r.stderr
+    assert rc in (1, 2), err
+    assert "Traceback" not in err and "internal error" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("instance-cloudimage: error: "), err
+    assert phrase in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(("size", "phrase"), [
+    ("lots", "--disk-size must be a size such as 10G or 512M"),
+    ("99999999T", "--disk-size is too large"),
+])
+def test_bad_disk_size(site: Site, tmp_path: Path, size: str, phrase: str) -> None:
+    disk = tmp_path / "disk.img"
+    assert_one_line_error(cli("create", "--disk", str(disk), "--disk-size", size, *site.cli_args()), phrase)
+    assert not disk.exists()
+
+
+def test_disk_that_cannot_be_created(site: Site, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    r = cli("create", "--disk", str(tmp_path / "file" / "disk.img"), *site.cli_args())
+    disk = tmp_path / "file" / "disk.img"
+    assert_one_line_error(r, f"cannot create the disk file {disk}: a parent is not a directory")
+
+
+def test_os_parameter_without_a_value_is_not_echoed(site: Site, tmp_path: Path) -> None:
+    # Someone who forgets 'name=' may have typed the value itself (a password hash, a key).
+    r = cli("create", "--disk", str(tmp_path / "d.img"), "-O", "image=/x", "-O", "$6$SECRET", *site.cli_args())
+    assert_one_line_error(r, "-O expects name=value; argument 2 has no '='")
+    assert "SECRET" not in r.stderr
+
+
+def test_verify_does_no_network_io(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Ganeti runs verify on every node, several times per operation, under a 300 s timeout: it
+    must not resolve names or connect anywhere, even for a URL parameter and a variant whose image
+    comes with a checksum file and a signature."""
+    import socket
+
+    from instance_cloudimage.cli import main as climod
+
+    calls: list[str] = []
+
+    def refuse(what: str):  # type: ignore[no-untyped-def]
+        def blocked(*args: object, **kwargs: object) -> None:
+            calls.append(what)
+            raise OSError("network I/O in verify")
+        return blocked
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(socket, "gethostbyname", refuse("gethostbyname"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    env = {"OS_API_VERSION": "20", "OS_NAME": "cloudimage", "OS_VARIANT": "debian-12", "DEBUG_LEVEL": "0",
+           "OSP_IMAGE": "https://cloud.example.org/images/x.qcow2", "OSP_IMAGE_CHECKSUM": "sha256:" + "a" * 64,
+           "OSP_USER_DATA": "#include\nhttps://config.example.org/user-data\n", "OSP_HOSTNAME": "vm1.example.org"}
+    monkeypatch.setattr("instance_cloudimage.cli.main.installed_paths",
+                        lambda argv0: climod.Paths(tmp_path / "etc", tmp_path / "cache"))
+    try:
+        assert climod.os_script_main("verify", environ=env, argv=["verify", "parameters"]) == 0
+    finally:
+        import logging
+
+        logging.getLogger("instance_cloudimage").handlers.clear()
+    assert calls == []
+    assert not (tmp_path / "cache").exists()  # nor does it touch the image cache
+
+
+def verify_in_process(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                      capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    import logging
+
+    from instance_cloudimage.cli import main as climod
+
+    monkeypatch.setattr("instance_cloudimage.cli.main.installed_paths",
+                        lambda argv0: climod.Paths(tmp_path / "etc", tmp_path / "cache"))
+    base = {"OS_API_VERSION": "20", "OS_NAME": "cloudimage", "DEBUG_LEVEL": "0"}
+    try:
+        rc = climod.os_script_main("verify", environ=base | env, argv=["verify", "parameters"])
+    finally:
+        logging.getLogger("instance_cloudimage").handlers.clear()
+    return rc, capsys.readouterr().err
+
+
+def test_verify_refuses_an_arch_the_variant_has_no_image_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # Caught at gnt-instance add, instead of when create looks for the image.
+    rc, err = verify_in_process({"OS_VARIANT": "demo", "OSP_ARCH": "riscv64"}, tmp_path, monkeypatch, capsys)
+    assert rc == 1
+    assert err.strip().splitlines() == [
+        "cloudimage verify: error: variant demo has no image for architecture riscv64 (available: x86_64, aarch64)"]
+    # With an image of its own the variant's architectures do not matter.
+    rc, err = verify_in_process({"OS_VARIANT": "demo", "OSP_ARCH": "riscv64", "OSP_IMAGE": "https://example.org/x"},
+                                tmp_path, monkeypatch, capsys)
+    assert rc == 0, err

@@ -1,0 +1,233 @@
+"""More of the hostile corpus (test_hostile.py has the first part): inputs that cost the host
+unbounded work, and damaged images that a tool would otherwise convert "successfully" with
+zeros in place of the missing data.  Each image is built here with qemu-img and struct.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import struct
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from instance_cloudimage.image.detect import inspect_file
+from instance_cloudimage.runtime.errors import UnsafeImage
+from instance_cloudimage.image.file import ImageFile
+
+from tests.support.imagetools import MiB, compare, deploy, make_raw_disk, new_disk, qemu_convert, sh
+from tests.image.test_hostile import refused
+
+pytestmark = pytest.mark.integration
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hostile-more")
+
+
+class CountingImage(ImageFile):
+    """An ImageFile that counts the bytes an inspector reads."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self.bytes_read = 0
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        self.bytes_read += length
+        return super().read_at(offset, length)
+
+
+def inspect_counting(path: Path) -> tuple[int, int]:
+    """(virtual size, bytes read) of our inspector on ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        img = CountingImage(fd)
+        return inspect_file(img).virtual_size, img.bytes_read
+    finally:
+        os.close(fd)
+
+
+def qcow2_l1_l2(data: bytes | bytearray) -> tuple[int, int, int, int]:
+    """(cluster_bits, l1 size, l1 offset, the first L2 table's offset) of a qcow2 file."""
+    cluster_bits = struct.unpack_from(">I", data, 20)[0]
+    l1_size, l1_off = struct.unpack_from(">IQ", data, 36)
+    return cluster_bits, l1_size, l1_off, struct.unpack_from(">Q", data, l1_off)[0] & OFFSET_MASK
+
+
+def test_qcow2_whose_l1_entries_all_name_one_l2_table(work: Path, tmp_path: Path) -> None:
+    """qemu accepts an L1 table larger than the virtual size needs; 4096 entries naming the same
+    L2 table made our inspector read 4096 clusters (with 2 MiB clusters and 2^20 entries, a 21 MB
+    file cost an hour of CPU).  Each table is now read once, so the work is bounded by the file."""
+    src = work / "l1.raw"
+    src.write_bytes(os.urandom(MiB))
+    image = qemu_convert(src, work / "l1-base.qcow2", "qcow2")
+    data = bytearray(image.read_bytes())
+    cluster_bits, _size, l1_off, _l2 = qcow2_l1_l2(data)
+    cluster = 1 << cluster_bits
+    new_l1 = -(-len(data) // cluster) * cluster
+    entries = 4096
+    data += bytes(new_l1 - len(data)) + data[l1_off:l1_off + 8] * entries
+    struct.pack_into(">IQ", data, 36, entries, new_l1)
+    bomb = work / "l1-bomb.qcow2"
+    bomb.write_bytes(bytes(data))
+    size, read = inspect_counting(bomb)
+    assert size == MiB
+    assert read < 2 * len(data), f"read {read} bytes of a {len(data)}-byte file"
+    disk = new_disk(tmp_path / "disk", MiB)
+    deploy(bomb, disk, local=True)  # a legitimate image all the same: qemu reads it
+    compare(disk, src)
+
+
+def last_compressed_cluster(data: bytes) -> int:
+    """Host offset of the compressed cluster stored last in a qcow2 file."""
+    cluster_bits, l1_size, l1_off, _l2 = qcow2_l1_l2(data)
+    offset_bits = 62 - (cluster_bits - 8)
+    last = 0
+    for l1_entry in struct.unpack_from(f">{l1_size}Q", data, l1_off):
+        l2 = l1_entry & OFFSET_MASK
+        if l2:
+            for entry in struct.unpack_from(f">{(1 << cluster_bits) // 8}Q", data, l2):
+                if entry & (1 << 62):
+                    last = max(last, entry & ((1 << offset_bits) - 1))
+    assert last, "the image has compressed clusters"
+    return last
+
+
+def test_compressed_qcow2_cut_inside_its_last_cluster(work: Path, tmp_path: Path) -> None:
+    """Cut one byte into its last compressed cluster, a compressed qcow2 passed our inspector and
+    qemu-img info, then qemu-img convert failed half-way with "Input/output error"."""
+    src = make_raw_disk(work / "c.raw", 16 * MiB)
+    full = work / "c.qcow2"
+    if not full.exists():
+        sh("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", src, full)
+    data = full.read_bytes()
+    cut = work / "c-cut.qcow2"
+    cut.write_bytes(data[:last_compressed_cluster(data) + 1])
+    refused(cut, tmp_path, UnsafeImage, "qcow2 image is truncated", local=True)
+    disk = new_disk(tmp_path / "whole", 16 * MiB)
+    deploy(full, disk, local=True)
+    compare(disk, src)
+
+
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "streamOptimized"])
+def test_truncated_vmdk(subformat: str, work: Path, tmp_path: Path) -> None:
+    """qemu reads a grain beyond the end of a VMDK as zeros: a monolithicSparse cut to 60% was
+    written "successfully" with its last 40% zeroed, a streamOptimized one failed half-way
+    through qemu-img convert with "Invalid argument"."""
+    src = make_raw_disk(work / "v.raw", 16 * MiB)
+    full = qemu_convert(src, work / f"{subformat}.vmdk", "vmdk", "-o", f"subformat={subformat}")
+    data = full.read_bytes()
+    cut = work / f"{subformat}-cut.vmdk"
+    cut.write_bytes(data[:len(data) * 6 // 10])
+    refused(cut, tmp_path, UnsafeImage, "is truncated", local=True)
+    disk = new_disk(tmp_path / "whole", 16 * MiB)
+    deploy(full, disk, local=True)
+    compare(disk, src)
+
+
+@contextmanager
+def cpu_budget(seconds: int) -> Iterator[None]:
+    """Fail the test once this process has used ``seconds`` more CPU time: a resource bound for
+    inputs that used to cost minutes or hours, not a speed target (the margin is 100x)."""
+    def expired(_signum: int, _frame: object) -> None:
+        raise AssertionError(f"more than {seconds} s of CPU time")
+
+    previous = signal.signal(signal.SIGPROF, expired)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+
+
+def test_tar_with_a_huge_pax_sparse_map(work: Path, tmp_path: Path) -> None:
+    """A PAX 1.0 sparse map announcing 2^20 entries, then 32 MiB of digits without a newline
+    (32 KB gzipped): re-splitting the text after each 512-byte block took ~15 minutes."""
+    body = b"1048576\n" + b"0" * (32 * MiB + 512)
+    info = tarfile.TarInfo("disk.raw")
+    info.size = len(body)
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": str(MiB),
+                        "GNU.sparse.name": "disk.raw"}
+    image = work / "sparse-map.tar.gz"
+    with tarfile.open(image, "w:gz", format=tarfile.PAX_FORMAT, compresslevel=1) as tf:
+        tf.addfile(info, io.BytesIO(body))
+    with cpu_budget(30):
+        refused(image, tmp_path, UnsafeImage, "oversized sparse map")
+
+
+def with_creator(vhd: bytes, creator: bytes, current: int) -> bytes:
+    """A VHD with its footer (and the dynamic disk's copy at offset 0) naming another creator
+    application and current size, checksums recomputed."""
+    data = bytearray(vhd)
+    for offset in ((0, len(data) - 512) if data[:8] == b"conectix" else (len(data) - 512,)):
+        footer = data[offset:offset + 512]
+        footer[28:32] = creator
+        struct.pack_into(">QQ", footer, 40, current, current)  # original and current size
+        footer[64:68] = bytes(4)
+        struct.pack_into(">I", footer, 64, ~sum(footer) & 0xFFFFFFFF)
+        data[offset:offset + 512] = footer
+    return bytes(data)
+
+
+@pytest.mark.parametrize("creator", [b"vbox", b"vs  ", b"win "])
+def test_dynamic_vhd_sized_as_qemu_sizes_it(creator: bytes, work: Path, tmp_path: Path) -> None:
+    """qemu takes the size of a VHD from its CHS geometry unless the creator is one it knows to
+    write the current size (Hyper-V's "win ", "qem2", "d2v ", "CTXS", "tap\\0").  We used the
+    current size for every creator but "vpc " and "qemu", so a VirtualBox VHD whose current
+    size is not a whole geometry was refused: "qemu-img and our inspector disagree"."""
+    src = make_raw_disk(work / "vhd.raw", 20 * MiB)
+    image = work / f"{creator.decode().strip()}.vhd"
+    image.write_bytes(with_creator(qemu_convert(src, work / "d.vhd", "vpc").read_bytes(), creator, 20 * MiB))
+    expected = work / f"{creator.decode().strip()}-qemu.raw"
+    sh("qemu-img", "convert", "-f", "vpc", "-O", "raw", image, expected)
+    disk = new_disk(tmp_path / "disk", 21 * MiB)
+    done = deploy(image, disk, local=True)
+    assert done.detected.virtual_size == expected.stat().st_size
+    compare(disk, expected)
+
+
+def test_fixed_vhd_is_as_large_as_its_data(work: Path, tmp_path: Path) -> None:
+    """A fixed VHD's data is copied as raw bytes, so it fits a disk of the data's size whatever
+    its geometry says (20994048 bytes for a 20 MiB VirtualBox disk)."""
+    src = make_raw_disk(work / "vhd.raw", 20 * MiB)
+    image = work / "vbox-fixed.vhd"
+    fixed = qemu_convert(src, work / "f.vhd", "vpc", "-o", "subformat=fixed").read_bytes()
+    image.write_bytes(with_creator(src.read_bytes() + fixed[-512:], b"vbox", 20 * MiB))
+    for local in (True, False):
+        disk = new_disk(tmp_path / "disk", 20 * MiB)
+        assert deploy(image, disk, local=local).detected.virtual_size == 20 * MiB
+        compare(disk, src)
+
+
+def ustar_header(name: bytes, size_field: bytes) -> bytes:
+    """A ustar header with a size field written verbatim (checksum computed)."""
+    header = bytearray(512)
+    header[:len(name)] = name
+    header[100:124] = b"0000644\0" + b"0000000\0" * 2
+    header[124:136] = size_field
+    header[136:148] = b"00000000000\0"
+    header[156:157] = b"0"
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+@pytest.mark.parametrize("size_field", [b"-0000000001\0", b"0o0000001\0\0\0", b"00000_00001\0"])
+def test_tar_size_fields_that_tar_refuses(size_field: bytes, work: Path, tmp_path: Path) -> None:
+    """Python's int(text, 8) takes a sign, a 0o prefix and underscores; GNU tar refuses such an
+    archive ("does not look like a tar archive").  A member of size -1 made us read the next
+    header as part of it, and the disk member was written anyway."""
+    payload = os.urandom(MiB)
+    image = tmp_path / "numbers.tar"
+    image.write_bytes(ustar_header(b"readme.txt", size_field) + ustar_header(b"disk.raw", b"%011o\0" % len(payload))
+                      + payload + bytes(1024))
+    refused(image, tmp_path, UnsafeImage, "malformed header")

@@ -1,0 +1,140 @@
+"""OS parameter declarations, parameters.list and verify."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from instance_cloudimage.runtime.siteconfig import Paths, SiteConfig, load_site_config
+from instance_cloudimage.params.table import PARAMETERS, render_parameters_list, validate_parameters
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> SiteConfig:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.qcow2").write_bytes(b"x")
+    (tmp_path / "outside").write_bytes(b"secret")
+    os.symlink(tmp_path / "outside", images / "escape.img")
+    os.symlink("/etc/passwd", images / "passwd.img")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "defaults.conf").write_text(f"[Images]\nAllowedDirectories = {images}\n")
+    return load_site_config(Paths(etc, tmp_path / "cache"))
+
+
+def test_parameters_list_has_one_named_described_line_each() -> None:
+    text = render_parameters_list()
+    lines = text.splitlines()
+    assert text.endswith("\n") and "" not in lines
+    assert len(lines) == len(PARAMETERS)
+    for line, p in zip(lines, PARAMETERS, strict=True):
+        name, description = line.split(" ", 1)
+        assert name == p.name and description.strip()
+        assert not line.startswith("#")
+
+
+def test_valid_parameters_pass(site: SiteConfig) -> None:
+    images = site.allowed_dirs[0]
+    params = {
+        "image": f"{images}/ok.qcow2",
+        "image_checksum": "sha256:" + "0" * 64,
+        "arch": "aarch64",
+    }
+    assert validate_parameters(params, site) == []
+    assert validate_parameters({"image": "https://cloud.example.org/x.qcow2"}, site) == []
+    assert validate_parameters({"image": f"file://{images}/ok.qcow2"}, site) == []
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"nope": "1"}, "unknown OS parameter 'nope'"),
+        ({"image_checksum": "md5:d41d8cd98f00b204e9800998ecf8427e"}, "image_checksum must be sha256"),
+        ({"image_checksum": "sha256:abc"}, "image_checksum must be sha256"),
+        ({"image": "relative.img"}, "must be an absolute path or an http(s) URL"),
+        ({"image": "ftp://example.org/x.img"}, "scheme 'ftp' is not supported"),
+        ({"image": "/etc/passwd"}, "points into /etc"),
+        ({"image": "/srv/elsewhere/x.img"}, "outside the allowed image directories"),
+        ({"image": "https:///nohost"}, "has no host"),
+        ({"arch": "x86 64"}, "arch must be a machine name"),
+    ],
+)
+def test_invalid_parameters_give_one_message_without_the_value(
+    site: SiteConfig, params: dict[str, str], message: str
+) -> None:
+    problems = validate_parameters(params, site)
+    assert len(problems) == 1
+    assert message in problems[0]
+    for value in params.values():
+        if len(value) > 8:  # the value itself must never be printed
+            assert value not in problems[0]
+
+
+def test_paths_escaping_the_allowed_directory_are_refused(site: SiteConfig) -> None:
+    images = site.allowed_dirs[0]
+    for bad, why in [
+        (f"{images}/../outside", "'..'"),
+        (f"{images}/escape.img", "outside the allowed image directories"),
+        (f"{images}/passwd.img", "points into /etc"),
+        (f"{images}/missing.img", "cannot be read"),
+        (images, "outside the allowed image directories"),
+    ]:
+        problems = validate_parameters({"image": bad}, site)
+        assert problems and why in problems[0], (bad, problems)
+
+
+def run_verify(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "verify"), "parameters"],
+        env={"PATH": "/sbin:/bin:/usr/sbin:/usr/bin", **env}, capture_output=True, text=True, check=False,
+    )
+
+
+def test_verify_script_reports_each_problem_and_fails() -> None:
+    base = {"OS_API_VERSION": "20", "OS_NAME": "cloudimage", "OS_VARIANT": "demo", "DEBUG_LEVEL": "0"}
+    ok = run_verify({**base, "OSP_ARCH": "x86_64"})
+    assert ok.returncode == 0, ok.stderr
+    secret = "md5:topsecretvalue"
+    bad = run_verify({**base, "OSP_IMAGE_CHECKSUM": secret, "OSP_ARCH": "x 86", "OS_VARIANT": "nosuch"})
+    assert bad.returncode == 1
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 3, bad.stderr
+    assert all(line.startswith("cloudimage verify: ") for line in lines)
+    assert "image_checksum must be sha256" in bad.stderr
+    assert "unknown variant 'nosuch'" in bad.stderr
+    assert secret not in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("url", ["https://[SECRET:zz]/x.img", "https://[1::SECRET]/x.img", "https://[SECRET/x.img",
+                                 "http://h]SECRET/x.img"])
+def test_malformed_image_url_is_refused_without_echoing_it(site: SiteConfig, url: str) -> None:
+    problems = validate_parameters({"image": url}, site)
+    assert problems == ["image is not a valid URL (check the brackets around an IPv6 address)"]
+    assert "SECRET" not in problems[0]
+
+
+def test_a_fifo_swapped_in_after_the_check_does_not_hang_create(tmp_path: Path) -> None:
+    # A user who may put images into an allowed directory replaces the checked file by a FIFO:
+    # opening it for reading would wait for a writer forever (Ganeti's create timeout is a day).
+    import signal
+
+    from instance_cloudimage.runtime.errors import ParameterError
+    from instance_cloudimage.runtime.localpath import open_local_image
+
+    fifo = tmp_path / "image.qcow2"
+    os.mkfifo(fifo)
+    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("open blocked")))
+    signal.alarm(5)
+    try:
+        with pytest.raises(ParameterError, match="image file is not a regular file"):
+            open_local_image(fifo)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: real images, a real HTTP server, cloud-init read-back."""
