@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.fspath(Path(__file__).resolve().parent.parent))
 
-from instance_cloudimage.runtime.siteconfig import Paths
 from instance_cloudimage.cli.install import install_os
 from instance_cloudimage.runtime.settings import parse_size
+from instance_cloudimage.runtime.siteconfig import Paths
 
 MIB = 1024 * 1024
 ISLAND = 16 * MIB

@@ -35,8 +35,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from instance_cloudimage.runtime.errors import ConversionError
 from instance_cloudimage.image.wrappers import Layer, Readable
+from instance_cloudimage.runtime.errors import ConversionError
+
 from .xzbuffers import OUT_CHUNK, ZERO, Buffer, MiB
 from .xzformat import (
     HEADER_SIZE,

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from instance_cloudimage.runtime.siteconfig import SITE_SETTINGS
+from instance_cloudimage.ganeti.variants import VARIANT_SETTINGS
 from instance_cloudimage.params.table import PARAMETERS
 from instance_cloudimage.runtime.resources import shipped_dir
 from instance_cloudimage.runtime.settings import Setting
-from instance_cloudimage.ganeti.variants import VARIANT_SETTINGS
+from instance_cloudimage.runtime.siteconfig import SITE_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

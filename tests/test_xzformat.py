@@ -28,7 +28,6 @@ from instance_cloudimage.xzformat import (
     read_vli,
     synthetic_tail,
 )
-
 from tests.support.imagetools import MiB, sh
 
 

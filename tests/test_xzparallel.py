@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from instance_cloudimage import xzbuffers, xzparallel
-from instance_cloudimage.runtime.errors import ConversionError, ImageFetchError
 from instance_cloudimage.image.formats import Wrapper
 from instance_cloudimage.image.wrappers import Layer, PipeDecoder, open_decoder
+from instance_cloudimage.runtime.errors import ConversionError, ImageFetchError
 from instance_cloudimage.xzformat import (
     HEADER_SIZE,
     BlockHeader,
@@ -25,7 +25,6 @@ from instance_cloudimage.xzformat import (
     read_vli,
 )
 from instance_cloudimage.xzparallel import ParallelXz, external_reason
-
 from tests.support.imagetools import FileStream, MiB, compare, deploy, make_raw_disk, new_disk, run, sh
 
 pytestmark = pytest.mark.integration

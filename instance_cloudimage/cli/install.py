@@ -18,18 +18,17 @@ from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
 
-from instance_cloudimage.runtime.siteconfig import Paths
 from instance_cloudimage.ganeti.env import Script
-from instance_cloudimage.runtime.errors import ConfigError
+from instance_cloudimage.ganeti.variants import list_variants, load_variant
 from instance_cloudimage.params.table import render_parameters_list
+from instance_cloudimage.runtime.errors import ConfigError
 from instance_cloudimage.runtime.process import run
 from instance_cloudimage.runtime.resources import shipped_dir
-from instance_cloudimage.ganeti.variants import list_variants, load_variant
+from instance_cloudimage.runtime.siteconfig import INSTALL_INFO, Paths
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OS_DIR = Path("/srv/ganeti/os/cloudimage")
-INSTALL_INFO = "instance-cloudimage.json"
 SCRIPTS = (Script.CREATE, Script.IMPORT, Script.EXPORT, Script.RENAME, Script.VERIFY)
 
 # The warm worker of earlier versions: 'install --systemd-dir DIR' wrote these two units (the
@@ -144,15 +143,3 @@ def remove_old_worker(unit_dirs: Sequence[Path] | None = None, socket: Path | No
         with suppress(OSError):
             socket.parent.rmdir()  # systemd made it for the socket; left alone if not empty
     return removed
-
-
-def installed_paths(script_path: str) -> Paths:
-    """The Paths baked into the OS directory that holds ``script_path`` (defaults otherwise)."""
-    info_file = Path(script_path).resolve().parent / INSTALL_INFO
-    try:
-        info = json.loads(info_file.read_text())
-    except FileNotFoundError:
-        return Paths()
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{info_file} is unreadable ({e}); re-run 'instance-cloudimage install'") from None
-    return Paths(config_dir=Path(info["config_dir"]), cache_dir=Path(info["cache_dir"]))

@@ -1,1 +1,1 @@
-"""The instance's disks: writing and converting images, partitions, guest mounts and files, growth, the export stream, URI disks."""
+"""The instance's disks: writing images, partitions, guest mounts and files, growth, export stream, URI disks."""

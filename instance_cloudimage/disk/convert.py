@@ -15,12 +15,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from instance_cloudimage.runtime.errors import CommandError, ConversionError, ImageTooLarge, UnsafeImage
+from instance_cloudimage.disk.write import DiskTarget
 from instance_cloudimage.image.formats import DetectedImage, DiskFormat, display_name
+from instance_cloudimage.image.qemuinfo import ask_once
+from instance_cloudimage.runtime.errors import CommandError, ConversionError, ImageTooLarge, UnsafeImage
 from instance_cloudimage.runtime.log import format_size
 from instance_cloudimage.runtime.process import Limits, run, run_text
-from instance_cloudimage.image.qemuinfo import ask_once
-from instance_cloudimage.disk.write import DiskTarget
 
 log = logging.getLogger(__name__)
 

@@ -26,15 +26,24 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from instance_cloudimage.disk.convert import check_fits, convert_file, inspect_with_qemu
+from instance_cloudimage.disk.write import (
+    TRAILER,
+    CopyResult,
+    DiskTarget,
+    copy_stream,
+    fill,
+    scrub,
+    too_large,
+    zero_range,
+)
 from instance_cloudimage.image.detect import HEAD_SIZE, check_tail, identify, inspect_file
-from instance_cloudimage.runtime.errors import ImageTooLarge, UnsafeImage, UnsupportedFormat
-from instance_cloudimage.image.formats import DetectedImage, DiskFormat, Wrapper, display_name, normalize_declared
 from instance_cloudimage.image.file import ImageFile
-from instance_cloudimage.runtime.localpath import open_verified_file
-from instance_cloudimage.runtime.log import format_size
+from instance_cloudimage.image.formats import DetectedImage, DiskFormat, Wrapper, display_name, normalize_declared
 from instance_cloudimage.image.tar import TarMember
 from instance_cloudimage.image.wrappers import Layer, Readable, announced_size, identify_wrapper, open_decoder
-from instance_cloudimage.disk.write import TRAILER, CopyResult, DiskTarget, copy_stream, fill, scrub, too_large, zero_range
+from instance_cloudimage.runtime.errors import ImageTooLarge, UnsafeImage, UnsupportedFormat
+from instance_cloudimage.runtime.localpath import open_verified_file
+from instance_cloudimage.runtime.log import format_size
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,16 @@ import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from instance_cloudimage.runtime.errors import CommandError, GrowError, SeedError
 from instance_cloudimage.disk.mount import attach_loop, make_mount_dir, mount_device
+from instance_cloudimage.disk.partitions import (
+    MBR_EXTENDED,
+    Partition,
+    PartitionTable,
+    choose_guest_layout,
+    read_partition_table,
+)
+from instance_cloudimage.runtime.errors import CommandError, GrowError, SeedError
 from instance_cloudimage.runtime.log import format_size
-from instance_cloudimage.disk.partitions import MBR_EXTENDED, Partition, PartitionTable, choose_guest_layout, read_partition_table
 from instance_cloudimage.runtime.process import run
 
 log = logging.getLogger(__name__)

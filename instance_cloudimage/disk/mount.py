@@ -23,10 +23,16 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from instance_cloudimage.runtime.errors import CommandError, SeedError
 from instance_cloudimage.disk.guestfiles import open_guest_dir
+from instance_cloudimage.disk.partitions import (
+    LINUX_FILESYSTEMS,
+    GuestLayout,
+    Partition,
+    PartitionTable,
+    find_guest_layout,
+)
+from instance_cloudimage.runtime.errors import CommandError, SeedError
 from instance_cloudimage.runtime.localpath import pinned_path
-from instance_cloudimage.disk.partitions import LINUX_FILESYSTEMS, GuestLayout, Partition, PartitionTable, find_guest_layout
 from instance_cloudimage.runtime.process import run, run_text
 
 log = logging.getLogger(__name__)

@@ -21,11 +21,12 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
-from instance_cloudimage.runtime.siteconfig import SiteConfig
+from instance_cloudimage.disk.uri import copy_from_uri, copy_to_uri, uri_size
 from instance_cloudimage.ganeti.env import Disk
+from instance_cloudimage.ganeti.uri import check_uri, redact_uri
 from instance_cloudimage.runtime.errors import ConversionError
 from instance_cloudimage.runtime.log import complete_step, format_size
-from instance_cloudimage.disk.uri import check_uri, copy_from_uri, copy_to_uri, redact_uri, uri_size
+from instance_cloudimage.runtime.siteconfig import SiteConfig
 
 log = logging.getLogger(__name__)
 

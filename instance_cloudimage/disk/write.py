@@ -19,9 +19,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 from instance_cloudimage.disk.sparse import BLKZEROOUT, has_data, punch_hole, write_all
+from instance_cloudimage.image.wrappers import Readable
 from instance_cloudimage.runtime.errors import ConversionError, EnvironmentError_, ImageTooLarge
 from instance_cloudimage.runtime.log import Progress, format_size
-from instance_cloudimage.image.wrappers import Readable
 
 log = logging.getLogger(__name__)
 

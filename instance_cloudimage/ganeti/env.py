@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from instance_cloudimage.ganeti.uri import redact_uri
 from instance_cloudimage.runtime.errors import EnvironmentError_
-from instance_cloudimage.disk.uri import redact_uri
 
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 SUPPORTED_API_VERSIONS = (20,)

@@ -14,11 +14,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from instance_cloudimage.runtime.siteconfig import Paths
-from instance_cloudimage.runtime.errors import ConfigError, ParameterError
 from instance_cloudimage.image.formats import DECLARABLE_FORMATS
+from instance_cloudimage.runtime.errors import ConfigError, ParameterError
 from instance_cloudimage.runtime.resources import shipped_dir
-from instance_cloudimage.runtime.settings import ParsedIni, Setting, parse_bool, parse_choice, parse_list, parse_str, read_ini
+from instance_cloudimage.runtime.settings import (
+    ParsedIni,
+    Setting,
+    parse_bool,
+    parse_choice,
+    parse_list,
+    parse_str,
+    read_ini,
+)
+from instance_cloudimage.runtime.siteconfig import Paths
 
 VARIANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 CHECKSUM_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from instance_cloudimage.ganeti.env import Disk, GanetiEnv, Instance, Nic
+from instance_cloudimage.ganeti.variants import Variant
 from instance_cloudimage.params.table import PARAMETERS
 from instance_cloudimage.runtime.process import SAFE_PATH
 from instance_cloudimage.sources.fetch import ImageRef
-from instance_cloudimage.ganeti.variants import Variant
 
 JSON_VERSION = 1
 def secret_parameter_names() -> frozenset[str]:

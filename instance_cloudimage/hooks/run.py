@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from instance_cloudimage.runtime.siteconfig import Paths, SiteConfig
-from instance_cloudimage.runtime.errors import CommandNotFound, HookFailed, ParameterError
-from instance_cloudimage.image.formats import DECLARABLE_FORMATS
 from instance_cloudimage.hooks.facts import HookFacts, describe_for_hooks, hook_variables, visible_parameters
+from instance_cloudimage.image.formats import DECLARABLE_FORMATS
 from instance_cloudimage.params.table import check_image, check_image_checksum
+from instance_cloudimage.runtime.errors import CommandNotFound, HookFailed, ParameterError
 from instance_cloudimage.runtime.process import run_streaming
 from instance_cloudimage.runtime.resources import shipped_dir
+from instance_cloudimage.runtime.siteconfig import Paths, SiteConfig
 from instance_cloudimage.sources.fetch import ImageRef
 from instance_cloudimage.sources.urlpolicy import redact_url
 

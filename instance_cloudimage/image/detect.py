@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 import struct
 
-from instance_cloudimage.runtime.errors import UnsafeImage, UnsupportedFormat
-from instance_cloudimage.image.formats import DetectedImage, DiskFormat
 from instance_cloudimage.image.file import ImageFile
+from instance_cloudimage.image.formats import DetectedImage, DiskFormat
 from instance_cloudimage.image.qcow2 import inspect_qcow2
 from instance_cloudimage.image.vhd import fixed_vhd_data_size, inspect_vdi, inspect_vhd, inspect_vhdx
 from instance_cloudimage.image.vmdk import inspect_vmdk, looks_like_descriptor
+from instance_cloudimage.runtime.errors import UnsafeImage, UnsupportedFormat
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import struct
 
-from instance_cloudimage.runtime.errors import UnsafeImage, UnsupportedFormat
-from instance_cloudimage.image.formats import DetectedImage, DiskFormat
 from instance_cloudimage.image.file import ImageFile
+from instance_cloudimage.image.formats import DetectedImage, DiskFormat
+from instance_cloudimage.runtime.errors import UnsafeImage, UnsupportedFormat
 
 MAGIC = b"QFI\xfb"
 INCOMPAT_DIRTY = 1 << 0

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 
-from instance_cloudimage.runtime.errors import UnsafeImage, UnsupportedFormat
 from instance_cloudimage.image.wrappers import CHUNK, Layer, Readable, drain
+from instance_cloudimage.runtime.errors import UnsafeImage, UnsupportedFormat
 
 log = logging.getLogger(__name__)
 

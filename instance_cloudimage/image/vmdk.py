@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import re
 
-from instance_cloudimage.runtime.errors import UnsafeImage, UnsupportedFormat
-from instance_cloudimage.image.formats import DetectedImage, DiskFormat
 from instance_cloudimage.image.file import ImageFile
+from instance_cloudimage.image.formats import DetectedImage, DiskFormat
+from instance_cloudimage.runtime.errors import UnsafeImage, UnsupportedFormat
 
 MAGIC = b"KDMV"
 GD_AT_END = 0xFFFFFFFFFFFFFFFF

@@ -24,8 +24,14 @@ import threading
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from instance_cloudimage.runtime.errors import CloudImageError, CommandError, CommandNotFound, ConversionError, UnsupportedFormat
 from instance_cloudimage.image.formats import Wrapper
+from instance_cloudimage.runtime.errors import (
+    CloudImageError,
+    CommandError,
+    CommandNotFound,
+    ConversionError,
+    UnsupportedFormat,
+)
 from instance_cloudimage.runtime.process import Limits, Spawned, spawn
 
 log = logging.getLogger(__name__)

@@ -14,15 +14,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from instance_cloudimage.runtime.siteconfig import SiteConfig
+from instance_cloudimage.ganeti.variants import CHECKSUM_RE, SEEDS, Variant
 from instance_cloudimage.runtime.errors import ImageFetchError, ParameterError
 from instance_cloudimage.runtime.localpath import check_local_image_path
-from instance_cloudimage.seed.network import NETWORK_MODES
-from instance_cloudimage.seed.values import check_hostname, check_nameservers, check_password_hash, check_search, parse_choice
 from instance_cloudimage.runtime.settings import parse_bool
+from instance_cloudimage.runtime.siteconfig import SiteConfig
+from instance_cloudimage.seed.network import NETWORK_MODES
 from instance_cloudimage.seed.sshkeys import KEY_TYPES, parse_authorized_keys
+from instance_cloudimage.seed.values import (
+    check_hostname,
+    check_nameservers,
+    check_password_hash,
+    check_search,
+    parse_choice,
+)
 from instance_cloudimage.sources.urlpolicy import check_url, policy_for
-from instance_cloudimage.ganeti.variants import CHECKSUM_RE, SEEDS, Variant
 
 Check = Callable[[str, SiteConfig], None]
 
@@ -97,7 +103,9 @@ def check_ssh_authorized_keys(value: str, site: SiteConfig) -> None:
 
 
 def check_user_data(value: str, site: SiteConfig) -> None:
-    from instance_cloudimage.seed.userdata import decode_user_data  # PyYAML with it: loaded only when user_data is given
+    from instance_cloudimage.seed.userdata import (
+        decode_user_data,  # PyYAML with it: loaded only when user_data is given
+    )
 
     decode_user_data(value)
 

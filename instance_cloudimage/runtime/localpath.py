@@ -11,8 +11,8 @@ import os
 import stat
 from pathlib import Path
 
-from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.runtime.errors import ParameterError
+from instance_cloudimage.runtime.siteconfig import SiteConfig
 
 FORBIDDEN_ROOTS = ("/dev", "/proc", "/sys", "/etc", "/boot", "/run")
 

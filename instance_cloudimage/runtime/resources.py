@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 _TOP_LEVEL = {"variants": "shipped_variants", "scripts": "shipped_scripts", "hooks.d": "shipped_hooks"}
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent  # instance_cloudimage/, above runtime/
 
 
 def shipped_dir(name: str) -> Path:

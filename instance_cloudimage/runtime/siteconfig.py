@@ -9,11 +9,13 @@ site can run side by side.
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from instance_cloudimage.runtime.errors import ConfigError
 from instance_cloudimage.runtime.settings import (
     Setting,
     parse_bool,
@@ -139,3 +141,19 @@ def load_site_config(paths: Paths) -> SiteConfig:
     parsed = read_ini(path, SITE_SETTINGS, what="site configuration", free_sections=("Mirrors",))
     mirrors = tuple(parsed.free_sections.get("mirrors", {}).items())
     return SiteConfig(paths=paths, values=MappingProxyType(dict(parsed.values)), mirrors=mirrors)
+
+
+# Written by ``instance-cloudimage install`` beside the OS scripts: the directories baked in.
+INSTALL_INFO = "instance-cloudimage.json"
+
+
+def installed_paths(script_path: str) -> Paths:
+    """The Paths baked into the OS directory that holds ``script_path`` (defaults otherwise)."""
+    info_file = Path(script_path).resolve().parent / INSTALL_INFO
+    try:
+        info = json.loads(info_file.read_text())
+    except FileNotFoundError:
+        return Paths()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{info_file} is unreadable ({e}); re-run 'instance-cloudimage install'") from None
+    return Paths(config_dir=Path(info["config_dir"]), cache_dir=Path(info["cache_dir"]))

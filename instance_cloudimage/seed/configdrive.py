@@ -18,9 +18,15 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from instance_cloudimage.seed.network import render_network_data
 from instance_cloudimage.seed.content import SeedFiles, SeedInput, cloud_init_config, network_plan
-from instance_cloudimage.seed.userdata import Kind, UserData, assemble_for_cloud_init, merge_configs, render_cloud_config
+from instance_cloudimage.seed.network import render_network_data
+from instance_cloudimage.seed.userdata import (
+    Kind,
+    UserData,
+    assemble_for_cloud_init,
+    merge_configs,
+    render_cloud_config,
+)
 
 VERSIONS = ("latest", "2012-08-10")
 # $1 is the script; "$f" runs it by its own #! line.  umask keeps it private; rm on every path.

@@ -25,8 +25,11 @@ from typing import Any
 import yaml
 
 from instance_cloudimage.ganeti.env import GanetiEnv, Instance
+from instance_cloudimage.ganeti.variants import SEEDS, Variant
 from instance_cloudimage.runtime.errors import ParameterError, SeedError
 from instance_cloudimage.seed.network import NETWORK_MODES, NetworkPlan, plan_network, render_v1, render_v2
+from instance_cloudimage.seed.sshkeys import PublicKey, parse_authorized_keys
+from instance_cloudimage.seed.userdata import Kind, UserData, assemble_for_cloud_init, decode_user_data
 from instance_cloudimage.seed.values import (
     HostName,
     parse_choice,
@@ -35,9 +38,6 @@ from instance_cloudimage.seed.values import (
     parse_password_hash,
     parse_search,
 )
-from instance_cloudimage.seed.sshkeys import PublicKey, parse_authorized_keys
-from instance_cloudimage.seed.userdata import Kind, UserData, assemble_for_cloud_init, decode_user_data
-from instance_cloudimage.ganeti.variants import SEEDS, Variant
 
 # Flamingo reads one user-data document: cloud-config or a script (which it turns into a
 # runcmd entry); anything else is refused at create time.
@@ -219,13 +219,6 @@ def build_nocloud(inp: SeedInput) -> SeedFiles:
     if net is not None:
         files["network-config"] = net
     return SeedFiles(files)
-
-
-def build_configdrive(inp: SeedInput) -> SeedFiles:
-    """The config drive's files; see configdrive.build_configdrive (which imports this module)."""
-    from instance_cloudimage.seed.configdrive import build_configdrive as build
-
-    return build(inp)
 
 
 def rename_seed_input(inp: SeedInput, existing_meta_data: bytes | None) -> SeedInput:

@@ -16,28 +16,23 @@ flamingo.py for why), an agent ``none`` gets nothing.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from instance_cloudimage.seed.configdrive import build_configdrive
-from instance_cloudimage.ganeti.env import Disk, Instance
-from instance_cloudimage.runtime.errors import ParameterError, SeedError, UnsafeImage
-from instance_cloudimage.seed.flamingo import apply_flamingo_settings
 from instance_cloudimage.disk.guestfiles import guest_dir, remove_guest_file, write_guest_file
 from instance_cloudimage.disk.mount import mount_guest_root
 from instance_cloudimage.disk.partitions import GuestLayout, find_guest_layout
+from instance_cloudimage.ganeti.env import Disk, GanetiEnv, Instance
+from instance_cloudimage.ganeti.variants import SEEDS, Variant
+from instance_cloudimage.runtime.errors import ParameterError, SeedError, UnsafeImage
+from instance_cloudimage.seed.configdrive import build_configdrive
 from instance_cloudimage.seed.content import build_nocloud, seed_input
 from instance_cloudimage.seed.drive import CIDATA, CONFIG_2, describe_disk_content, seed_label_of, write_seed_disk
-from instance_cloudimage.ganeti.variants import SEEDS, Variant
-
-if TYPE_CHECKING:
-    from instance_cloudimage.verbs.create import CreateContext
+from instance_cloudimage.seed.flamingo import apply_flamingo_settings
 
 log = logging.getLogger(__name__)
 
@@ -169,22 +164,23 @@ def write_nocloud_dir(root: Path, files: Mapping[str, bytes]) -> None:
         raise UnsafeImage(e.message, "seed=nocloud-disk with a second disk leaves the guest filesystem alone") from None
 
 
-def deliver_seed(ctx: CreateContext, stack: ExitStack) -> SeedPlan:
-    """Write the seed for the instance in ``ctx`` after the image is on disk 0; return what was done.
+def deliver_seed(genv: GanetiEnv, variant: Variant, disk_path: str, arch: str, stack: ExitStack,
+                 local: LocalDisk | None = None) -> SeedPlan:
+    """Write the seed for ``genv``'s instance after the image is on disk 0 (``disk_path``); return what was done.
+
+    ``local`` gives a URI-only disk a local file (the create's staging), copied in when the seed
+    needs it and back at the end.
 
     The guest filesystem is mounted only inside this call (a nested stack unwinds it before the
     next step mounts it again: two mounts of one ext4 through two loop devices would corrupt it).
     Raises SeedError, UnsafeImage or ParameterError.
     """
-    disk_path = ctx.disk.path or ""
-    # A URI-only seed disk is copied into a staging file when the seed needs it, and back at the end.
-    local = functools.partial(ctx.staged.local, copy_in=True) if ctx.staged is not None else None
-    plan = plan_delivery(ctx.instance, ctx.variant, ctx.genv.params, disk_path, ctx.arch, local)
+    plan = plan_delivery(genv.require_instance(), variant, genv.params, disk_path, arch, local)
     log.info("seed delivery: %s (%s)", plan.delivery, plan.reason)
     if plan.delivery == "none" and not plan.flamingo:
         return plan
     # One input for everything written: on reinstall each call would draw a new instance-id.
-    inp = seed_input(ctx.genv, ctx.variant)
+    inp = seed_input(genv, variant)
     nocloud = dict(build_nocloud(inp).files) if plan.delivery.startswith("nocloud") else {}
     configdrive = dict(build_configdrive(inp).files) if plan.delivery == "configdrive-disk" or plan.flamingo else {}
     if plan.seed_disk is not None:
@@ -195,7 +191,7 @@ def deliver_seed(ctx: CreateContext, stack: ExitStack) -> SeedPlan:
     if plan.delivery == "nocloud-fs" or plan.flamingo:
         with ExitStack() as mounts:
             try:
-                mounted = mount_guest_root(disk_path, mounts, arch=ctx.arch, layout=plan.layout)
+                mounted = mount_guest_root(disk_path, mounts, arch=arch, layout=plan.layout)
             except SeedError as e:
                 raise SeedError(f"cannot seed the guest filesystem: {e.message}",
                                 e.hint or "seed=nocloud-disk with a second disk, or seed=none") from None

@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from instance_cloudimage.disk.convert import target_size
+from instance_cloudimage.disk.partitions import probe_filesystem
 from instance_cloudimage.ganeti.env import Disk
 from instance_cloudimage.runtime.errors import CommandError, SeedError
 from instance_cloudimage.runtime.log import format_size
-from instance_cloudimage.disk.partitions import probe_filesystem
 from instance_cloudimage.runtime.process import run
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from instance_cloudimage.disk.guestfiles import (
+    guest_dir,
+    read_guest_file,
+    split_guest_path,
+    stat_guest_entry,
+    write_guest_file,
+)
 from instance_cloudimage.runtime.errors import SeedError
-from instance_cloudimage.disk.guestfiles import guest_dir, read_guest_file, split_guest_path, stat_guest_entry, write_guest_file
 
 log = logging.getLogger(__name__)
 

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import yaml
 
-from instance_cloudimage.runtime.siteconfig import SiteConfig
-from instance_cloudimage.ganeti.env import GanetiEnv
-from instance_cloudimage.runtime.errors import CloudImageError
 from instance_cloudimage.disk.guestfiles import guest_dir, read_guest_file, write_guest_file
 from instance_cloudimage.disk.mount import mount_guest_root
 from instance_cloudimage.disk.partitions import GuestLayout, find_guest_layout
+from instance_cloudimage.ganeti.env import GanetiEnv
+from instance_cloudimage.ganeti.variants import host_architecture
+from instance_cloudimage.runtime.errors import CloudImageError
+from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.seed.deliver import NOCLOUD_NAMES, nocloud_dir
 from instance_cloudimage.seed.drive import copy_into_fat, read_from_fat, seed_label_of
 from instance_cloudimage.seed.userdata import cloud_config_parts
-from instance_cloudimage.ganeti.variants import host_architecture
 
 log = logging.getLogger(__name__)
 

@@ -27,13 +27,24 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from instance_cloudimage.runtime.siteconfig import SiteConfig
-from instance_cloudimage.ganeti.env import GanetiEnv
-from instance_cloudimage.runtime.errors import CloudImageError, CommandError, SeedError
 from instance_cloudimage.disk.guestfiles import read_guest_file, remove_guest_file, write_guest_file
 from instance_cloudimage.disk.mount import mount_guest_root
 from instance_cloudimage.disk.partitions import GuestLayout, find_guest_layout
+from instance_cloudimage.ganeti.env import GanetiEnv
+from instance_cloudimage.ganeti.variants import host_architecture, load_variant
+from instance_cloudimage.runtime.errors import CloudImageError, CommandError, SeedError
 from instance_cloudimage.runtime.process import run
+from instance_cloudimage.runtime.siteconfig import SiteConfig
+from instance_cloudimage.seed.content import seed_input
+from instance_cloudimage.seed.deliver import nocloud_dir
+from instance_cloudimage.seed.drive import (
+    CIDATA,
+    MTOOLS_ENV,
+    check_relative,
+    copy_into_fat,
+    read_from_fat,
+    seed_label_of,
+)
 from instance_cloudimage.seed.reseedplan import (
     CD_META,
     CD_NET,
@@ -47,10 +58,6 @@ from instance_cloudimage.seed.reseedplan import (
     plan_configdrive,
     plan_nocloud,
 )
-from instance_cloudimage.seed.deliver import nocloud_dir
-from instance_cloudimage.seed.content import seed_input
-from instance_cloudimage.seed.drive import CIDATA, MTOOLS_ENV, check_relative, copy_into_fat, read_from_fat, seed_label_of
-from instance_cloudimage.ganeti.variants import host_architecture, load_variant
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ from typing import Any
 
 import yaml
 
+from instance_cloudimage.runtime.errors import SeedError
+from instance_cloudimage.runtime.settings import parse_bool
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.seed.configdrive import dump_json, render_meta_data_json, render_network_data_json
-from instance_cloudimage.runtime.errors import SeedError
 from instance_cloudimage.seed.content import SeedInput, derive_instance_id, dump_yaml, render_network_config
-from instance_cloudimage.runtime.settings import parse_bool
 from instance_cloudimage.seed.userdata import cloud_config_parts
 
 NOCLOUD_FILES = ("meta-data", "user-data", "network-config")

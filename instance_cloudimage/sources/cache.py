@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.runtime.errors import ConfigError
+from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.sources.spool import Hasher, hash_fd
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from instance_cloudimage.sources.cache import unusable_cache
-from instance_cloudimage.runtime.errors import ParameterError
 from instance_cloudimage.disk.partitions import ROOT_TYPES
+from instance_cloudimage.runtime.errors import ParameterError
 from instance_cloudimage.runtime.process import run
+from instance_cloudimage.sources.cache import unusable_cache
 
 log = logging.getLogger(__name__)
 

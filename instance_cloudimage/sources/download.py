@@ -24,8 +24,8 @@ import requests
 import urllib3
 
 from instance_cloudimage.runtime.errors import ImageFetchError, ImageTooLarge
-from instance_cloudimage.sources.http import HttpClient, Opened
 from instance_cloudimage.runtime.log import Progress
+from instance_cloudimage.sources.http import HttpClient, Opened
 from instance_cloudimage.sources.spool import CHUNK, Cancelled, Hasher, Spool
 
 __all__ = ["CHUNK", "BodyDownload", "Cancelled", "Hasher", "Spool", "validator_of"]

@@ -23,15 +23,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from instance_cloudimage.ganeti.variants import Variant
+from instance_cloudimage.runtime.errors import ChecksumMismatch, ParameterError
+from instance_cloudimage.runtime.localpath import (
+    only_root_can_change,
+    open_local_image,
+    pinned_path,
+    resolve_local_image_path,
+)
+from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.sources.cache import make_cache
 from instance_cloudimage.sources.checksums import Digest, lookup_required
-from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.sources.demo import build_demo_image
-from instance_cloudimage.runtime.errors import ChecksumMismatch, ParameterError
-from instance_cloudimage.runtime.localpath import only_root_can_change, open_local_image, pinned_path, resolve_local_image_path
 from instance_cloudimage.sources.spool import CHUNK, Hasher, Spool, copy_file, hash_fd
 from instance_cloudimage.sources.urlpolicy import PARAMETER_URL, redact_url
-from instance_cloudimage.ganeti.variants import Variant
 
 if TYPE_CHECKING:
     from instance_cloudimage.sources.remote import RemoteSpec  # imported where used: see open_remote_image

@@ -27,8 +27,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from instance_cloudimage import __version__
-from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.runtime.errors import ConfigError, ImageFetchError
+from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.sources.urlpolicy import UrlPolicy, check_peer, check_resolved, check_url
 
 log = logging.getLogger(__name__)

@@ -23,11 +23,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from instance_cloudimage.runtime.errors import ChecksumMismatch, ConfigError, ImageFetchError, ParameterError
+from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.sources.cache import Cache, Handle, UrlEntry, make_cache, url_key
 from instance_cloudimage.sources.checksums import ChecksumList, Digest, lookup_required, parse_checksum_file
-from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.sources.download import BodyDownload, Hasher, Spool
-from instance_cloudimage.runtime.errors import ChecksumMismatch, ConfigError, ImageFetchError, ParameterError
 from instance_cloudimage.sources.http import HttpClient, Opened
 from instance_cloudimage.sources.mirrors import candidate_urls
 from instance_cloudimage.sources.signature import Verifier, keyring_path, strip_clearsign

@@ -16,9 +16,9 @@ import re
 import tempfile
 from pathlib import Path
 
-from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.runtime.errors import CommandError, ConfigError, UnsafeImage
 from instance_cloudimage.runtime.process import run
+from instance_cloudimage.runtime.siteconfig import SiteConfig
 
 ARMOR_RE = re.compile(rb"-----BEGIN PGP PUBLIC KEY BLOCK-----\r?\n(.*?)-----END PGP PUBLIC KEY BLOCK-----", re.S)
 CLEARSIGN_HEADER = "-----BEGIN PGP SIGNED MESSAGE-----"

@@ -20,8 +20,8 @@ import socket
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urlsplit
 
-from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.runtime.errors import ImageFetchError
+from instance_cloudimage.runtime.siteconfig import SiteConfig
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -7,29 +7,30 @@ be undone (temp files, loop devices, mounts) is registered on one ExitStack.
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import functools
 import logging
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.disk.deploy import deploy_image
-from instance_cloudimage.ganeti.env import Disk, GanetiEnv, Instance
-from instance_cloudimage.runtime.errors import EnvironmentError_, ParameterError, UserError
-from instance_cloudimage.image.formats import DetectedImage
 from instance_cloudimage.disk.grow import grow_root
+from instance_cloudimage.disk.mount import mount_guest_root
+from instance_cloudimage.disk.staging import StagedDisks, staging_errors
+from instance_cloudimage.disk.write import open_disk
+from instance_cloudimage.ganeti.env import Disk, GanetiEnv, Instance
+from instance_cloudimage.ganeti.uri import check_uri
+from instance_cloudimage.ganeti.variants import Variant, host_architecture, load_variant
 from instance_cloudimage.hooks.facts import HookFacts
 from instance_cloudimage.hooks.run import HookPlan, Phase, plan_hooks, run_hooks
-from instance_cloudimage.runtime.log import complete_step, format_size
-from instance_cloudimage.params.table import grow_requested, validate_parameters
+from instance_cloudimage.image.formats import DetectedImage
 from instance_cloudimage.image.qemuinfo import RECORD_DIR as QEMU_INFO_DIR
+from instance_cloudimage.params.table import grow_requested, validate_parameters
+from instance_cloudimage.runtime.errors import EnvironmentError_, ParameterError, UserError
+from instance_cloudimage.runtime.log import complete_step, format_size
+from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.sources.fetch import ImageRef, open_image, resolve_image
-from instance_cloudimage.disk.staging import StagedDisks, staging_errors
-from instance_cloudimage.disk.uri import check_uri
-from instance_cloudimage.ganeti.variants import Variant, host_architecture, load_variant
-from instance_cloudimage.disk.write import open_disk
 
 # seeddata and seed are imported where used: they bring PyYAML, which a create without a seed
 # never needs.
@@ -103,23 +104,15 @@ def write_image(ctx: CreateContext, ref: ImageRef, stack: ExitStack,
 def mount_guest_for_hooks(ctx: CreateContext, facts: HookFacts, stack: ExitStack) -> HookFacts:
     """Mount the guest's root filesystem read-write for the post-write hooks (TARGET).
 
-    Without a mountable root (no guest-filesystem support in this build, or no Linux root in
-    the image) the hooks still run, with TARGET unset and a warning.
+    Without a mountable root (no Linux root in the image) the hooks still run, with TARGET unset
+    and a warning.
     """
     try:
-        guestfs = importlib.import_module(".guestfs", __package__)
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.guestfs":
-            raise
-        log.warning("post-write hooks run without the guest filesystem (TARGET is unset): "
-                    "this build cannot mount it")
-        return facts
-    try:
-        root = guestfs.mount_guest_root(ctx.disk.path, stack, arch=ctx.arch)
+        root = mount_guest_root(ctx.disk.path or "", stack, arch=ctx.arch)
     except UserError as e:
         log.warning("post-write hooks run without the guest filesystem (TARGET is unset): %s", e)
         return facts
-    return dataclasses.replace(facts, target=Path(root.path), root_partition=getattr(root, "device", None))
+    return dataclasses.replace(facts, target=Path(root.path), root_partition=root.device)
 
 
 def run_create(genv: GanetiEnv, site: SiteConfig, *, plan: HookPlan | None = None) -> None:
@@ -165,7 +158,10 @@ def run_phases(ctx: CreateContext, plan: HookPlan, facts: HookFacts, stack: Exit
     with complete_step("seeding the guest agent"):
         from instance_cloudimage.seed.deliver import deliver_seed
 
-        deliver_seed(ctx, stack)  # mounts and unmounts the guest itself, if it needs to
+        # A URI-only seed disk is copied into a staging file when the seed needs it.
+        local = functools.partial(ctx.staged.local, copy_in=True) if ctx.staged is not None else None
+        # deliver_seed mounts and unmounts the guest itself, if it needs to.
+        deliver_seed(ctx.genv, ctx.variant, ctx.disk.path or "", ctx.arch, stack, local)
     # Its own stack, so that the guest is unmounted before the post hooks run.
     with ExitStack() as guest:
         if plan.for_phase(Phase.POST_WRITE):

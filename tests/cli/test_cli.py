@@ -49,7 +49,7 @@ def test_verify_does_no_network_io(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     comes with a checksum file and a signature."""
     import socket
 
-    from instance_cloudimage.cli import main as climod
+    from instance_cloudimage.scripts import main as climod
 
     calls: list[str] = []
 
@@ -66,7 +66,7 @@ def test_verify_does_no_network_io(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     env = {"OS_API_VERSION": "20", "OS_NAME": "cloudimage", "OS_VARIANT": "debian-12", "DEBUG_LEVEL": "0",
            "OSP_IMAGE": "https://cloud.example.org/images/x.qcow2", "OSP_IMAGE_CHECKSUM": "sha256:" + "a" * 64,
            "OSP_USER_DATA": "#include\nhttps://config.example.org/user-data\n", "OSP_HOSTNAME": "vm1.example.org"}
-    monkeypatch.setattr("instance_cloudimage.cli.main.installed_paths",
+    monkeypatch.setattr("instance_cloudimage.scripts.main.installed_paths",
                         lambda argv0: climod.Paths(tmp_path / "etc", tmp_path / "cache"))
     try:
         assert climod.os_script_main("verify", environ=env, argv=["verify", "parameters"]) == 0
@@ -82,9 +82,9 @@ def verify_in_process(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.M
                       capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     import logging
 
-    from instance_cloudimage.cli import main as climod
+    from instance_cloudimage.scripts import main as climod
 
-    monkeypatch.setattr("instance_cloudimage.cli.main.installed_paths",
+    monkeypatch.setattr("instance_cloudimage.scripts.main.installed_paths",
                         lambda argv0: climod.Paths(tmp_path / "etc", tmp_path / "cache"))
     base = {"OS_API_VERSION": "20", "OS_NAME": "cloudimage", "DEBUG_LEVEL": "0"}
     try:

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 
 from instance_cloudimage.cli import install
-from instance_cloudimage.cli.main import main
 from instance_cloudimage.cli.install import install_os
-from instance_cloudimage.params.table import PARAMETERS
+from instance_cloudimage.cli.main import main
 from instance_cloudimage.ganeti.variants import list_variants
-
+from instance_cloudimage.params.table import PARAMETERS
 from tests.conftest import Site, cli
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from instance_cloudimage.disk import convert
-from instance_cloudimage.image.formats import DetectedImage, DiskFormat
 from instance_cloudimage.disk.write import DiskTarget
+from instance_cloudimage.image.formats import DetectedImage, DiskFormat
 
 
 def capture(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from instance_cloudimage.disk import exportstream as ds
-from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.disk.sparse import DiskWriter
 from instance_cloudimage.ganeti.env import Script, parse_environment
 from instance_cloudimage.runtime.errors import SeedError
-from instance_cloudimage.verbs.transfer import run_rename
+from instance_cloudimage.runtime.siteconfig import SiteConfig
+from instance_cloudimage.verbs.rename import run_rename
 
 MIB = 1024 * 1024
 

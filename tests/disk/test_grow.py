@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from instance_cloudimage.runtime.errors import GrowError, ParameterError
 from instance_cloudimage.disk.grow import grow_root, growth_limit
-from instance_cloudimage.params.table import grow_requested
 from instance_cloudimage.disk.partitions import LINUX_DATA, Partition, PartitionTable
-from instance_cloudimage.runtime.settings import ParsedIni
 from instance_cloudimage.ganeti.variants import Variant
-
+from instance_cloudimage.params.table import grow_requested
+from instance_cloudimage.runtime.errors import GrowError, ParameterError
+from instance_cloudimage.runtime.settings import ParsedIni
 from tests.support import guest_images as gi
+
 M = 1024 * 1024
 
 

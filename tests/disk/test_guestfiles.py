@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from instance_cloudimage.runtime.errors import SeedError, UnsafeImage
 from instance_cloudimage.disk.guestfiles import (
     guest_dir,
     read_guest_file,
     split_guest_path,
     write_guest_file,
 )
+from instance_cloudimage.runtime.errors import SeedError, UnsafeImage
 
 ME = {"uid": os.getuid(), "gid": os.getgid()}
 

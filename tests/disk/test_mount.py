@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from instance_cloudimage.runtime.errors import SeedError, UnsafeImage
 from instance_cloudimage.disk.mount import mount_guest_root
-
+from instance_cloudimage.runtime.errors import SeedError, UnsafeImage
 from tests.support import guest_images as gi
+
 pytestmark = pytest.mark.integration
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from instance_cloudimage.runtime.errors import SeedError
 from instance_cloudimage.disk.partitions import (
     ESP,
     LINUX_DATA,
@@ -20,8 +19,9 @@ from instance_cloudimage.disk.partitions import (
     choose_guest_layout,
     read_partition_table,
 )
-
+from instance_cloudimage.runtime.errors import SeedError
 from tests.support import guest_images as gi
+
 M = 1024 * 1024
 
 

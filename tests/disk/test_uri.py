@@ -17,16 +17,15 @@ from typing import Any
 
 import pytest
 
-from instance_cloudimage.runtime.siteconfig import Paths
-from instance_cloudimage.runtime.errors import EnvironmentError_
 from instance_cloudimage.cli.install import install_os
+from instance_cloudimage.ganeti.uri import check_uri, redact_uri, uri_secrets
+from instance_cloudimage.runtime.errors import EnvironmentError_
 from instance_cloudimage.runtime.log import HIDDEN, hide_values, redact
-from instance_cloudimage.disk.uri import check_uri, redact_uri, uri_secrets
-
+from instance_cloudimage.runtime.siteconfig import Paths
+from tests.conftest import need_tools
 from tests.support import delivery_helpers as dh
 from tests.support import guest_images as gi
 from tests.verbs import test_transfer as lc
-from tests.conftest import need_tools
 
 MIB = 1024 * 1024
 DRIVER = Path(__file__).resolve().parents[1] / "support" / "create_driver.py"
@@ -339,9 +338,9 @@ def no_loop_on(directory: Path, timeout: float = 5.0) -> bool:
 
 def test_staging_costs_the_data_not_the_disk_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 1 GiB URI disk holding ~10 MiB: the staging file of export and import holds ~10 MiB."""
-    from instance_cloudimage.verbs import transfer as lifecycle
-    from instance_cloudimage.runtime.siteconfig import SiteConfig
     from instance_cloudimage.ganeti.env import Script, parse_environment
+    from instance_cloudimage.runtime.siteconfig import SiteConfig
+    from instance_cloudimage.verbs import export, import_disk
 
     need_tools("qemu-nbd")
     size = 1024 * MIB
@@ -368,14 +367,14 @@ def test_staging_costs_the_data_not_the_disk_size(tmp_path: Path, monkeypatch: p
     from instance_cloudimage.disk import staging
 
     monkeypatch.setattr(staging, "copy_from_uri", spy("export", staging.copy_from_uri, 1))
-    monkeypatch.setattr(lifecycle, "copy_to_uri", spy("import", lifecycle.copy_to_uri, 0))
+    monkeypatch.setattr(import_disk, "copy_to_uri", spy("import", import_disk.copy_to_uri, 0))
     stream = tmp_path / "stream"
     with nbd_served(source) as uri, open(stream, "wb") as out:
         env = transfer_env(Path("/nonexistent/os"), uri, "export", size)
-        lifecycle.run_export(parse_environment(env, Script.EXPORT), site, out.fileno())
+        export.run_export(parse_environment(env, Script.EXPORT), site, out.fileno())
     with nbd_served(target) as uri, open(stream, "rb") as src:
         env = transfer_env(Path("/nonexistent/os"), uri, "import", size)
-        lifecycle.run_import(parse_environment(env, Script.IMPORT), site, src)
+        import_disk.run_import(parse_environment(env, Script.IMPORT), site, src)
     assert 9 * MIB <= allocated["export"] < 16 * MIB, allocated
     assert 9 * MIB <= allocated["import"] < 16 * MIB, allocated
     assert subprocess.run(["cmp", source, target], check=False).returncode == 0

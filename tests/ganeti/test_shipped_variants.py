@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from instance_cloudimage.ganeti.variants import list_variants, load_variant
 from instance_cloudimage.runtime.siteconfig import Paths
 from instance_cloudimage.sources.fetch import resolve_image
-from instance_cloudimage.ganeti.variants import list_variants, load_variant
 
 PATHS = Paths(Path("/nonexistent/config"), Path("/nonexistent/cache"))
 DISTROS = [v for v in list_variants(PATHS) if v != "demo"]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from instance_cloudimage.runtime.siteconfig import Paths, load_site_config
-from instance_cloudimage.runtime.errors import ConfigError, ParameterError
 from instance_cloudimage.ganeti.variants import list_variants, load_variant
+from instance_cloudimage.runtime.errors import ConfigError, ParameterError
+from instance_cloudimage.runtime.siteconfig import Paths, load_site_config
 
 
 @pytest.fixture

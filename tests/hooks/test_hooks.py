@@ -9,24 +9,20 @@ import json
 import logging
 import os
 import stat
-import sys
 import textwrap
 import types
 from pathlib import Path
 
 import pytest
 
-# Imported before a test fakes guestfs, create (grow with it) and seed keep the real one.
-import instance_cloudimage.verbs.create
-import instance_cloudimage.seed.deliver  # noqa: F401
-from instance_cloudimage.params import table as params
-from instance_cloudimage.runtime.siteconfig import SITE_SETTINGS, Paths, SiteConfig, load_site_config
 from instance_cloudimage.ganeti.env import Script, parse_environment
-from instance_cloudimage.runtime.errors import HookFailed
+from instance_cloudimage.ganeti.variants import load_variant
 from instance_cloudimage.hooks.facts import HookFacts
 from instance_cloudimage.hooks.run import Phase, plan_hooks, run_hooks
+from instance_cloudimage.params import table as params
+from instance_cloudimage.runtime.errors import HookFailed, SeedError
+from instance_cloudimage.runtime.siteconfig import SITE_SETTINGS, Paths, SiteConfig, load_site_config
 from instance_cloudimage.sources.fetch import ImageRef
-from instance_cloudimage.ganeti.variants import load_variant
 
 ROOT = os.geteuid() == 0
 
@@ -516,16 +512,14 @@ def test_bad_replacement_is_refused(tmp_path: Path, shipped: Path, line: str, ma
 
 @pytest.fixture
 def fake_guestfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The seam for the delivery branch's guestfs: a real directory stands in for the mount."""
+    """The seam for the guest mount: a real directory stands in for the mounted root."""
     root = tmp_path / "guest-root"
     root.mkdir()
-    module = types.ModuleType("instance_cloudimage.disk.mount")
 
     def mount_guest_root(disk_path: str, stack: object, arch: str) -> object:
         return types.SimpleNamespace(path=root, device="/dev/loop-fake")
 
-    module.mount_guest_root = mount_guest_root  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "instance_cloudimage.disk.mount", module)
+    monkeypatch.setattr("instance_cloudimage.verbs.create.mount_guest_root", mount_guest_root)
     return root
 
 
@@ -559,11 +553,14 @@ def test_create_runs_every_phase_with_target_only_in_post_write(tmp_path: Path, 
     assert (fake_guestfs / "from-hook").read_text() == "hello\n"
 
 
-def test_post_write_without_guestfs_warns_and_unsets_target(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_post_write_without_a_guest_root_warns_and_unsets_target(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from instance_cloudimage.verbs.create import run_create
 
-    monkeypatch.setitem(sys.modules, "instance_cloudimage.disk.mount", None)  # import fails
+    def no_root(disk_path: str, stack: object, arch: str) -> object:
+        raise SeedError("no Linux root filesystem found on the disk")
+
+    monkeypatch.setattr("instance_cloudimage.verbs.create.mount_guest_root", no_root)
     site = make_site(tmp_path)
     out = tmp_path / "phases"
     write_hook(site.paths.site_hooks / "post-write.d" / "10-probe", PHASE_PROBE.format(out=out))

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from instance_cloudimage.image.detect import check_tail, identify, inspect_file
-from instance_cloudimage.runtime.errors import UnsafeImage, UnsupportedFormat
-from instance_cloudimage.image.formats import DiskFormat
 from instance_cloudimage.image.file import ImageFile
+from instance_cloudimage.image.formats import DiskFormat
 from instance_cloudimage.image.vhd import crc32c, vhd_footer
 from instance_cloudimage.image.vmdk import looks_like_descriptor, parse_descriptor
+from instance_cloudimage.runtime.errors import UnsafeImage, UnsupportedFormat
 
 HEAD = 128 * 1024
 

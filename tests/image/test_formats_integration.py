@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from instance_cloudimage.image import wrappers
-from instance_cloudimage.runtime.errors import UnsafeImage
 from instance_cloudimage.image.formats import DiskFormat, Wrapper
-
+from instance_cloudimage.runtime.errors import UnsafeImage
 from tests.support.imagetools import (
     MiB,
     compare,

@@ -23,9 +23,19 @@ from instance_cloudimage.runtime.errors import (
     UnsupportedFormat,
     UserError,
 )
-
-from tests.support.imagetools import SECRET, MiB, compare, contains, deploy, make_raw_disk, new_disk, qemu_convert, run, sh
 from tests.image.test_formats_integration import cli_create
+from tests.support.imagetools import (
+    SECRET,
+    MiB,
+    compare,
+    contains,
+    deploy,
+    make_raw_disk,
+    new_disk,
+    qemu_convert,
+    run,
+    sh,
+)
 
 pytestmark = pytest.mark.integration
 DISK = 32 * MiB

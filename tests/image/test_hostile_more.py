@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 
 from instance_cloudimage.image.detect import inspect_file
-from instance_cloudimage.runtime.errors import UnsafeImage
 from instance_cloudimage.image.file import ImageFile
-
-from tests.support.imagetools import MiB, compare, deploy, make_raw_disk, new_disk, qemu_convert, sh
+from instance_cloudimage.runtime.errors import UnsafeImage
 from tests.image.test_hostile import refused
+from tests.support.imagetools import MiB, compare, deploy, make_raw_disk, new_disk, qemu_convert, sh
 
 pytestmark = pytest.mark.integration
 OFFSET_MASK = 0x00FFFFFFFFFFFE00

@@ -12,10 +12,9 @@ import pytest
 from instance_cloudimage.disk import convert
 from instance_cloudimage.disk.convert import inspect_with_qemu
 from instance_cloudimage.image.detect import inspect_file
-from instance_cloudimage.runtime.errors import UnsafeImage
-from instance_cloudimage.image.formats import DetectedImage
 from instance_cloudimage.image.file import ImageFile
-
+from instance_cloudimage.image.formats import DetectedImage
+from instance_cloudimage.runtime.errors import UnsafeImage
 from tests.conftest import Site, cli, need_root, need_tools
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from instance_cloudimage.runtime.errors import ConversionError, ImageTooLarge, UnsafeImage, UnsupportedFormat
+from instance_cloudimage.disk.write import CHUNK, DiskTarget, copy_stream, open_disk, scrub
 from instance_cloudimage.image.formats import Wrapper
 from instance_cloudimage.image.tar import TarMember
 from instance_cloudimage.image.wrappers import announced_size, drain, identify_wrapper, xz_announced_size
-from instance_cloudimage.disk.write import CHUNK, DiskTarget, copy_stream, open_disk, scrub
+from instance_cloudimage.runtime.errors import ConversionError, ImageTooLarge, UnsafeImage, UnsupportedFormat
 
 MiB = 1024 * 1024
 

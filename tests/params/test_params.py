@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from instance_cloudimage.runtime.siteconfig import Paths, SiteConfig, load_site_config
 from instance_cloudimage.params.table import PARAMETERS, render_parameters_list, validate_parameters
+from instance_cloudimage.runtime.siteconfig import Paths, SiteConfig, load_site_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,9 +11,9 @@ from types import MappingProxyType
 
 import pytest
 
-from instance_cloudimage.runtime.siteconfig import SITE_SETTINGS, Paths, SiteConfig
 from instance_cloudimage.runtime.errors import ChecksumMismatch, ParameterError
 from instance_cloudimage.runtime.localpath import open_local_image, resolve_local_image_path
+from instance_cloudimage.runtime.siteconfig import SITE_SETTINGS, Paths, SiteConfig
 
 
 @pytest.fixture

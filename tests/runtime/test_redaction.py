@@ -12,10 +12,10 @@ import logging
 
 import pytest
 
-from instance_cloudimage.cli import main as cli
+from instance_cloudimage.params.table import values_to_hide
 from instance_cloudimage.runtime import log as logmod
 from instance_cloudimage.runtime.log import redact
-from instance_cloudimage.params.table import values_to_hide
+from instance_cloudimage.scripts import main as entry
 
 PW = "$6$saltsaltsalt$" + "Q" * 86
 KEY_BODY = "AAAAC3NzaC1lZDI1NTE5AAAAIGx0ZXN0a2V5Zm9ydGVzdGluZ29ubHkxMjM0NTY3ODkw"
@@ -60,11 +60,11 @@ def test_an_internal_error_quoting_a_secret_is_scrubbed(monkeypatch: pytest.Monk
     def buggy(*args: object) -> None:
         raise RuntimeError(f"unexpected {PW} in {PARAMS['image']}")
 
-    monkeypatch.setattr(cli, "dispatch", buggy)
+    monkeypatch.setattr(entry, "dispatch", buggy)
     env = {"OS_API_VERSION": "20", "OS_NAME": "cloudimage", "OS_VARIANT": "demo", "DEBUG_LEVEL": debug,
            **{"OSP_" + k.upper(): v for k, v in PARAMS.items()}}
     try:
-        assert cli.os_script_main("verify", environ=env, argv=["/nonexistent/verify", "parameters"]) == cli.EXIT_BUG
+        assert entry.os_script_main("verify", environ=env, argv=["/nonexistent/verify", "parameters"]) == entry.EXIT_BUG
     finally:
         logging.getLogger("instance_cloudimage").handlers.clear()
     err = capsys.readouterr().err

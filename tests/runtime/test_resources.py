@@ -10,7 +10,7 @@ from instance_cloudimage.runtime import resources
 
 
 def test_checkout_finds_the_top_level_directories() -> None:
-    root = Path(resources.__file__).resolve().parent.parent
+    root = Path(resources.__file__).resolve().parents[2]
     assert resources.shipped_dir("variants") == root / "variants"
     assert (resources.shipped_dir("variants") / "demo.conf").is_file()
     assert (resources.shipped_dir("scripts") / "create").is_file()

@@ -2,7 +2,7 @@
 values nobody should send.  Each must end in one 'error:' line and exit 1 or 2 (or succeed);
 exit 3 (internal error) or a traceback at DEBUG_LEVEL=0 is a bug.
 
-The OS scripts run in this process through cli.os_script_main, as scripts/<verb> calls it; the
+The OS scripts run in this process through entry.os_script_main, as scripts/<verb> calls it; the
 disk is a small file, so a create whose input happens to be valid stops early at "image too large".
 """
 
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from instance_cloudimage.cli import main as cli
-from instance_cloudimage.runtime.siteconfig import SITE_SETTINGS, Paths, load_site_config
-from instance_cloudimage.runtime.errors import UserError
-from instance_cloudimage.params.table import PARAMETERS
 from instance_cloudimage.ganeti.variants import VARIANT_SETTINGS, host_architecture, load_variant
+from instance_cloudimage.params.table import PARAMETERS
+from instance_cloudimage.runtime.errors import UserError
+from instance_cloudimage.runtime.siteconfig import SITE_SETTINGS, Paths, load_site_config
+from instance_cloudimage.scripts import main as entry
 
 NASTY = {
     "empty": "",
@@ -69,7 +69,7 @@ def disk(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def in_process(monkeypatch: pytest.MonkeyPatch, paths: Paths) -> Iterator[None]:
-    monkeypatch.setattr("instance_cloudimage.cli.main.installed_paths", lambda argv0: paths)
+    monkeypatch.setattr("instance_cloudimage.scripts.main.installed_paths", lambda argv0: paths)
     yield
     logging.getLogger("instance_cloudimage").handlers.clear()
 
@@ -88,12 +88,12 @@ def base_env(verb: str, disk: Path) -> dict[str, str]:
 
 
 def run_script(verb: str, env: Mapping[str, str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    rc = cli.os_script_main(verb, environ=env, argv=[f"/fuzz/{verb}"] + (["parameters"] if verb == "verify" else []))
+    rc = entry.os_script_main(verb, environ=env, argv=[f"/fuzz/{verb}"] + (["parameters"] if verb == "verify" else []))
     return rc, capsys.readouterr().err
 
 
 def assert_clean(rc: int, err: str, *, may_succeed: bool = True, debug: bool = False) -> None:
-    assert rc != cli.EXIT_BUG and "internal error" not in err, err
+    assert rc != entry.EXIT_BUG and "internal error" not in err, err
     assert debug or "Traceback" not in err, err
     if rc == 0:
         assert may_succeed, err
@@ -149,8 +149,8 @@ def test_rename_export_import_with_a_nasty_variable(verb: str, name: str, value:
     env = base_env(verb, disk) | {name: value}
     with open("/dev/null", "w") as out, open("/dev/null") as inp:
         # The export stream goes nowhere (not into pytest's capture); the import stream is empty.
-        monkeypatch.setattr("instance_cloudimage.verbs.transfer.sys.stdout", out)
-        monkeypatch.setattr("instance_cloudimage.verbs.transfer.sys.stdin", inp)
+        monkeypatch.setattr("instance_cloudimage.verbs.export.sys.stdout", out)
+        monkeypatch.setattr("instance_cloudimage.verbs.import_disk.sys.stdin", inp)
         assert_clean(*run_script(verb, env, capsys))
 
 

@@ -25,15 +25,14 @@ from typing import Any
 import pytest
 import yaml
 
-from instance_cloudimage.seed.configdrive import build_configdrive
 from instance_cloudimage.ganeti.env import GanetiEnv, Instance, Network, Nic
-from instance_cloudimage.seed.network import eui64_address
-from instance_cloudimage.seed.content import SeedFiles, SeedInput, build_nocloud, rename_seed_input, seed_input
-from instance_cloudimage.seed.userdata import OUR_MERGE_TYPE
 from instance_cloudimage.ganeti.variants import Variant
-
-from tests.support import delivery_helpers as dh
+from instance_cloudimage.seed.configdrive import build_configdrive
+from instance_cloudimage.seed.content import SeedFiles, SeedInput, build_nocloud, rename_seed_input, seed_input
+from instance_cloudimage.seed.network import eui64_address
+from instance_cloudimage.seed.userdata import OUR_MERGE_TYPE
 from tests.conftest import need_tools
+from tests.support import delivery_helpers as dh
 
 pytestmark = pytest.mark.integration
 

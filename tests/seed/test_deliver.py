@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from instance_cloudimage.seed import deliver as seed
-from instance_cloudimage.runtime.errors import ParameterError, SeedError, UnsafeImage
 from instance_cloudimage.disk.partitions import GuestLayout, Partition, PartitionTable
+from instance_cloudimage.runtime.errors import ParameterError, SeedError, UnsafeImage
+from instance_cloudimage.seed import deliver as seed
 from instance_cloudimage.seed.drive import needed_size, seed_fs_size
-
 from tests.support import delivery_helpers as dh
 from tests.support import guest_images as gi
+
 ROOT = Partition(1, 0, 100, "", "ext4")
 
 
@@ -133,7 +133,7 @@ def deliver(tmp_path: Path, images: list[Path], agent: str = "cloud-init", **par
     genv = dh.ganeti_env(images, params={"ssh_authorized_keys": dh.KEY, **params})
     variant = dh.make_variant(tmp_path / "etc", agent=agent)
     with ExitStack() as stack:
-        result = seed.deliver_seed(dh.context(genv, variant, tmp_path / "etc"), stack)
+        result = dh.deliver(genv, variant, stack)
     return genv, variant, result
 
 
@@ -269,7 +269,7 @@ def test_flamingo_ssh_dir_symlink_is_refused(tmp_path: Path) -> None:
     genv = dh.ganeti_env([img], params={"ssh_authorized_keys": dh.KEY})
     variant = dh.make_variant(tmp_path / "etc", agent="flamingo")
     with pytest.raises(UnsafeImage, match="/root/.ssh is a symbolic link"), ExitStack() as stack:
-        seed.deliver_seed(dh.context(genv, variant, tmp_path / "etc"), stack)
+        dh.deliver(genv, variant, stack)
     assert list(host.iterdir()) == []
     assert gi.no_loops(img)
 
@@ -283,7 +283,7 @@ def test_reinstall_writes_a_fresh_seed(tmp_path: Path) -> None:
     for reinstall in (False, True, True):
         genv = dh.ganeti_env([img, drive], params={"seed": "nocloud-disk"}, reinstall=reinstall)
         with ExitStack() as stack:
-            seed.deliver_seed(dh.context(genv, variant, tmp_path / "etc"), stack)
+            dh.deliver(genv, variant, stack)
         ids.append(dh.read_fat_seed(drive, "nocloud")["instance_id"])
     assert ids[0] == genv.require_instance().uuid
     assert len(set(ids)) == 3  # cloud-init runs its per-instance modules again after each reinstall
@@ -310,7 +310,7 @@ def test_flamingo_device_or_fifo_in_the_guest_is_refused(tmp_path: Path, node: s
     genv = dh.ganeti_env([img, drive], params={"ssh_authorized_keys": dh.KEY})
     variant = dh.make_variant(tmp_path / "etc", agent="flamingo")
     with pytest.raises(UnsafeImage, match=f"the image's {shown} is not a regular file"), ExitStack() as stack:
-        seed.deliver_seed(dh.context(genv, variant, tmp_path / "etc"), stack)
+        dh.deliver(genv, variant, stack)
     assert gi.no_loops(img) and gi.our_mounts(img) == []
 
 
@@ -380,9 +380,9 @@ def test_flamingo_symlinks_never_reach_the_host(tmp_path: Path, link: str, refus
     with ExitStack() as stack:
         if refused:
             with pytest.raises(UnsafeImage, match=refused):
-                seed.deliver_seed(dh.context(genv, variant, tmp_path / "etc"), stack)
+                dh.deliver(genv, variant, stack)
         else:
-            seed.deliver_seed(dh.context(genv, variant, tmp_path / "etc"), stack)
+            dh.deliver(genv, variant, stack)
     assert sorted(p.name for p in host.iterdir()) == ["file"]
     assert (host / "file").read_text() == "host\n"
     assert gi.no_loops(img) and gi.our_mounts(img) == []

@@ -15,10 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from instance_cloudimage.seed import deliver as seed
-from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.ganeti.env import Script, parse_environment
-from instance_cloudimage.verbs.transfer import run_rename
+from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.seed.rename import (
     make_renamer,
     rename_cloud_config,
@@ -26,9 +24,10 @@ from instance_cloudimage.seed.rename import (
     rename_metadata_yaml,
     rename_user_data,
 )
-
+from instance_cloudimage.verbs.rename import run_rename
 from tests.support import delivery_helpers as dh
 from tests.support import guest_images as gi
+
 R = make_renamer("old.example.org", "new.example.org")
 
 
@@ -90,7 +89,7 @@ def create(tmp_path: Path, images: list[Path], **params: str) -> None:
     genv = dh.ganeti_env(images, name="old.example.org", params=params)
     variant = dh.make_variant(tmp_path / "etc")
     with ExitStack() as stack:
-        seed.deliver_seed(dh.context(genv, variant, tmp_path / "etc"), stack)
+        dh.deliver(genv, variant, stack)
 
 
 def rename(images: list[Path], **params: str) -> None:

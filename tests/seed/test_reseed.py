@@ -21,15 +21,14 @@ from typing import Any
 
 import pytest
 
-from instance_cloudimage.seed import deliver as seed
-from instance_cloudimage.runtime.siteconfig import Paths
-from instance_cloudimage.ganeti.env import Script, parse_environment
-from instance_cloudimage.disk.mount import mount_guest_root
 from instance_cloudimage.cli.install import install_os
+from instance_cloudimage.disk.mount import mount_guest_root
+from instance_cloudimage.ganeti.env import Script, parse_environment
+from instance_cloudimage.runtime.siteconfig import Paths
 from instance_cloudimage.seed.reseedplan import macs_in
-
 from tests.support import delivery_helpers as dh
 from tests.support import guest_images as gi
+
 OLD_UUID = str(uuid.uuid5(uuid.NAMESPACE_DNS, "test-instance"))  # what delivery_helpers.environ gives
 NEW_UUID = "5f0c6a1e-3b7d-4c2a-9d8e-2a1b3c4d5e6f"
 OLD_MACS = ("aa:00:00:00:00:00", "aa:00:00:00:00:01")
@@ -68,7 +67,7 @@ def create(etc: Path, disks: list[Path], variant: str = "test", **params: str) -
     v = dh.make_variant(etc, agent="flamingo" if variant == "flam" else "cloud-init", name=variant)
     genv = parse_environment(env_of(disks, params=params or None, variant=variant), Script.CREATE)
     with ExitStack() as stack:
-        seed.deliver_seed(dh.context(genv, v, etc), stack)
+        dh.deliver(genv, v, stack)
 
 
 def export_then_import(os_dir: Path, src: Path, dst: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

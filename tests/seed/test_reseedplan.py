@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
+from instance_cloudimage.ganeti.env import Script, parse_environment
+from instance_cloudimage.ganeti.variants import Variant
+from instance_cloudimage.runtime.errors import SeedError
 from instance_cloudimage.runtime.siteconfig import SITE_SETTINGS, SiteConfig
 from instance_cloudimage.seed.configdrive import build_configdrive
-from instance_cloudimage.ganeti.env import Script, parse_environment
-from instance_cloudimage.runtime.errors import SeedError
+from instance_cloudimage.seed.content import build_nocloud, seed_input
 from instance_cloudimage.seed.reseedplan import (
     choose_instance_id,
     keep_instance_id,
@@ -25,11 +27,8 @@ from instance_cloudimage.seed.reseedplan import (
     plan_configdrive,
     plan_nocloud,
 )
-from instance_cloudimage.seed.content import build_nocloud, seed_input
-from instance_cloudimage.ganeti.variants import Variant
-
-from tests.support import delivery_helpers as dh
 from tests.seed.test_reseed import NEW_MAC, NEW_UUID, OLD_MACS, OLD_UUID, env_of
+from tests.support import delivery_helpers as dh
 
 # --- decisions ----------------------------------------------------------------------------------------
 

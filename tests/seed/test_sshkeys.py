@@ -11,7 +11,6 @@ import pytest
 
 from instance_cloudimage.runtime.errors import ParameterError
 from instance_cloudimage.seed.sshkeys import MAX_KEYS, parse_authorized_keys, parse_key
-
 from tests.conftest import need_tools
 
 

@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from instance_cloudimage.runtime.siteconfig import SiteConfig
-from instance_cloudimage.runtime.errors import ParameterError
 from instance_cloudimage.params.table import PARAMETERS, render_parameters_list, validate_parameters
+from instance_cloudimage.runtime.errors import ParameterError
+from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.seed.values import (
     HostName,
     parse_hostname,
@@ -16,7 +16,6 @@ from instance_cloudimage.seed.values import (
     parse_password_hash,
     parse_search,
 )
-
 from tests.conftest import need_tools
 
 # Real hashes: yescrypt/gost-yescrypt/scrypt/bcrypt made with libxcrypt (crypt(3)) for "pw".

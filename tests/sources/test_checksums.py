@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from instance_cloudimage.sources.checksums import Digest, lookup_required, parse_checksum_file
-from instance_cloudimage.runtime.siteconfig import Paths, load_site_config
 from instance_cloudimage.runtime.errors import ChecksumMismatch, ConfigError, UnsafeImage
-from instance_cloudimage.sources.signature import dearmor, strip_clearsign
+from instance_cloudimage.runtime.siteconfig import Paths, load_site_config
+from instance_cloudimage.sources.checksums import Digest, lookup_required, parse_checksum_file
 from instance_cloudimage.sources.fetch import ImageRef, fetch_image
-
+from instance_cloudimage.sources.signature import dearmor, strip_clearsign
 from tests.support.httpfixtures import ServerState, write_site
 
 A = "a" * 64

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from instance_cloudimage.runtime.siteconfig import Paths, SiteConfig, load_site_config
 from instance_cloudimage.runtime.errors import ChecksumMismatch, ImageFetchError, ImageTooLarge, ParameterError
+from instance_cloudimage.runtime.siteconfig import Paths, SiteConfig, load_site_config
 from instance_cloudimage.sources.fetch import FetchedImage, ImageRef, fetch_image, open_image
-
 from tests.support.httpfixtures import Server, ServerState, make_cert, make_qcow2, write_site
 
 pytestmark = pytest.mark.integration

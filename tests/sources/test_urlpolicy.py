@@ -6,10 +6,17 @@ import ipaddress
 
 import pytest
 
-from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.runtime.errors import ImageFetchError
+from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.sources.mirrors import candidate_urls
-from instance_cloudimage.sources.urlpolicy import UrlPolicy, check_peer, check_url, is_public_address, parse_host, redact_url
+from instance_cloudimage.sources.urlpolicy import (
+    UrlPolicy,
+    check_peer,
+    check_url,
+    is_public_address,
+    parse_host,
+    redact_url,
+)
 
 USER = UrlPolicy(restricted=True)
 

@@ -26,6 +26,6 @@ if pause:
 
     setattr(module, function_name, paused)
 
-from instance_cloudimage.cli.main import os_script_main  # noqa: E402
+from instance_cloudimage.scripts.main import os_script_main  # noqa: E402
 
 sys.exit(os_script_main(sys.argv[1], environ=os.environ, argv=[sys.argv[2]]))

@@ -9,15 +9,16 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from instance_cloudimage.runtime.siteconfig import Paths
-from instance_cloudimage.verbs.create import CreateContext
 from instance_cloudimage.ganeti.env import GanetiEnv, Script, parse_environment
 from instance_cloudimage.ganeti.variants import Variant, load_variant
-
+from instance_cloudimage.runtime.siteconfig import Paths
+from instance_cloudimage.seed.deliver import SeedPlan, deliver_seed
 from tests.support import guest_images as gi
+
 # The project's reader (written with the data side): Debian's cloud-init datasource code, user-data
 # processor and config modules, with everything that would change this host recorded instead.
 # The project's reader (written with the data side): Debian's cloud-init datasource code, user-data
@@ -62,12 +63,9 @@ def make_variant(config_dir: Path, *, agent: str = "cloud-init", seed: str = "au
     return load_variant(name, Paths(config_dir=config_dir, cache_dir=config_dir / "cache"))
 
 
-def context(genv: GanetiEnv, variant: Variant, config_dir: Path) -> CreateContext:
-    from instance_cloudimage.runtime.siteconfig import SiteConfig
-
-    inst = genv.require_instance()
-    return CreateContext(genv, SiteConfig(Paths(config_dir, config_dir / "cache")), inst, variant, "x86_64",
-                         inst.disks[0])
+def deliver(genv: GanetiEnv, variant: Variant, stack: ExitStack) -> SeedPlan:
+    """deliver_seed as create calls it, onto disk 0 of ``genv``'s instance (x86_64)."""
+    return deliver_seed(genv, variant, genv.require_instance().disks[0].path or "", "x86_64", stack)
 
 
 def expected_files(genv: GanetiEnv, variant: Variant, kind: str) -> dict[str, bytes]:

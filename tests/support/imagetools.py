@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from instance_cloudimage.disk.deploy import Deployed, deploy_image
-from instance_cloudimage.runtime.errors import ChecksumMismatch
 from instance_cloudimage.disk.write import open_disk
+from instance_cloudimage.runtime.errors import ChecksumMismatch
 
 MiB = 1024 * 1024
 SECRET = b"TOP-SECRET-HOST-DATA-0123456789"

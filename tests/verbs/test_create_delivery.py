@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from instance_cloudimage.runtime.siteconfig import Paths
 from instance_cloudimage.cli.install import install_os
-
+from instance_cloudimage.runtime.siteconfig import Paths
 from tests.support import delivery_helpers as dh
 from tests.support import guest_images as gi
+
 pytestmark = pytest.mark.integration
 DRIVER = Path(__file__).resolve().parents[1] / "support" / "create_driver.py"
 M = 1024 * 1024

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from instance_cloudimage.cli.install import install_os
 from instance_cloudimage.runtime.siteconfig import Paths
 from instance_cloudimage.sources.demo import build_demo_image
-from instance_cloudimage.cli.install import install_os
-
 from tests.support import guest_images as gi
 from tests.support.httpfixtures import Server, ServerState
 

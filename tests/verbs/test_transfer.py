@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from instance_cloudimage.cli.install import install_os
 from instance_cloudimage.disk import exportstream as ds
 from instance_cloudimage.runtime.siteconfig import Paths
-from instance_cloudimage.cli.install import install_os
 
 MIB = 1024 * 1024
 DISK_SIZE = 64 * MIB

@@ -23,7 +23,7 @@ from typing import Any
 from instance_cloudimage.disk.exportstream import HEADER, MAGIC, Header, parse_header
 from instance_cloudimage.disk.mount import attach_loop, mount_partition
 from instance_cloudimage.disk.partitions import GuestLayout, Partition, find_guest_layout
-from tests.delivery_helpers import run_reader
+from tests.support.delivery_helpers import run_reader
 
 ARCH = "x86_64"
 NOCLOUD_DIR = "var/lib/cloud/seed/nocloud"

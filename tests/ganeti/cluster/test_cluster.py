@@ -23,10 +23,10 @@ import pytest
 from ganeti_cluster import OS_DIR, OS_NAME, GanetiCluster
 from guest_disk import read_seed
 
+from instance_cloudimage.ganeti.variants import list_variants
+from instance_cloudimage.params.table import parameter_names
 from instance_cloudimage.runtime.siteconfig import Paths
 from instance_cloudimage.sources.demo import build_demo_image
-from instance_cloudimage.params.table import parameter_names
-from instance_cloudimage.ganeti.variants import list_variants
 
 pytestmark = pytest.mark.ganeti
 
