@@ -68,7 +68,7 @@ def check_fits(virtual_size: int, target: DiskTarget) -> None:
 def inspect_with_qemu(path: Path, detected: DetectedImage, kept: Path | None = None) -> dict[str, Any]:
     """``qemu-img info`` with the detected format, under limits; refuse what our inspector missed.
 
-    With ``kept`` (a directory), qemu-img is asked once per unchanged file (qemuinfo.py); the
+    With ``kept`` (a directory), qemu-img is asked once per unchanged file (image/qemuinfo.py); the
     checks below run on its answer every time."""
     name = display_name(detected.format)
 

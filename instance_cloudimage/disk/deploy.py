@@ -1,6 +1,6 @@
 """Putting the image onto the instance's disk: unwrap, detect, then stream or convert.
 
-The image arrives as an ImageStream (source.py): ``peek``/``readinto``/``read``, then
+The image arrives as an ImageStream (sources/fetch.py): ``peek``/``readinto``/``read``, then
 ``finish()``, which verifies the checksum of the fetched bytes and returns the verified file.
 
 * Wrappers (gzip, xz, bzip2, zstd, tar) are peeled by content, up to MAX_LAYERS deep.
@@ -234,7 +234,7 @@ def deploy_image(stream: ImageStream, declared: str, target: DiskTarget, spool_d
     is the verified, unwrapped image when one exists, None when raw content is streamed.
     ``kept`` is where
     qemu-img's answers about stable image files (cache entries, local files used in place) are
-    kept (qemuinfo.py); a spool or a private copy is new every time and asks afresh.
+    kept (image/qemuinfo.py); a spool or a private copy is new every time and asks afresh.
     """
     declared_fmt = None if declared == "auto" else normalize_declared(declared)
     inner = unwrap(stream, stack, spool_dir)

@@ -9,7 +9,7 @@ registered on the caller's ExitStack the moment it exists, with SIGTERM/SIGINT h
 
 Security: the guest filesystem is untrusted.  A separate /var is mounted through a file
 descriptor of the directory found by walking without following symlinks, never through a path
-string the image could redirect to the host.  Writing into the guest goes through guestfiles.py.
+string the image could redirect to the host.  Writing into the guest goes through disk/guestfiles.py.
 """
 
 from __future__ import annotations

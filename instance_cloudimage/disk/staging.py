@@ -1,4 +1,4 @@
-"""Local staging files for disks reachable only through a URI (uridisk.py).
+"""Local staging files for disks reachable only through a URI (disk/uri.py).
 
 A staging file is a sparse file as large as the disk, private (0600) in the site's staging
 directory (``[Disks] StagingDirectory``, default ``<cache-dir>/staging``).  It costs the disk's
@@ -114,7 +114,7 @@ class StagedDisks:
             return disk
         if disk.index in self.staged:
             return dataclasses.replace(disk, path=os.fspath(self.staged[disk.index][1]))
-        assert disk.uri is not None  # env.py: a disk has a path or a URI
+        assert disk.uri is not None  # ganeti/env.py: a disk has a path or a URI
         path = stage_uri(self.site, disk.uri, f"DISK_{disk.index}_URI", f"disk {disk.index}", self.stack,
                          copy_in=copy_in)
         self.staged[disk.index] = (disk, path, copy_in)

@@ -104,7 +104,7 @@ def ganeti_variables(genv: GanetiEnv, instance: Instance, params: Mapping[str, s
         out.update(_disk_variables(d))
     for n in instance.nics:
         out.update(_nic_variables(n))
-    # Ganeti upper-cases names and turns '-' into '_'; env.py lower-cased them.
+    # Ganeti upper-cases names and turns '-' into '_'; ganeti/env.py lower-cased them.
     out.update({"OSP_" + name.upper(): value for name, value in params.items()})
     return out
 

@@ -1,4 +1,4 @@
-"""Administrators' hooks: executables run at four points of create (the README's "Hooks").
+"""Administrators' hooks: executables run at four points of create (docs/hooks.md).
 
 Each hook is a standalone program with a documented interface (osbuild's stage contract): an
 environment, a JSON file describing the instance, and an exit code.  Hooks are found in

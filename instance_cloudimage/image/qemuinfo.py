@@ -62,7 +62,7 @@ def write_record(directory: Path, key: str, text: str) -> None:
     """Best effort: a record that cannot be written only means asking qemu-img next time."""
     tmp = directory / f".{key}.{os.getpid()}"
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # as cache.py makes the cache directory
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # as sources/cache.py makes the cache directory
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -158,7 +158,7 @@ NEVER_HIDDEN = frozenset({"#cloud-config", "#cloud-config-archive", "#cloud-conf
                           "#part-handler", "#include-once", "## template: jinja", "MIME-Version: 1.0"})
 
 
-BASE64_PREFIX = "base64:"  # as userdata.py reads it
+BASE64_PREFIX = "base64:"  # as seed/userdata.py reads it
 
 
 def _pieces(text: str) -> list[str]:

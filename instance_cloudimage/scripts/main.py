@@ -113,7 +113,7 @@ def os_script_main(verb: str, environ: Mapping[str, str] | None = None,
     environ = os.environ if environ is None else environ
     argv = sys.argv if argv is None else argv
     script = Script(verb)
-    # Every log line starts with this: a malformed OS_NAME (env.py refuses it) must not garble them.
+    # Every log line starts with this: a malformed OS_NAME (ganeti/env.py refuses it) must not garble them.
     name = environ.get("OS_NAME", "")
     prog = f"{name if OS_NAME_RE.match(name) else 'cloudimage'} {verb}"
 

@@ -1,6 +1,6 @@
 """Delivering the guest agent's seed onto the instance: the pipeline step after the image is written.
 
-What the seed says is built by seeddata.py and configdrive.py (pure functions); this module
+What the seed says is built by seed/content.py and seed/configdrive.py (pure functions); this module
 decides where it goes:
 
 - ``nocloud-fs``: ``/var/lib/cloud/seed/nocloud/`` inside the guest's root (or /var) filesystem;
@@ -11,7 +11,7 @@ decides where it goes:
 The ``seed`` OS parameter chooses, else the variant's ``Seed``, else ``auto``: cloud-init gets
 ``nocloud-fs`` (``nocloud-disk`` when the image has no Linux filesystem we can mount and disk 1 is
 free), flamingo gets ``configdrive-disk`` plus its hostname and keys written into the guest (see
-flamingo.py for why), an agent ``none`` gets nothing.
+seed/flamingo.py for why), an agent ``none`` gets nothing.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 First a plan (which NIC gets which addresses, gateways and DNS), then three renderings of it:
 cloud-init network-config v2 and v1 (NoCloud) and OpenStack ``network_data.json`` (config
-drive).  The rules, also in the README:
+drive).  The rules, also in docs/seeding.md ("Network"):
 
 * Every NIC is matched by MAC and gets a fixed name, ``eth<N>`` for Ganeti NIC N, always through
   ``set-name`` (cloud-init LP#1979877: a MAC match without set-name leaves NICs unconfigured).

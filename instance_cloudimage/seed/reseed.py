@@ -1,10 +1,10 @@
 """import: bring the seed on an imported disk up to date with the instance it now belongs to.
 
-The seed create wrote (seed.py) travels with the export: a NoCloud directory in the guest, or a
+The seed create wrote (seed/deliver.py) travels with the export: a NoCloud directory in the guest, or a
 ``cidata``/``config-2`` disk.  Its network configuration matches every NIC by MAC, and
 ``gnt-backup import`` gives the instance new MACs (``--net N:mac=generate``) and may change the
 NIC count, IPs and networks.  Once import has written a disk completely, this step finds the seed
-on it, lets reseedplan.py decide what changes, and writes that: the guest filesystem is looked at
+on it, lets seed/reseedplan.py decide what changes, and writes that: the guest filesystem is looked at
 read-only and mounted read-write only when something changes, so a seed that is still right leaves
 the disk as it was, byte for byte.
 

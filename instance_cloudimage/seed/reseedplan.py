@@ -1,7 +1,7 @@
-"""What re-seeding an imported disk changes, as data: pure functions, no disks (reseed.py applies it).
+"""What re-seeding an imported disk changes, as data: pure functions, no disks (seed/reseed.py applies it).
 
 The parts of a seed that describe the instance are regenerated from the import-time environment
-exactly as create builds them (seeddata.py, configdrive.py): the network configuration, the host
+exactly as create builds them (seed/content.py, seed/configdrive.py): the network configuration, the host
 name in the metadata (and the config drive's ``name``/``meta``), and the instance-id when, and
 only when, the guest needs a new one.  User-data, SSH keys and the password stay as the seed has
 them: the seed on the disk is the instance's truth.  Secret parameters (user-data, a password

@@ -5,7 +5,7 @@ gzip-compressed (as cloud-init itself accepts).  The decoded text is classified 
 rules (``cloudinit.handlers.type_from_starts_with`` plus its MIME test), so what we call a script
 or a cloud-config is exactly what the guest will.
 
-How our settings travel with the user's data (see the README's seeding section):
+How our settings travel with the user's data (docs/seeding.md, "How our cloud-config and the user's are combined"):
 
 * cloud-config: merged into one ``#cloud-config`` document; the user's values win, lists both
   sides set are joined (ours first), mappings are merged key by key.

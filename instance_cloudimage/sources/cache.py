@@ -370,7 +370,7 @@ class Cache:
 
 
 def make_cache(site: SiteConfig) -> Cache:
-    """The site's image cache, set up (it needs nothing of the HTTP stack, unlike remote.py)."""
+    """The site's image cache, set up (it needs nothing of the HTTP stack, unlike sources/remote.py)."""
     cache = Cache(site.paths.cache_dir, int(site.get("cache_max_size")))
     cache.setup()
     return cache

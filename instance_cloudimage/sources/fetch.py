@@ -2,7 +2,7 @@
 
 ``resolve_image`` decides *what* to fetch (the variant's image, or the ``image`` parameter);
 ``open_image`` returns an ``ImageStream`` over its bytes, and ``fetch_image`` the verified file.
-Remote images go through the cache (remote.py, cache.py).  A local file that only root can
+Remote images go through the cache (sources/remote.py, sources/cache.py).  A local file that only root can
 change is used in place, through the descriptor opened after the path checks (qemu-img gets
 ``/proc/<pid>/fd/<n>``, so a path swapped afterwards changes nothing); any other local file is
 first copied into a private spool while it is hashed, so qemu-img reads bytes nobody else can
@@ -228,7 +228,7 @@ def expected_local_digest(ref: ImageRef, path: Path, site: SiteConfig) -> Digest
 
 
 def close_unless_busy(fd: int, box: list[Spool]) -> None:
-    """Close ``fd`` unless a producer thread that may still use it is alive (see remote.py)."""
+    """Close ``fd`` unless a producer thread that may still use it is alive (see sources/remote.py)."""
     thread = box[0].thread if box else None
     if thread is None or not thread.is_alive():
         os.close(fd)

@@ -6,7 +6,7 @@ Redirects are followed by hand so that every hop is checked by ``urlpolicy.check
 request for a user's URL connects through a pool whose connections check the address they
 actually reached (``urlpolicy.check_peer``), which defeats DNS rebinding.
 
-Bodies are not read here; ``download.py`` streams them.
+Bodies are not read here; ``sources/download.py`` streams them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A file filled by one producer thread while one consumer reads it behind the producer.
 
-The producer is a download (download.py), a copy of a local file, or a pass that only hashes a
+The producer is a download (sources/download.py), a copy of a local file, or a pass that only hashes a
 local file used in place; the consumer (the disk writer) reads with ``pread`` up to what the
 producer has published, and sees the end only once the producer has verified everything.  This
 module needs nothing from the network side, so local images never import an HTTP stack.

@@ -84,7 +84,7 @@ def prepare(genv: GanetiEnv, site: SiteConfig) -> CreateContext:
 
 def write_image(ctx: CreateContext, ref: ImageRef, stack: ExitStack,
                 before_write: Callable[[DetectedImage, Path | None], None] | None = None) -> DetectedImage:
-    """Open the disk, then stream or convert the image onto it (deploy.py).
+    """Open the disk, then stream or convert the image onto it (disk/deploy.py).
 
     ``before_write`` runs once the image is detected and vetted, before the disk is touched.
     """
@@ -134,7 +134,7 @@ def run_create(genv: GanetiEnv, site: SiteConfig, *, plan: HookPlan | None = Non
 
 
 def stage_disk(ctx: CreateContext, stack: ExitStack) -> CreateContext:
-    """Give a URI-only disk 0 a local staging file (staging.py); the steps after it see a file disk."""
+    """Give a URI-only disk 0 a local staging file (disk/staging.py); the steps after it see a file disk."""
     staged = StagedDisks(ctx.site, stack, target_is_zero=ctx.wiped)
     return dataclasses.replace(ctx, disk=staged.local(ctx.disk, copy_in=False), staged=staged)
 

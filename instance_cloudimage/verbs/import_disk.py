@@ -87,7 +87,7 @@ def run_import(genv: GanetiEnv, site: SiteConfig, source: BinaryIO | None = None
     """The import script.  Raises ConversionError (StreamError) for a bad stream.
 
     ``after_write(local_path)`` runs once the disk's data is complete, on the device or, for a
-    URI-only disk, on its staging file before that is copied out (the re-seed: reseed.py).
+    URI-only disk, on its staging file before that is copied out (the re-seed: seed/reseed.py).
     A URI-only disk is written only after the whole stream checked out: a truncated or corrupt
     stream leaves it untouched.
     """

@@ -42,6 +42,6 @@ def transfer_disk(genv: GanetiEnv, site: SiteConfig, stack: ExitStack, word: str
         raise EnvironmentError_(f"${word}_DEVICE or ${word}_DISK_URI must be set")
     if t.device is not None:
         return TransferDisk(t.device)
-    assert t.uri is not None  # env.py: a transfer has a device or a URI
+    assert t.uri is not None  # ganeti/env.py: a transfer has a device or a URI
     staging = stage_uri(site, t.uri, f"{word}_DISK_URI", "the disk", stack, copy_in=word == "EXPORT")
     return TransferDisk(os.fspath(staging), t.uri)

@@ -1,4 +1,4 @@
-"""Parsing the Ganeti environment (env.py) with environments as Ganeti 3.0 really passes them."""
+"""Parsing the Ganeti environment (ganeti/env.py) with environments as Ganeti 3.0 really passes them."""
 
 from __future__ import annotations
 

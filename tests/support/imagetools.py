@@ -60,7 +60,7 @@ class Fetched:
 
 
 class FileStream:
-    """The ImageStream protocol over a local file (what source.py provides), with an optional
+    """The ImageStream protocol over a local file (what sources/fetch.py provides), with an optional
     sha256 to verify in finish() and an optional ``local_path``."""
 
     def __init__(self, path: Path, *, sha256: str | None = None, local: bool = False) -> None:

@@ -270,7 +270,7 @@ def test_export_remove_import_rename(ganeti_cluster: GanetiCluster, created: Cre
 
     # [Import] Reseed = no: imported under the same name (a new name makes Ganeti run rename, which
     # updates the seed's host name) and with a new MAC, the disk is the exported one byte for byte;
-    # its seed then still names the old NICs, as the README says.
+    # its seed then still names the old NICs, as docs/lifecycle.md says.
     site = cluster.config_dir / "defaults.conf"
     before = site.read_text()
     site.write_text(before + "[Import]\nReseed = no\n")
