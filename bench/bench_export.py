@@ -29,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, os.fspath(Path(__file__).resolve().parent.parent))
 
 from instance_cloudimage.cli.install import install_os
+from instance_cloudimage.ganeti.env import Script
+from instance_cloudimage.ganeti.simulate import SimulatedTransfer, simulated_environment
 from instance_cloudimage.runtime.settings import parse_size
 from instance_cloudimage.runtime.siteconfig import Paths
 
@@ -65,12 +67,9 @@ def count_stream(argv: list[str], env: dict[str, str] | None, cwd: str | None) -
     return total, time.monotonic() - start, digest.hexdigest()
 
 
-def script_env(os_dir: Path, disk: Path, verb: str) -> dict[str, str]:
-    return {
-        "PATH": "/sbin:/bin:/usr/sbin:/usr/bin", "LC_ALL": "C", "OS_API_VERSION": "20", "OS_NAME": "cloudimage",
-        "OS_VARIANT": "demo", "INSTANCE_NAME": "bench.example", "DISK_COUNT": "1", "DISK_0_PATH": os.fspath(disk),
-        "NIC_COUNT": "0", f"{verb}_DEVICE": os.fspath(disk), f"{verb}_INDEX": "0",
-    }
+def script_env(os_dir: Path, disk: Path, verb: Script) -> dict[str, str]:
+    """What Ganeti's import-export daemon gives ``verb`` (export or import) for ``disk``."""
+    return simulated_environment("demo", [disk], instance_name="bench.example", transfer=SimulatedTransfer(verb))
 
 
 def verify(os_dir: Path, stream_argv: list[str], env: dict[str, str], disk: Path, work: Path) -> bool:
@@ -79,7 +78,7 @@ def verify(os_dir: Path, stream_argv: list[str], env: dict[str, str], disk: Path
         f.truncate(disk.stat().st_size)
     exporter = subprocess.Popen(stream_argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
                                 cwd=os_dir)
-    importer = subprocess.run([os_dir / "import"], stdin=exporter.stdout, env=script_env(os_dir, target, "IMPORT"),
+    importer = subprocess.run([os_dir / "import"], stdin=exporter.stdout, env=script_env(os_dir, target, Script.IMPORT),
                               cwd=os_dir, stderr=subprocess.DEVNULL, check=False)
     exporter.wait()
     same = importer.returncode == 0 and subprocess.run(["cmp", "-s", disk, target], check=False).returncode == 0
@@ -114,7 +113,7 @@ def main() -> int:
         nbytes, secs, _ = count_stream(["dd", f"if={disk}", "bs=1M", "status=none"], None, None)
         runs.append(("dd bs=1M", nbytes, secs))
         for name, os_dir in os_dirs.items():
-            env = script_env(os_dir, disk, "EXPORT")
+            env = script_env(os_dir, disk, Script.EXPORT)
             nbytes, secs, _ = count_stream([os.fspath(os_dir / "export")], env, os.fspath(os_dir))
             runs.append((name, nbytes, secs))
             if args.verify:

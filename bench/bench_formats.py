@@ -37,6 +37,10 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.fspath(Path(__file__).resolve().parent.parent))
+
+from instance_cloudimage.ganeti.simulate import SimulatedDisk, simulated_environment
+
 GiB = 1024**3
 MiB = 1024**2
 HERE = Path(__file__).resolve().parent
@@ -146,11 +150,8 @@ def ours(work: Path) -> dict[str, list[str]]:
 
 def ganeti_env(image: Path, target: Path) -> dict[str, str]:
     """What Ganeti gives a create script (../shared/docs/ganeti-os-interface.md), for the plain variant."""
-    return {"PATH": "/sbin:/bin:/usr/sbin:/usr/bin", "OS_API_VERSION": "20", "OS_NAME": "cloudimage",
-            "OS_VARIANT": "plain", "INSTANCE_OS": "cloudimage+plain", "DEBUG_LEVEL": "0",
-            "INSTANCE_NAME": "bench.example.org", "HYPERVISOR": "kvm", "DISK_COUNT": "1",
-            "DISK_0_PATH": os.fspath(target), "DISK_0_ACCESS": "rw", "DISK_0_SIZE": str(2 * GiB // MiB),
-            "DISK_0_BACKEND_TYPE": "file:loop", "NIC_COUNT": "0", "OSP_IMAGE": os.fspath(image)}
+    return simulated_environment("plain", [SimulatedDisk(target, size_mib=2 * GiB // MiB)],
+                                 instance_name="bench.example.org", params={"image": os.fspath(image)})
 
 
 def write_site(work: Path) -> None:

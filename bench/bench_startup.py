@@ -32,6 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.fspath(Path(__file__).resolve().parent.parent))
+
+from instance_cloudimage.ganeti.simulate import SimulatedDisk, simulated_environment
+
 GiB = 1024**3
 VENV_BIN = Path(sys.executable).parent
 IMAGES = {"raw": "cloud.raw", "qcow2": "cloud.qcow2", "vhdx": "cloud.vhdx"}
@@ -51,12 +55,9 @@ def script_argv(work: Path, image: Path, target: Path) -> tuple[list[str], dict[
     subprocess.run([os.fspath(VENV_BIN / "instance-cloudimage"), "install", "--os-dir", os.fspath(os_dir),
                     "--config-dir", os.fspath(work / "etc"), "--cache-dir", os.fspath(work / "cache")],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"PATH": "/sbin:/bin:/usr/sbin:/usr/bin", "OS_API_VERSION": "20", "OS_NAME": "cloudimage",
-           "OS_VARIANT": "plain", "DEBUG_LEVEL": "0", "INSTANCE_NAME": "demo.example.org",
-           "INSTANCE_UUID": "9a5d5fbc-5b6b-5b8e-8d36-1c1b9f8a4f4b", "INSTANCE_OS": "cloudimage+plain",
-           "HYPERVISOR": "kvm", "DISK_COUNT": "1", "DISK_0_PATH": os.fspath(target), "DISK_0_ACCESS": "rw",
-           "DISK_0_SIZE": str(2 * GiB // 1024**2), "DISK_0_BACKEND_TYPE": "file:loop", "NIC_COUNT": "0",
-           "OSP_IMAGE": os.fspath(image)}
+    env = simulated_environment("plain", [SimulatedDisk(target, size_mib=2 * GiB // 1024**2)],
+                                instance_name="demo.example.org", instance_uuid="9a5d5fbc-5b6b-5b8e-8d36-1c1b9f8a4f4b",
+                                params={"image": os.fspath(image)})
     return [os.fspath(os_dir / "create")], env
 
 

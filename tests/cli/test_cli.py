@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from instance_cloudimage.ganeti.simulate import simulated_core_environment
 from tests.conftest import Site, cli
 
 
@@ -63,9 +64,9 @@ def test_verify_does_no_network_io(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setattr(socket, "gethostbyname", refuse("gethostbyname"))
     monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
     monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
-    env = {"OS_API_VERSION": "20", "OS_NAME": "cloudimage", "OS_VARIANT": "debian-12", "DEBUG_LEVEL": "0",
-           "OSP_IMAGE": "https://cloud.example.org/images/x.qcow2", "OSP_IMAGE_CHECKSUM": "sha256:" + "a" * 64,
-           "OSP_USER_DATA": "#include\nhttps://config.example.org/user-data\n", "OSP_HOSTNAME": "vm1.example.org"}
+    env = simulated_core_environment("debian-12", params={
+        "image": "https://cloud.example.org/images/x.qcow2", "image_checksum": "sha256:" + "a" * 64,
+        "user_data": "#include\nhttps://config.example.org/user-data\n", "hostname": "vm1.example.org"})
     monkeypatch.setattr("instance_cloudimage.scripts.main.installed_paths",
                         lambda argv0: climod.Paths(tmp_path / "etc", tmp_path / "cache"))
     try:
@@ -78,7 +79,7 @@ def test_verify_does_no_network_io(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert not (tmp_path / "cache").exists()  # nor does it touch the image cache
 
 
-def verify_in_process(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def verify_in_process(variant: str, params: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                       capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     import logging
 
@@ -86,9 +87,9 @@ def verify_in_process(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr("instance_cloudimage.scripts.main.installed_paths",
                         lambda argv0: climod.Paths(tmp_path / "etc", tmp_path / "cache"))
-    base = {"OS_API_VERSION": "20", "OS_NAME": "cloudimage", "DEBUG_LEVEL": "0"}
+    env = simulated_core_environment(variant, params=params)
     try:
-        rc = climod.os_script_main("verify", environ=base | env, argv=["verify", "parameters"])
+        rc = climod.os_script_main("verify", environ=env, argv=["verify", "parameters"])
     finally:
         logging.getLogger("instance_cloudimage").handlers.clear()
     return rc, capsys.readouterr().err
@@ -97,11 +98,11 @@ def verify_in_process(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.M
 def test_verify_refuses_an_arch_the_variant_has_no_image_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     # Caught at gnt-instance add, instead of when create looks for the image.
-    rc, err = verify_in_process({"OS_VARIANT": "demo", "OSP_ARCH": "riscv64"}, tmp_path, monkeypatch, capsys)
+    rc, err = verify_in_process("demo", {"arch": "riscv64"}, tmp_path, monkeypatch, capsys)
     assert rc == 1
     assert err.strip().splitlines() == [
         "cloudimage verify: error: variant demo has no image for architecture riscv64 (available: x86_64, aarch64)"]
     # With an image of its own the variant's architectures do not matter.
-    rc, err = verify_in_process({"OS_VARIANT": "demo", "OSP_ARCH": "riscv64", "OSP_IMAGE": "https://example.org/x"},
+    rc, err = verify_in_process("demo", {"arch": "riscv64", "image": "https://example.org/x"},
                                 tmp_path, monkeypatch, capsys)
     assert rc == 0, err

@@ -16,6 +16,7 @@ import pytest
 from instance_cloudimage.cli import install
 from instance_cloudimage.cli.install import install_os
 from instance_cloudimage.cli.main import main
+from instance_cloudimage.ganeti.simulate import simulated_core_environment
 from instance_cloudimage.ganeti.variants import list_variants
 from instance_cloudimage.params.table import PARAMETERS
 from tests.conftest import Site, cli
@@ -49,8 +50,7 @@ def test_installed_verify_runs_with_ganetis_reset_environment(site: Site, tmp_pa
     os_dir = tmp_path / "os" / "cloudimage"
     install_os(os_dir, site_paths(site))
     # Exactly what Ganeti passes verify: no HOME, no LANG, cwd = the OS dir.
-    env = {"PATH": "/sbin:/bin:/usr/sbin:/usr/bin", "OS_API_VERSION": "20", "OS_NAME": "cloudimage",
-           "OS_VARIANT": "demo", "DEBUG_LEVEL": "0", "OSP_ARCH": "x86_64"}
+    env = simulated_core_environment("demo", params={"arch": "x86_64"})
     r = subprocess.run([str(os_dir / "verify"), "parameters"], env=env, cwd=os_dir,
                        capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr

@@ -13,6 +13,7 @@ import pytest
 from instance_cloudimage.disk import exportstream as ds
 from instance_cloudimage.disk.sparse import DiskWriter
 from instance_cloudimage.ganeti.env import Script, parse_environment
+from instance_cloudimage.ganeti.simulate import simulated_environment
 from instance_cloudimage.runtime.errors import SeedError
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.verbs.rename import run_rename
@@ -136,8 +137,7 @@ def test_writer_knows_a_fresh_sparse_file_is_zero(tmp_path: Path) -> None:
 def rename_env(tmp_path: Path) -> dict[str, str]:
     disk = tmp_path / "d"
     disk.write_bytes(b"")
-    return {"OS_API_VERSION": "20", "OS_NAME": "cloudimage", "OS_VARIANT": "demo", "INSTANCE_NAME": "new.example",
-            "OLD_INSTANCE_NAME": "old.example", "DISK_COUNT": "1", "DISK_0_PATH": os.fspath(disk)}
+    return simulated_environment("demo", [disk], instance_name="new.example", old_name="old.example")
 
 
 def test_rename_step_failures_are_only_warnings(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

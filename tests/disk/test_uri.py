@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from instance_cloudimage.cli.install import install_os
+from instance_cloudimage.ganeti.simulate import SimulatedDisk
 from instance_cloudimage.ganeti.uri import check_uri, redact_uri, uri_secrets
 from instance_cloudimage.runtime.errors import EnvironmentError_
 from instance_cloudimage.runtime.log import HIDDEN, hide_values, redact
@@ -149,15 +150,10 @@ def staging_of(os_dir: Path) -> list[Path]:
     return sorted(d.iterdir()) if d.exists() else []
 
 
-def transfer_env(os_dir: Path, uri: str, verb: str, size: int, **extra: str) -> dict[str, str]:
+def transfer_env(os_dir: Path, uri: str, verb: str, size: int, *, debug: bool = False) -> dict[str, str]:
     """What Ganeti passes for a disk with only a URI: no DISK_0_PATH, no <VERB>_DEVICE."""
-    env = lc.ganeti_env(os_dir, "/dev/null", verb, **extra)
-    word = verb.upper()
-    for k in ("DISK_0_PATH", f"{word}_DEVICE", f"{word}_DISK_PATH"):
-        del env[k]
-    env |= {"DISK_0_URI": uri, f"{word}_DISK_URI": uri, "DISK_0_SIZE": str(size // MIB),
-            "DISK_0_BACKEND_TYPE": "block", "OS_VARIANT": "test", "INSTANCE_OS": "cloudimage+test"}
-    return env
+    return lc.ganeti_env(os_dir, SimulatedDisk(uri=uri, backend_type="block", size_mib=size // MIB), verb,
+                         variant="test", debug=debug)
 
 
 def run_script(os_dir: Path, verb: str, env: dict[str, str], stdin: bytes = b"",
@@ -228,9 +224,7 @@ def test_truncated_stream_onto_a_uri_fails_and_leaves_it_untouched(uri_os: Path,
 @pytest.mark.parametrize("verb", ["export", "import", "create"])
 def test_host_path_uris_are_refused(uri_os: Path, tmp_path: Path, uri: str, verb: str) -> None:
     if verb == "create":
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **dh.environ([Path("/dev/null")])}
-        del env["DISK_0_PATH"]
-        env["DISK_0_URI"] = uri
+        env = dh.environ([SimulatedDisk(uri=uri)])
     else:
         env = transfer_env(uri_os, uri, verb, lc.DISK_SIZE)
     ran = run_script(uri_os, verb, env, stdin=b"x" * 4096)
@@ -244,7 +238,7 @@ def test_host_path_uris_are_refused(uri_os: Path, tmp_path: Path, uri: str, verb
 def test_credentials_never_reach_the_log(uri_os: Path) -> None:
     secret = "AQDsecretkeyNOTSHOWN=="
     ran = run_script(uri_os, "export", transfer_env(uri_os, f"rbd:nopool/noimage:id=x:key={secret}", "export",
-                                                    lc.DISK_SIZE, DEBUG_LEVEL="1"))
+                                                    lc.DISK_SIZE, debug=True))
     assert ran.returncode != 0  # there is no Ceph cluster here
     text = ran.stderr.decode()
     assert secret not in text and "rbd:nopool/noimage" in text, text
@@ -254,14 +248,8 @@ def test_credentials_never_reach_the_log(uri_os: Path) -> None:
 
 def create_env(disks: list[Path | str], **params: str) -> dict[str, str]:
     """dh.environ, with the disks given as URIs having no DISK_N_PATH."""
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-           **dh.environ([Path(d) if isinstance(d, Path) else Path("/dev/null") for d in disks], params=params)}
-    for i, d in enumerate(disks):
-        if isinstance(d, str):
-            del env[f"DISK_{i}_PATH"]
-            env[f"DISK_{i}_URI"] = d
-            env[f"DISK_{i}_BACKEND_TYPE"] = "block"
-    return env
+    return dh.environ([d if isinstance(d, Path) else SimulatedDisk(uri=d, backend_type="block") for d in disks],
+                      params=params)
 
 
 def start_create(os_dir: Path, env: dict[str, str], pause: str | None = None) -> subprocess.Popen[bytes]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from instance_cloudimage.ganeti.env import Script, parse_environment, parse_os_params
+from instance_cloudimage.ganeti.simulate import simulated_core_environment
 from instance_cloudimage.runtime.errors import EnvironmentError_
 
 
@@ -102,9 +103,7 @@ def test_nic_on_a_ganeti_network_and_communication_nic(disk: Path) -> None:
 
 
 def test_verify_gets_only_the_core_set() -> None:
-    env = {"OS_API_VERSION": "20", "OS_NAME": "cloudimage", "OS_VARIANT": "demo", "DEBUG_LEVEL": "0",
-           "OSP_IMAGE": "x", "PATH": "/bin"}
-    genv = parse_environment(env, Script.VERIFY)
+    genv = parse_environment(simulated_core_environment("demo", params={"image": "x"}), Script.VERIFY)
     assert genv.instance is None
     assert genv.params == {"image": "x"}
 

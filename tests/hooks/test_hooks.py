@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from instance_cloudimage.ganeti.env import Script, parse_environment
+from instance_cloudimage.ganeti.simulate import SimulatedDisk, simulated_environment
 from instance_cloudimage.ganeti.variants import load_variant
 from instance_cloudimage.hooks.facts import HookFacts
 from instance_cloudimage.hooks.run import Phase, plan_hooks, run_hooks
@@ -47,20 +48,15 @@ def make_facts(tmp_path: Path, site: SiteConfig, osp: dict[str, str] | None = No
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"")
     os.truncate(disk, 1 << 20)
-    environ = {
-        "OS_API_VERSION": "20", "OS_NAME": "cloudimage", "OS_VARIANT": variant, "DEBUG_LEVEL": "0",
-        "INSTANCE_NAME": "web1.example.org", "INSTANCE_UUID": "8c1f0e4e-1111-2222-3333-444455556666",
-        "INSTANCE_OS": f"cloudimage+{variant}", "HYPERVISOR": "kvm", "INSTANCE_PRIMARY_NODE": "node-uuid",
-        "INSTANCE_SECONDARY_NODES": "", "INSTANCE_BE_maxmem": "1024", "INSTANCE_HV_serial_console": "True",
-        "DISK_COUNT": "1", "DISK_0_PATH": os.fspath(disk), "DISK_0_ACCESS": "rw", "DISK_0_SIZE": "1",
-        "DISK_0_BACKEND_TYPE": "file:loop", "DISK_0_UUID": "disk-uuid",
-        "NIC_COUNT": "1", "NIC_0_MAC": "aa:00:00:11:22:33", "NIC_0_MODE": "bridged", "NIC_0_LINK": "br0",
-        "NIC_0_BRIDGE": "br0", "NIC_0_IP": "192.0.2.10", "NIC_0_NETWORK_NAME": "net1",
-        "NIC_0_NETWORK_SUBNET": "192.0.2.0/24", "NIC_0_NETWORK_GATEWAY": "192.0.2.1",
-        "NIC_0_NETWORK_TAGS": "a b",
+    environ = simulated_environment(
+        variant, [SimulatedDisk(disk, size_mib=1)], instance_name="web1.example.org",
+        instance_uuid="8c1f0e4e-1111-2222-3333-444455556666", nics=["aa:00:00:11:22:33"], params=osp) | {
+        # What a live cluster also passes (Appendix A), which the hooks see too.
+        "INSTANCE_PRIMARY_NODE": "node-uuid", "INSTANCE_SECONDARY_NODES": "", "INSTANCE_BE_maxmem": "1024",
+        "INSTANCE_HV_serial_console": "True", "DISK_0_UUID": "disk-uuid", "NIC_0_MODE": "bridged",
+        "NIC_0_LINK": "br0", "NIC_0_BRIDGE": "br0", "NIC_0_IP": "192.0.2.10", "NIC_0_NETWORK_NAME": "net1",
+        "NIC_0_NETWORK_SUBNET": "192.0.2.0/24", "NIC_0_NETWORK_GATEWAY": "192.0.2.1", "NIC_0_NETWORK_TAGS": "a b",
     }
-    for name, value in (osp or {}).items():
-        environ["OSP_" + name.upper()] = value
     genv = parse_environment(environ, Script.CREATE)
     instance = genv.require_instance()
     v = load_variant(variant, site.paths)
@@ -527,8 +523,7 @@ def create_env(tmp_path: Path) -> dict[str, str]:
     disk = tmp_path / "disk.img"
     with open(disk, "wb") as f:
         f.truncate(256 << 20)
-    return {"OS_API_VERSION": "20", "OS_NAME": "cloudimage", "OS_VARIANT": "demo", "INSTANCE_NAME": "i1.example",
-            "DISK_COUNT": "1", "DISK_0_PATH": os.fspath(disk), "DISK_0_ACCESS": "rw", "NIC_COUNT": "0"}
+    return simulated_environment("demo", [disk], instance_name="i1.example")
 
 
 PHASE_PROBE = 'echo "$HOOK_PHASE target=${{TARGET:-unset}} root=${{ROOT_PARTITION:-unset}}" >> {out}\n'

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from instance_cloudimage.ganeti.simulate import simulated_core_environment
 from instance_cloudimage.params.table import PARAMETERS, render_parameters_list, validate_parameters
 from instance_cloudimage.runtime.siteconfig import Paths, SiteConfig, load_site_config
 
@@ -93,16 +94,15 @@ def test_paths_escaping_the_allowed_directory_are_refused(site: SiteConfig) -> N
 def run_verify(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / "verify"), "parameters"],
-        env={"PATH": "/sbin:/bin:/usr/sbin:/usr/bin", **env}, capture_output=True, text=True, check=False,
+        env=env, capture_output=True, text=True, check=False,
     )
 
 
 def test_verify_script_reports_each_problem_and_fails() -> None:
-    base = {"OS_API_VERSION": "20", "OS_NAME": "cloudimage", "OS_VARIANT": "demo", "DEBUG_LEVEL": "0"}
-    ok = run_verify({**base, "OSP_ARCH": "x86_64"})
+    ok = run_verify(simulated_core_environment("demo", params={"arch": "x86_64"}))
     assert ok.returncode == 0, ok.stderr
     secret = "md5:topsecretvalue"
-    bad = run_verify({**base, "OSP_IMAGE_CHECKSUM": secret, "OSP_ARCH": "x 86", "OS_VARIANT": "nosuch"})
+    bad = run_verify(simulated_core_environment("nosuch", params={"image_checksum": secret, "arch": "x 86"}))
     assert bad.returncode == 1
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 3, bad.stderr

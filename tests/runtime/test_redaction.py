@@ -12,6 +12,7 @@ import logging
 
 import pytest
 
+from instance_cloudimage.ganeti.simulate import simulated_core_environment
 from instance_cloudimage.params.table import values_to_hide
 from instance_cloudimage.runtime import log as logmod
 from instance_cloudimage.runtime.log import redact
@@ -61,8 +62,7 @@ def test_an_internal_error_quoting_a_secret_is_scrubbed(monkeypatch: pytest.Monk
         raise RuntimeError(f"unexpected {PW} in {PARAMS['image']}")
 
     monkeypatch.setattr(entry, "dispatch", buggy)
-    env = {"OS_API_VERSION": "20", "OS_NAME": "cloudimage", "OS_VARIANT": "demo", "DEBUG_LEVEL": debug,
-           **{"OSP_" + k.upper(): v for k, v in PARAMS.items()}}
+    env = simulated_core_environment("demo", params=PARAMS, debug=debug == "1")
     try:
         assert entry.os_script_main("verify", environ=env, argv=["/nonexistent/verify", "parameters"]) == entry.EXIT_BUG
     finally:

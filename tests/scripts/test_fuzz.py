@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from instance_cloudimage.ganeti.env import Script
+from instance_cloudimage.ganeti.simulate import SimulatedTransfer, simulated_core_environment, simulated_environment
 from instance_cloudimage.ganeti.variants import VARIANT_SETTINGS, host_architecture, load_variant
 from instance_cloudimage.params.table import PARAMETERS
 from instance_cloudimage.runtime.errors import UserError
@@ -75,16 +77,12 @@ def in_process(monkeypatch: pytest.MonkeyPatch, paths: Paths) -> Iterator[None]:
 
 
 def base_env(verb: str, disk: Path) -> dict[str, str]:
-    env = {"OS_API_VERSION": "20", "OS_NAME": "cloudimage", "OS_VARIANT": "demo", "DEBUG_LEVEL": "0",
-           "PATH": "/sbin:/bin:/usr/sbin:/usr/bin"}
-    if verb != "verify":
-        env |= {"INSTANCE_NAME": "vm1.example.org", "INSTANCE_UUID": str(uuid.uuid4()), "DISK_COUNT": "1",
-                "DISK_0_PATH": str(disk), "DISK_0_ACCESS": "rw", "NIC_COUNT": "1", "NIC_0_MAC": "aa:00:00:00:00:01"}
-    if verb == "rename":
-        env["OLD_INSTANCE_NAME"] = "vm0.example.org"
-    if verb in ("export", "import"):
-        env |= {f"{verb.upper()}_INDEX": "0", f"{verb.upper()}_DEVICE": str(disk)}
-    return env
+    """A well-formed environment for ``verb``, for a test to spoil."""
+    if verb == "verify":
+        return simulated_core_environment("demo")
+    return simulated_environment("demo", [disk], instance_name="vm1.example.org", instance_uuid=str(uuid.uuid4()),
+                                 nics=1, old_name="vm0.example.org" if verb == "rename" else None,
+                                 transfer=SimulatedTransfer(Script(verb)) if verb in ("export", "import") else None)
 
 
 def run_script(verb: str, env: Mapping[str, str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from instance_cloudimage.ganeti.env import Script, parse_environment
+from instance_cloudimage.ganeti.simulate import SimulatedDisk
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.seed.rename import (
     make_renamer,
@@ -176,9 +177,8 @@ def test_rename_never_fails_the_job(tmp_path: Path, caplog: pytest.LogCaptureFix
 
 def test_rename_names_a_uri_only_disk_it_leaves_alone(caplog: pytest.LogCaptureFixture) -> None:
     """A disk with only DISK_0_URI (access=userspace) is not staged for a rename: the log says so."""
-    env = dh.environ([Path("/unused")], name="new.example.org", old_name="old.example.org")
-    del env["DISK_0_PATH"]
-    env["DISK_0_URI"] = "nbd+unix:///disk?socket=/run/x.sock"
+    env = dh.environ([SimulatedDisk(uri="nbd+unix:///disk?socket=/run/x.sock")], name="new.example.org",
+                     old_name="old.example.org")
     with caplog.at_level(logging.INFO, logger="instance_cloudimage"):
         run_rename(parse_environment(env, Script.RENAME), SiteConfig())
     assert "disk 0 is reachable only through a URI; its seed keeps the old name old.example.org" in caplog.text

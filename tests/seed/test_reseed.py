@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,29 +23,28 @@ import pytest
 from instance_cloudimage.cli.install import install_os
 from instance_cloudimage.disk.mount import mount_guest_root
 from instance_cloudimage.ganeti.env import Script, parse_environment
+from instance_cloudimage.ganeti.simulate import SimulatedDisk, SimulatedTransfer
 from instance_cloudimage.runtime.siteconfig import Paths
 from instance_cloudimage.seed.reseedplan import macs_in
 from tests.support import delivery_helpers as dh
 from tests.support import guest_images as gi
 
-OLD_UUID = str(uuid.uuid5(uuid.NAMESPACE_DNS, "test-instance"))  # what delivery_helpers.environ gives
+OLD_UUID = dh.INSTANCE_UUID
 NEW_UUID = "5f0c6a1e-3b7d-4c2a-9d8e-2a1b3c4d5e6f"
 OLD_MACS = ("aa:00:00:00:00:00", "aa:00:00:00:00:01")
 NEW_MAC = "aa:00:00:5e:ee:01"
 NAME = "vm1.example.org"
 
 
-def env_of(disks: Sequence[Path], *, macs: Sequence[str] = OLD_MACS, instance_uuid: str = OLD_UUID,
+def env_of(disks: Sequence[Path | SimulatedDisk], *, macs: Sequence[str] = OLD_MACS, instance_uuid: str = OLD_UUID,
            name: str = NAME, params: Mapping[str, str] | None = None, variant: str = "test",
-           index: int | None = None) -> dict[str, str]:
-    env = dh.environ(disks, name=name, params=params, nics=len(macs), variant=variant)
-    env["INSTANCE_UUID"] = instance_uuid
-    env.update({f"NIC_{i}_MAC": mac for i, mac in enumerate(macs)})
-    if index is not None:  # what the import-export daemon adds (its environment is not reset)
-        env.update({"IMPORT_INDEX": str(index), "IMPORT_DEVICE": os.fspath(disks[index]),
-                    "IMPORT_DISK_PATH": os.fspath(disks[index]), "LC_ALL": "C",
-                    "PATH": "/sbin:/bin:/usr/sbin:/usr/bin"})
-    return env
+           index: int | None = None, export_device: Path | None = None) -> dict[str, str]:
+    """A create; with ``index`` the import of that disk, or with ``export_device`` too its export
+    (read from there)."""
+    transfer = None if index is None else SimulatedTransfer(Script.IMPORT if export_device is None else Script.EXPORT,
+                                                            index, device=export_device)
+    return dh.environ(disks, name=name, params=params, nics=macs, variant=variant, instance_uuid=instance_uuid,
+                      transfer=transfer)
 
 
 # --- the import script on seeded disks (integration) ---------------------------------------------------
@@ -70,11 +68,12 @@ def create(etc: Path, disks: list[Path], variant: str = "test", **params: str) -
         dh.deliver(genv, v, stack)
 
 
-def export_then_import(os_dir: Path, src: Path, dst: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """The installed export script on ``src``, its stream into the installed import script onto ``dst``."""
-    index = env["IMPORT_INDEX"]
-    exp = {k: v for k, v in env.items() if not k.startswith("IMPORT_")}
-    exp.update({"EXPORT_INDEX": index, "EXPORT_DEVICE": os.fspath(src), "EXPORT_DISK_PATH": os.fspath(src)})
+def export_then_import(os_dir: Path, src: Path, dst: Path, disks: Sequence[Path], index: int,
+                       **instance: Any) -> subprocess.CompletedProcess[str]:
+    """The installed export script on ``src``, its stream into the installed import script onto ``dst``,
+    disk ``index`` of ``disks``; both with env_of(disks, **instance)."""
+    exp = env_of(disks, index=index, export_device=src, **instance)
+    env = env_of(disks, index=index, **instance)
     with open(dst, "wb") as f:
         f.truncate(src.stat().st_size)
     stream = dst.with_suffix(".stream")
@@ -127,8 +126,8 @@ def test_import_with_new_macs_rewrites_the_nocloud_dir(tmp_path: Path, installed
     assert first["new_instance"] and applied_macs(first) == list(OLD_MACS)
     dst = tmp_path / "imported.img"
     # gnt-backup import --net 0:mac=generate: one NIC, a new MAC, a new instance UUID; no secret user_data.
-    proc = export_then_import(os_dir, src, dst, env_of([dst], macs=[NEW_MAC], instance_uuid=NEW_UUID, index=0,
-                                                      params={"ssh_authorized_keys": dh.KEY}))
+    proc = export_then_import(os_dir, src, dst, [dst], 0, macs=[NEW_MAC], instance_uuid=NEW_UUID,
+                              params={"ssh_authorized_keys": dh.KEY})
     after = dh.read_nocloud_in_guest(dst)
     assert [(i["name"], i["mac_address"]) for i in before["network"]["interfaces"]] == \
         [("eth0", OLD_MACS[0]), ("eth1", OLD_MACS[1])]
@@ -153,7 +152,7 @@ def test_import_with_the_same_nics_leaves_the_disk_byte_for_byte(tmp_path: Path,
     src = gi.gpt_root_first(tmp_path / "disk0.img")
     create(etc, [src])
     dst = tmp_path / "imported.img"
-    proc = export_then_import(os_dir, src, dst, env_of([dst], instance_uuid=NEW_UUID, index=0))
+    proc = export_then_import(os_dir, src, dst, [dst], 0, instance_uuid=NEW_UUID)
     assert sha256(dst) == sha256(src)
     assert "already matches the instance's NICs and name; left as imported" in proc.stderr
 
@@ -166,7 +165,7 @@ def test_a_site_without_reseed_gets_the_export_byte_for_byte(tmp_path: Path, ins
     dst = tmp_path / "imported.img"
     (etc / "defaults.conf").write_text("[Import]\nReseed = no\n")
     try:
-        proc = export_then_import(os_dir, src, dst, env_of([dst], macs=[NEW_MAC], instance_uuid=NEW_UUID, index=0))
+        proc = export_then_import(os_dir, src, dst, [dst], 0, macs=[NEW_MAC], instance_uuid=NEW_UUID)
     finally:
         (etc / "defaults.conf").unlink()
     assert sha256(dst) == sha256(src)
@@ -179,8 +178,8 @@ def test_import_keeping_the_instance_id_warns(tmp_path: Path, installed: tuple[P
     src = gi.gpt_root_first(tmp_path / "disk0.img")
     create(etc, [src])
     dst = tmp_path / "imported.img"
-    proc = export_then_import(os_dir, src, dst, env_of([dst], macs=[NEW_MAC], instance_uuid=NEW_UUID, index=0,
-                                                      params={"keep_instance_id": "yes"}))
+    proc = export_then_import(os_dir, src, dst, [dst], 0, macs=[NEW_MAC], instance_uuid=NEW_UUID,
+                              params={"keep_instance_id": "yes"})
     after = dh.read_nocloud_in_guest(dst)
     assert after["instance_id"] == OLD_UUID
     assert [i["mac_address"] for i in after["network"]["interfaces"]] == [NEW_MAC]
@@ -204,8 +203,8 @@ def test_import_of_a_seed_disk(tmp_path: Path, installed: tuple[Path, Path], see
     assert applied_macs(boot(reader, dh.extract_fat(drive, tmp_path / "seed-before"), guest)) == list(OLD_MACS)
     new_drive = tmp_path / "imported1.img"
     # Ganeti imports disk 1 in its own run, at the same time as disk 0: only disk 1 is looked at.
-    export_then_import(os_dir, drive, new_drive, env_of([disk0, new_drive], macs=[NEW_MAC, OLD_MACS[1]],
-                                                        instance_uuid=NEW_UUID, index=1))
+    export_then_import(os_dir, drive, new_drive, [disk0, new_drive], 1, macs=[NEW_MAC, OLD_MACS[1]],
+                       instance_uuid=NEW_UUID)
     after = dh.read_fat_seed(new_drive, reader)
     assert [i["mac_address"] for i in before["network"]["interfaces"]] == list(OLD_MACS)
     assert [i["mac_address"] for i in after["network"]["interfaces"]] == [NEW_MAC, OLD_MACS[1]]
@@ -223,14 +222,11 @@ def test_import_of_a_flamingo_config_drive_keeps_its_uuid(tmp_path: Path, instal
     create(etc, [disk0, drive], variant="flam")
     new_disk0, new_drive = tmp_path / "imported0.img", tmp_path / "imported1.img"
     new_drive.touch()  # Ganeti has created every disk before the first import runs
-    env = env_of([new_disk0, new_drive], macs=[NEW_MAC], instance_uuid=NEW_UUID, variant="flam",
-                 name="vm2.example.org")
+    new: dict[str, Any] = {"macs": [NEW_MAC], "instance_uuid": NEW_UUID, "variant": "flam", "name": "vm2.example.org"}
     # disk 0: flamingo's host name and keys in the guest do not depend on the NICs; left alone.
-    proc0 = export_then_import(os_dir, disk0, new_disk0, env | {"IMPORT_INDEX": "0", "IMPORT_DEVICE": os.fspath(
-        new_disk0), "IMPORT_DISK_PATH": os.fspath(new_disk0)})
+    proc0 = export_then_import(os_dir, disk0, new_disk0, [new_disk0, new_drive], 0, **new)
     assert sha256(new_disk0) == sha256(disk0) and "disk 0: no seed on it" in proc0.stderr
-    export_then_import(os_dir, drive, new_drive, env | {"IMPORT_INDEX": "1", "IMPORT_DEVICE": os.fspath(new_drive),
-                                                        "IMPORT_DISK_PATH": os.fspath(new_drive)})
+    export_then_import(os_dir, drive, new_drive, [new_disk0, new_drive], 1, **new)
     md = json.loads(gi.sh("mcopy", "-n", "-i", os.fspath(new_drive), "::/openstack/2012-08-10/meta_data.json", "-",
                           env={"MTOOLS_SKIP_CHECK": "1"}))
     assert (md["uuid"], md["hostname"]) == (OLD_UUID, "vm2.example.org")
@@ -243,7 +239,7 @@ def test_a_disk_without_our_seed_is_left_alone(tmp_path: Path, installed: tuple[
     _etc, os_dir = installed
     src = gi.gpt_root_first(tmp_path / "disk0.img")  # an image from elsewhere: no seed directory
     dst = tmp_path / "imported.img"
-    proc = export_then_import(os_dir, src, dst, env_of([dst], macs=[NEW_MAC], instance_uuid=NEW_UUID, index=0))
+    proc = export_then_import(os_dir, src, dst, [dst], 0, macs=[NEW_MAC], instance_uuid=NEW_UUID)
     assert sha256(dst) == sha256(src)
     lines = [ln for ln in proc.stderr.splitlines() if "disk 0: no seed on it" in ln]
     assert len(lines) == 1 and "warning" not in proc.stderr.lower()
@@ -259,8 +255,7 @@ def test_a_seed_that_cannot_be_updated_is_a_warning_not_a_failed_import(tmp_path
     gi.sh("mcopy", "-o", "-i", os.fspath(drive), "-", "::/meta-data", input=b"{not: yaml",
           env={"MTOOLS_SKIP_CHECK": "1"})
     new_drive = tmp_path / "imported1.img"
-    proc = export_then_import(os_dir, drive, new_drive, env_of([disk0, new_drive], macs=[NEW_MAC],
-                                                               instance_uuid=NEW_UUID, index=1))
+    proc = export_then_import(os_dir, drive, new_drive, [disk0, new_drive], 1, macs=[NEW_MAC], instance_uuid=NEW_UUID)
     (line,) = [ln for ln in proc.stderr.splitlines() if "could not be updated" in ln]
     assert "warning" in line.lower() and "meta-data cannot be read" in line
     assert "gnt-instance modify --net N:modify,mac=MAC" in line
@@ -280,17 +275,12 @@ def test_import_onto_a_uri_disk_reseeds_before_the_copy_out(tmp_path: Path, inst
     with open(dst, "wb") as f:
         f.truncate(src.stat().st_size)
     (etc / "defaults.conf").write_text(f"[Disks]\nStagingDirectory = {tmp_path / 'staging'}\n")
-    exp = env_of([src], index=0)
-    exp = {k: v for k, v in exp.items() if not k.startswith("IMPORT_")}
-    exp.update({"EXPORT_INDEX": "0", "EXPORT_DEVICE": os.fspath(src), "EXPORT_DISK_PATH": os.fspath(src)})
+    exp = env_of([src], index=0, export_device=src)
     stream = subprocess.run([os_dir / "export"], env=exp, cwd=os_dir, capture_output=True, check=True).stdout
     try:
         with nbd_served(dst) as uri:
-            env = env_of([dst], macs=[NEW_MAC], instance_uuid=NEW_UUID, index=0,
+            env = env_of([SimulatedDisk(uri=uri)], macs=[NEW_MAC], instance_uuid=NEW_UUID, index=0,
                          params={"ssh_authorized_keys": dh.KEY})
-            for key in ("DISK_0_PATH", "IMPORT_DEVICE", "IMPORT_DISK_PATH"):
-                del env[key]
-            env |= {"DISK_0_URI": uri, "IMPORT_DISK_URI": uri}
             proc = subprocess.run([os_dir / "import"], env=env, cwd=os_dir, input=stream, capture_output=True,
                                   check=False)
     finally:

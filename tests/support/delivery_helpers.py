@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from instance_cloudimage.ganeti.env import GanetiEnv, Script, parse_environment
+from instance_cloudimage.ganeti.simulate import SimulatedDisk, SimulatedTransfer, simulated_environment
 from instance_cloudimage.ganeti.variants import Variant, load_variant
 from instance_cloudimage.runtime.siteconfig import Paths
 from instance_cloudimage.seed.deliver import SeedPlan, deliver_seed
@@ -27,26 +28,17 @@ READER = Path(__file__).with_name("cloudinit_reader.py")
 CLOUDINIT_PYTHON = "/usr/bin/python3"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx0ZXN0a2V5Zm9ydGVzdGluZ29ubHkxMjM0NTY3ODkw test@example"
 
+# The instance's UUID stays the same across renames, as in Ganeti.
+INSTANCE_UUID = str(uuid.uuid5(uuid.NAMESPACE_DNS, "test-instance"))
 
-def environ(disks: Sequence[Path], *, name: str = "vm1.example.org", params: Mapping[str, str] | None = None,
-            reinstall: bool = False, nics: int = 1, old_name: str | None = None,
-            variant: str = "test") -> dict[str, str]:
-    env = {
-        "OS_API_VERSION": "20", "OS_NAME": "cloudimage", "OS_VARIANT": variant, "DEBUG_LEVEL": "0",
-        "INSTANCE_NAME": name, "INSTANCE_UUID": str(uuid.uuid5(uuid.NAMESPACE_DNS, "test-instance")),
-        "DISK_COUNT": str(len(disks)), "NIC_COUNT": str(nics),
-    }
-    for i, d in enumerate(disks):
-        env |= {f"DISK_{i}_PATH": os.fspath(d), f"DISK_{i}_ACCESS": "rw", f"DISK_{i}_BACKEND_TYPE": "file:loop"}
-    for i in range(nics):
-        env[f"NIC_{i}_MAC"] = f"aa:00:00:00:00:{i:02x}"
-    if reinstall:
-        env["INSTANCE_REINSTALL"] = "1"
-    if old_name:
-        env["OLD_INSTANCE_NAME"] = old_name
-    for k, v in (params or {}).items():
-        env["OSP_" + k.upper()] = v
-    return env
+
+def environ(disks: Sequence[SimulatedDisk | Path], *, name: str = "vm1.example.org",
+            params: Mapping[str, str] | None = None, reinstall: bool = False, nics: int | Sequence[str] = 1,
+            old_name: str | None = None, variant: str = "test", instance_uuid: str = INSTANCE_UUID,
+            transfer: SimulatedTransfer | None = None) -> dict[str, str]:
+    """simulated_environment for the instance ``name`` (of the variant ``test``, one NIC)."""
+    return simulated_environment(variant, disks, instance_name=name, instance_uuid=instance_uuid, nics=nics,
+                                 params=params, reinstall=reinstall, old_name=old_name, transfer=transfer)
 
 
 def ganeti_env(disks: Sequence[Path], script: Script = Script.CREATE, **kw: Any) -> GanetiEnv:

@@ -38,7 +38,7 @@ def os_dir(tmp_path: Path, cache_dir: Path) -> Path:
 
 def start(os_dir: Path, disks: list[Path], pause: str | None = None, verb: str = "create",
           **params: str) -> subprocess.Popen[bytes]:
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **dh.environ(disks, params=params, nics=1)}
+    env = dh.environ(disks, params=params, nics=1)
     if pause:
         env["TEST_PAUSE_AFTER"] = pause
     return subprocess.Popen([sys.executable, os.fspath(DRIVER), verb, os.fspath(os_dir / verb)],
@@ -101,8 +101,7 @@ def test_rename_script_updates_the_seed(os_dir: Path, tmp_path: Path) -> None:
     disk = gi.blank(tmp_path / "disk0.img", 256)
     rc, err = finish(start(os_dir, [disk]))
     assert rc == 0, err
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-           **dh.environ([disk], name="vm2.example.org", old_name="vm1.example.org")}
+    env = dh.environ([disk], name="vm2.example.org", old_name="vm1.example.org")
     proc = subprocess.run([sys.executable, os.fspath(DRIVER), "rename", os.fspath(os_dir / "rename")],
                           env=env, capture_output=True, check=False, cwd=os_dir)
     assert proc.returncode == 0, proc.stderr.decode()

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from instance_cloudimage.cli.install import install_os
+from instance_cloudimage.ganeti.env import Script
+from instance_cloudimage.ganeti.simulate import SimulatedTransfer, simulated_core_environment, simulated_environment
 from instance_cloudimage.runtime.siteconfig import Paths
 from instance_cloudimage.sources.demo import build_demo_image
 from tests.support import guest_images as gi
@@ -92,21 +94,13 @@ def all_params(site: Mapping[str, Path], **override: str) -> dict[str, str]:
 
 def ganeti_env(site: Mapping[str, Path], verb: str, debug: str, params: Mapping[str, str], *,
                variant: str = "test", disk: Path | None = None) -> dict[str, str]:
-    env = {"PATH": "/sbin:/bin:/usr/sbin:/usr/bin", "OS_API_VERSION": "20", "OS_NAME": "cloudimage",
-           "OS_VARIANT": variant, "DEBUG_LEVEL": debug}
-    env |= {"OSP_" + k.upper(): v for k, v in params.items()}
     if verb == "verify":
-        return env
+        return simulated_core_environment(variant, params=params, debug=debug == "1")
     assert disk is not None
-    env |= {"INSTANCE_NAME": "vm1.example.org", "INSTANCE_UUID": str(uuid.uuid4()),
-            "INSTANCE_OS": f"cloudimage+{variant}", "HYPERVISOR": "kvm", "DISK_COUNT": "1",
-            "DISK_0_PATH": os.fspath(disk), "DISK_0_ACCESS": "rw",
-            "DISK_0_BACKEND_TYPE": "file:loop", "NIC_COUNT": "1", "NIC_0_MAC": "aa:00:00:00:00:01"}
-    if verb == "rename":
-        env["OLD_INSTANCE_NAME"] = "vm0.example.org"
-    if verb in ("export", "import"):
-        env |= {f"{verb.upper()}_INDEX": "0", f"{verb.upper()}_DEVICE": os.fspath(disk)}
-    return env
+    return simulated_environment(variant, [disk], instance_name="vm1.example.org", instance_uuid=str(uuid.uuid4()),
+                                 nics=1, params=params, debug=debug == "1",
+                                 old_name="vm0.example.org" if verb == "rename" else None,
+                                 transfer=SimulatedTransfer(Script(verb)) if verb in ("export", "import") else None)
 
 
 def run(site: Mapping[str, Path], verb: str, env: Mapping[str, str], stdin: bytes = b"") -> tuple[int, str]:

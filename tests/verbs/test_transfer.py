@@ -20,6 +20,8 @@ import pytest
 
 from instance_cloudimage.cli.install import install_os
 from instance_cloudimage.disk import exportstream as ds
+from instance_cloudimage.ganeti.env import Script
+from instance_cloudimage.ganeti.simulate import SimulatedDisk, SimulatedTransfer, simulated_environment
 from instance_cloudimage.runtime.siteconfig import Paths
 
 MIB = 1024 * 1024
@@ -73,22 +75,21 @@ def make_target(path: Path, size: int = DISK_SIZE, dirty: bool = False) -> None:
         f.truncate(size)
 
 
-def ganeti_env(os_dir: Path, disk: str, verb: str, **extra: str) -> dict[str, str]:
-    env = {
-        # What the import-export daemon passes on top of the OS environment (not reset).
-        "LC_ALL": "C", "HOME": "/root", "LANG": "C.UTF-8", "OLDPWD": "/", "PATH": "/sbin:/bin:/usr/sbin:/usr/bin",
-        "OS_API_VERSION": "20", "OS_NAME": os_dir.name, "OS_VARIANT": "demo", "DEBUG_LEVEL": "0",
-        "INSTANCE_NAME": "inst1.example.test", "INSTANCE_OS": f"{os_dir.name}+demo", "HYPERVISOR": "kvm",
-        "INSTANCE_UUID": "68c41cfd-8b97-4cda-8ba0-674afdb4b6bd", "INSTANCE_PRIMARY_NODE": "node-uuid",
-        "INSTANCE_SECONDARY_NODES": "", "INSTANCE_BE_maxmem": "128",
-        "DISK_COUNT": "1", "DISK_0_PATH": disk, "DISK_0_ACCESS": "rw", "DISK_0_SIZE": str(os.stat(disk).st_size // MIB
-                                                                                         or 1),
-        "DISK_0_BACKEND_TYPE": "file:loop", "NIC_COUNT": "1", "NIC_0_MAC": "aa:00:00:1f:5b:b3",
-        "NIC_0_MODE": "bridged", "NIC_0_LINK": "gntbr0", "NIC_0_BRIDGE": "gntbr0",
-    }
-    word = verb.upper()
-    env.update({f"{word}_DEVICE": disk, f"{word}_DISK_PATH": disk, f"{word}_INDEX": "0"})
-    env.update(extra)
+def ganeti_env(os_dir: Path, disk: str | SimulatedDisk, verb: str, *, size_fd: int | None = None,
+               variant: str = "demo", debug: bool = False, old_name: str | None = None) -> dict[str, str]:
+    """What Ganeti passes ``verb`` (export or import of disk 0, or rename) for an instance with one
+    disk (a path: its size read from it) and one NIC."""
+    transfer = SimulatedTransfer(Script(verb), 0, size_fd=size_fd) if verb in ("export", "import") else None
+    if not isinstance(disk, SimulatedDisk):
+        disk = SimulatedDisk(disk, size_mib=os.stat(disk).st_size // MIB or 1)
+    env = simulated_environment(variant, [disk], os_name=os_dir.name, instance_name="inst1.example.test",
+                                instance_uuid="68c41cfd-8b97-4cda-8ba0-674afdb4b6bd", nics=["aa:00:00:1f:5b:b3"],
+                                debug=debug, old_name=old_name, transfer=transfer)
+    # What a live cluster also passes about the nodes, backend parameters and NIC (Appendix A).
+    env |= {"INSTANCE_PRIMARY_NODE": "node-uuid", "INSTANCE_SECONDARY_NODES": "", "INSTANCE_BE_maxmem": "128",
+            "NIC_0_MODE": "bridged", "NIC_0_LINK": "gntbr0", "NIC_0_BRIDGE": "gntbr0"}
+    if transfer is not None:  # noded's own environment: the import-export daemon does not reset it
+        env |= {"HOME": "/root", "LANG": "C.UTF-8", "OLDPWD": "/"}
     return env
 
 
@@ -102,7 +103,7 @@ class Ran:
 def export(os_dir: Path, disk: str, out: Path) -> Ran:
     r, w = os.pipe()
     try:
-        env = ganeti_env(os_dir, disk, "export", EXP_SIZE_FD=str(w))
+        env = ganeti_env(os_dir, disk, "export", size_fd=w)
         with open(out, "wb") as stdout:
             proc = subprocess.run([os_dir / "export"], env=env, cwd=os_dir, stdin=subprocess.DEVNULL,
                                   stdout=stdout, stderr=subprocess.PIPE, pass_fds=(w,), check=False)
@@ -119,7 +120,7 @@ def export(os_dir: Path, disk: str, out: Path) -> Ran:
 
 
 def import_(os_dir: Path, target: str, stream: Path | bytes) -> Ran:
-    env = ganeti_env(os_dir, target, "import", EXP_SIZE_FD="11")
+    env = ganeti_env(os_dir, target, "import", size_fd=11)
     if isinstance(stream, bytes):
         proc = subprocess.run([os_dir / "import"], env=env, cwd=os_dir, input=stream,
                               capture_output=True, check=False)
@@ -368,7 +369,7 @@ def test_unknown_record_type(tmp_path: Path, os_dirs: dict[str, Path]) -> None:
 def test_rename_exits_zero(tmp_path: Path, os_dirs: dict[str, Path]) -> None:
     disk = tmp_path / "disk0"
     make_target(disk)
-    env = ganeti_env(os_dirs["plain"], os.fspath(disk), "rename", OLD_INSTANCE_NAME="old.example.test")
+    env = ganeti_env(os_dirs["plain"], os.fspath(disk), "rename", old_name="old.example.test")
     proc = subprocess.run([os_dirs["plain"] / "rename"], env=env, cwd=os_dirs["plain"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -386,7 +387,7 @@ def test_rename_survives_a_broken_site_config(tmp_path: Path, os_dirs: dict[str,
     assert json.loads((os_dir / "instance-cloudimage.json").read_text())["config_dir"] == os.fspath(etc)
     disk = tmp_path / "disk0"
     make_target(disk)
-    env = ganeti_env(os_dir, os.fspath(disk), "rename", OLD_INSTANCE_NAME="old.example.test")
+    env = ganeti_env(os_dir, os.fspath(disk), "rename", old_name="old.example.test")
     proc = subprocess.run([os_dir / "rename"], env=env, cwd=os_dir, capture_output=True, text=True,
                           check=False)
     assert proc.returncode == 0, proc.stderr
