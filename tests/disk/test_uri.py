@@ -302,7 +302,7 @@ def test_create_grows_and_seeds_through_uris(uri_os: Path, tmp_path: Path) -> No
 def test_sigterm_during_a_uri_create_removes_the_staging_file(uri_os: Path, tmp_path: Path) -> None:
     backing = gi.blank(tmp_path / "disk0.img", 256)
     with nbd_served(backing) as uri:
-        proc = start_create(uri_os, create_env([uri]), pause="guestfs.mount_device")
+        proc = start_create(uri_os, create_env([uri]), pause="disk.mount.mount_device")
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line == b"READY\n", proc.stderr.read().decode() if proc.stderr else ""

@@ -3,7 +3,7 @@
 usage: create_driver.py VERB SCRIPT_PATH   (the Ganeti environment comes from os.environ)
 
 One test-only addition, outside the package: TEST_PAUSE_AFTER=module.function (e.g.
-guestfs.mount_device) makes that function print READY after it ran and then sleep, so a test can
+disk.mount.mount_device) makes that function print READY after it ran and then sleep, so a test can
 SIGTERM the process while a loop device or mount is in place.
 """
 

@@ -68,7 +68,7 @@ def test_create_grows_and_seeds(os_dir: Path, tmp_path: Path) -> None:
     assert_nothing_left(disk)
 
 
-@pytest.mark.parametrize("pause", ["guestfs.mount_device", "guestfs.attach_loop", "grow.attach_loop"])
+@pytest.mark.parametrize("pause", ["disk.mount.mount_device", "disk.mount.attach_loop", "disk.grow.attach_loop"])
 def test_sigterm_mid_way_leaves_nothing_attached(os_dir: Path, tmp_path: Path, pause: str) -> None:
     disk = gi.blank(tmp_path / "disk0.img", 320)
     proc = start(os_dir, [disk], pause=pause, grow_root="yes")
