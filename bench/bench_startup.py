@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Benchmark (not a test): how long ``create`` takes from its process start to qemu-img convert.
+"""Benchmark (not a test): how long ``create`` takes from its process start to qemu-img convert,
+or to the decoder of a compressed image (xz, pigz, lbzip2): the fixed cost of a cold script run.
 
 Runs ``instance-cloudimage create`` of a local image (the site and images bench_formats.py
 builds in its work directory) under ``strace -f --seccomp-bpf -e trace=execve`` and reads, from
@@ -38,7 +39,10 @@ from instance_cloudimage.ganeti.simulate import SimulatedDisk, simulated_environ
 
 GiB = 1024**3
 VENV_BIN = Path(sys.executable).parent
-IMAGES = {"raw": "cloud.raw", "qcow2": "cloud.qcow2", "vhdx": "cloud.vhdx"}
+IMAGES = {"raw": "cloud.raw", "qcow2": "cloud.qcow2", "vhdx": "cloud.vhdx", "xz": "cloud.raw.xz",
+          "gzip": "cloud.raw.gz", "bzip2": "cloud.raw.bz2"}
+# The first exec that starts the work: qemu-img convert, or the decoder of a compressed image.
+DECODERS = ("/xz", "/pigz", "/lbzip2")
 EXECVE = re.compile(r'^(\d+) +(\d+\.\d+) execve\("([^"]*)", \[(.*)')
 IMPORT = re.compile(r"^import time: +(\d+) \| +(\d+) \| (.*)$")
 
@@ -79,7 +83,7 @@ def environment(tree: Path | None = None) -> dict[str, str]:
 
 
 def timeline(argv: list[str], tree: Path | None) -> tuple[float, float, float]:
-    """(ms to the first child's exec, ms to qemu-img convert's exec, s of the whole run)."""
+    """(ms to the first child's exec, ms to qemu-img convert's or the decoder's exec, s of the whole run)."""
     with tempfile.NamedTemporaryFile("r", prefix="strace-", suffix=".txt") as log:
         start = time.monotonic()
         subprocess.run(["strace", "-f", "--seccomp-bpf", "-ttt", "-qq", "-e", "trace=execve", "-e", "signal=none",
@@ -90,17 +94,18 @@ def timeline(argv: list[str], tree: Path | None) -> tuple[float, float, float]:
     root_pid, t0 = execs[0].group(1), float(execs[0].group(2))
     child = next(float(m.group(2)) for m in execs if m.group(1) != root_pid)
     convert = next(float(m.group(2)) for m in execs
-                   if m.group(3).endswith("/qemu-img") and '"convert"' in m.group(4))
+                   if (m.group(3).endswith("/qemu-img") and '"convert"' in m.group(4))
+                   or m.group(3).endswith(DECODERS))
     return (child - t0) * 1000, (convert - t0) * 1000, wall
 
 
-def imports_before_convert(argv: list[str], tree: Path | None) -> tuple[int, float]:
-    """(modules, ms of import time, summed self times) until create announces qemu-img."""
+def imports_before_convert(argv: list[str], tree: Path | None, mark: str) -> tuple[int, float]:
+    """(modules, ms of import time, summed self times) until create logs ``mark``."""
     proc = subprocess.run([sys.executable, "-X", "importtime", *argv], check=True, capture_output=True, text=True,
                           env=environment(tree))
     count, total = 0, 0
     for line in proc.stderr.splitlines():
-        if "with qemu-img" in line:
+        if mark in line:
             break
         if m := IMPORT.match(line):
             count += 1
@@ -137,6 +142,9 @@ def main() -> None:
     if args.compare:
         trees[os.fspath(args.compare)] = args.compare.resolve()
     target = work / "target-startup.raw"
+    # The log line after which the work has started: qemu-img's, or (its decoder runs by then)
+    # the one naming what a compressed image holds.
+    mark = "image content:" if IMAGES[args.kind].endswith((".xz", ".gz", ".bz2")) else "with qemu-img"
     if args.script:
         argv, ganeti_env = script_argv(work, image, target)
         BASE_ENV.clear()
@@ -165,7 +173,7 @@ def main() -> None:
         for _ in range(args.runs):
             for name, tree in trees.items():
                 fresh_target(target)
-                counts[name].append(imports_before_convert(argv, tree))
+                counts[name].append(imports_before_convert(argv, tree, mark))
                 modules[name].append(imports_of_modules(tree))
     finally:
         target.unlink(missing_ok=True)
@@ -174,9 +182,9 @@ def main() -> None:
         spread = sorted(s[1] for s in samples[name])
         count, imported = (statistics.median(c[i] for c in counts[name]) for i in range(2))
         print(f"{name}, {args.kind}, medians of {args.runs} runs:\n"
-              f"  under strace: first child exec {child:.1f} ms, qemu-img convert exec {convert:.1f} ms "
+              f"  under strace: first child exec {child:.1f} ms, qemu-img convert or decoder exec {convert:.1f} ms "
               f"(min {spread[0]:.1f}, max {spread[-1]:.1f}), whole create {wall:.3f} s\n"
-              f"  -X importtime: {count:.0f} modules imported before qemu-img, {imported:.1f} ms (self times "
+              f"  -X importtime: {count:.0f} modules imported before '{mark}', {imported:.1f} ms (self times "
               f"summed); import of cli + create {statistics.median(modules[name]):.1f} ms (cumulative)")
 
 
