@@ -137,3 +137,14 @@ def test_relative_links_resolve(source: Path) -> None:
         elif anchor and (path.suffix != ".md" or anchor not in anchors(path)):
             broken.append(f"{link}: no heading #{anchor} in {path.relative_to(ROOT)}")
     assert not broken, f"{source.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+# Paths the docs name in code spans: files of the project, which a move must not leave behind.
+PROJECT_PATH = re.compile(r"`((?:instance_cloudimage|tests|bench|scripts|hooks\.d|variants|docs)/[\w./-]*)`")
+
+
+@pytest.mark.parametrize("source", PAGES, ids=lambda p: p.name)
+def test_named_project_files_exist(source: Path) -> None:
+    named = PROJECT_PATH.findall(source.read_text())
+    missing = [p for p in named if "<" not in p and "*" not in p and not (ROOT / p).exists()]
+    assert not missing, f"{source.name} names files that do not exist: {missing}"
