@@ -185,7 +185,7 @@ def test_xz_runs_threaded_within_a_memory_limit(monkeypatch: pytest.MonkeyPatch)
     finally:
         decoder.close()
     assert spawned == [(("xz", "--format=xz", "-T0", "--memlimit-mt-decompress=80MiB", "-dc"),
-                        {"MALLOC_ARENA_MAX": "2"})]
+                        {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"})]
 
 
 def test_xz_source_errors_pass_through_and_close_stops_the_decoder(payload: bytes) -> None:
