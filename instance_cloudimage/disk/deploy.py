@@ -120,7 +120,7 @@ class Unwrapped:
     announced: int | None  # the content's size as the innermost wrapper announces it
 
 
-def unwrap(stream: ImageStream, stack: ExitStack, spool_dir: Path) -> Unwrapped:
+def unwrap(stream: ImageStream, stack: ExitStack) -> Unwrapped:
     """Peel the wrappers, identified by their magic bytes, off the stream."""
     head = stream.peek(HEAD_SIZE)
     local = getattr(stream, "local_path", None)
@@ -137,7 +137,7 @@ def unwrap(stream: ImageStream, stack: ExitStack, spool_dir: Path) -> Unwrapped:
             announced = layer.size
         else:
             announced = announced_size(wrapper, head, local if not layers else None)
-            layer = open_decoder(wrapper, source, f"{wrapper.value}-compressed image", spool_dir)
+            layer = open_decoder(wrapper, source, f"{wrapper.value}-compressed image")
         stack.callback(layer.close)
         peeked = Peeked(layer)
         layers.append(peeked)
@@ -237,7 +237,7 @@ def deploy_image(stream: ImageStream, declared: str, target: DiskTarget, spool_d
     kept (image/qemuinfo.py); a spool or a private copy is new every time and asks afresh.
     """
     declared_fmt = None if declared == "auto" else normalize_declared(declared)
-    inner = unwrap(stream, stack, spool_dir)
+    inner = unwrap(stream, stack)
     found = identify(inner.head)
     check_announced(inner.announced, found, target)
     log.info("image content: %s%s", found.details, "".join(f" in {w.value}" for w in reversed(inner.wrappers)))

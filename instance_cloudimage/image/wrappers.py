@@ -1,13 +1,12 @@
 """Compression wrappers: detected by magic bytes, decoded while streaming, sizes announced.
 
 Never by extension or Content-Type (image-safety.md §B.10).  Each wrapper is decoded by the
-fastest decoder measured on these machines (image-perf.md §6): ``pigz``/``lbzip2`` fed through
-a pipe by a thread, in-process ``zstandard`` (a pipe costs zstd more than it gains), and for xz
-our own parallel in-process decoder (xzparallel.py: as fast as ``xz -T0``, in a fraction of its
-memory), which hands the files it cannot split to ``xz -T0``.  Python's stdlib decoders are the
-fallback when a tool is missing.
-Decoders run with an address-space limit; the decompressed byte count is capped by the writer,
-and the sizes some formats announce only serve to refuse a bomb before starting.
+fastest decoder measured on these machines (image-perf.md §6): ``xz``/``pigz``/``lbzip2`` fed
+through a pipe by a thread, and in-process ``zstandard`` (a pipe costs zstd more than it gains).
+Python's stdlib decoders are the fallback when a tool is missing (slower, and ``lzma`` and ``bz2``
+ignore data after the last stream).  Decoders run with an address-space limit; the decompressed
+byte count is capped by the writer, and the sizes some formats announce only serve to refuse a
+bomb before starting.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import struct
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from instance_cloudimage.image.formats import Wrapper
 from instance_cloudimage.runtime.errors import (
@@ -42,6 +41,10 @@ PIPE_SIZE = 1024 * 1024
 # Decoders need little memory; a hostile header must not make them take the host's.
 DECODER_LIMITS = Limits(address_space=1024**3)
 DECODER_ENV = {"MALLOC_ARENA_MAX": "2"}
+# Added per tool.  xz: a fixed mmap threshold returns each block buffer to the system when it is
+# freed (glibc's dynamic one keeps a freed 24 MiB block in the heap, up to 20 MiB over the limit
+# below), so xz's memory limit bounds its RSS.
+TOOL_ENV = {"xz": {"MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}}
 
 MAGICS: tuple[tuple[int, bytes, Wrapper], ...] = (
     (0, b"\x1f\x8b\x08", Wrapper.GZIP),
@@ -56,12 +59,16 @@ UNSUPPORTED: tuple[tuple[bytes, str], ...] = (
     (b"\x1f\x9d", "compress (.Z)"),
     (b"Rar!\x1a\x07", "RAR"),
 )
-# Decoders per wrapper, fastest first: a tool's argv, None = Python's stdlib module, PARALLEL =
-# xzparallel.py (which hands the streams it cannot split to the decoders after it).
-PARALLEL: Literal["parallel"] = "parallel"
-Decoder = tuple[str, ...] | Literal["parallel"] | None
+# xz -T0 decodes the blocks of a multi-block file (any xz -T made) in parallel, each held whole in
+# and out: ~150 MiB for the 24 MiB blocks of xz -T0 -6.  --memlimit-mt-decompress only lowers the
+# thread count (down to the single-threaded decoder, ~18 MiB), it never refuses a file; 80 MiB
+# keeps a create of such an image, our process and xz together, under 128 MiB (measured: 125 MiB
+# from HTTPS, 114 MiB from a local file), about 10% slower than unlimited.  The hard limit is
+# DECODER_LIMITS' address space: a hostile 1.5 GiB dictionary fails to allocate there.
+# Decoders per wrapper, fastest first: a tool's argv, or None for Python's stdlib module.
+Decoder = tuple[str, ...] | None
 DECODERS: dict[Wrapper, tuple[Decoder, ...]] = {
-    Wrapper.XZ: (PARALLEL, ("xz", "-T0", "-dc"), None),
+    Wrapper.XZ: (("xz", "--format=xz", "-T0", "--memlimit-mt-decompress=80MiB", "-dc"), None),
     Wrapper.GZIP: (("pigz", "-dc"), None),
     Wrapper.BZIP2: (("lbzip2", "-dc"), None),
     Wrapper.ZSTD: (None,),
@@ -203,7 +210,7 @@ class PipeDecoder(Layer):
     def __init__(self, argv: tuple[str, ...], source: Readable, what: str) -> None:
         self.what = what
         self.child: Spawned = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    limits=DECODER_LIMITS, env=DECODER_ENV)
+                                    limits=DECODER_LIMITS, env=DECODER_ENV | TOOL_ENV.get(argv[0], {}))
         proc = self.child.proc
         assert proc.stdin is not None and proc.stdout is not None
         for pipe in (proc.stdin, proc.stdout):
@@ -357,11 +364,9 @@ class FileDecoder(Layer):
             raise ConversionError(f"the {self.what} could not be decompressed: {e}") from None
 
 
-def open_external(wrapper: Wrapper, decoders: tuple[Decoder, ...], source: Readable, what: str) -> Layer:
+def open_decoder(wrapper: Wrapper, source: Readable, what: str) -> Layer:
     """A Layer yielding the decompressed bytes of ``source``, by the first decoder installed."""
-    for argv in decoders:
-        if isinstance(argv, str):  # PARALLEL: open_decoder's business
-            continue
+    for argv in DECODERS[wrapper]:
         if argv is None:
             return FileDecoder(wrapper, source, what)
         try:
@@ -369,14 +374,3 @@ def open_external(wrapper: Wrapper, decoders: tuple[Decoder, ...], source: Reada
         except CommandNotFound:
             log.info("%s not found; decompressing %s in-process (slower)", argv[0], wrapper.value)
     raise AssertionError("unreachable: every wrapper has an in-process decoder")
-
-
-def open_decoder(wrapper: Wrapper, source: Readable, what: str, spool_dir: Path) -> Layer:
-    """A Layer yielding the decompressed bytes of ``source``.  A multi-block xz is decoded in
-    parallel in process (xzparallel.py); ``spool_dir`` holds what its blocks decoded ahead spill."""
-    decoders = DECODERS[wrapper]
-    if decoders[0] == PARALLEL:
-        from .xzparallel import open_xz  # it imports this module
-
-        return open_xz(source, what, spool_dir, lambda rest: open_external(wrapper, decoders[1:], rest, what))
-    return open_external(wrapper, decoders, source, what)

@@ -65,8 +65,8 @@ class Limits:
     """Resource limits for a child (CVE-2015-5162 class defences).
 
     Applied by exec'ing the child through util-linux ``prlimit``, not in a ``preexec_fn``: Python
-    code between fork and exec is unsafe while other threads run (a download's producer, the xz
-    workers), and without it subprocess can use vfork."""
+    code between fork and exec is unsafe while other threads run (a download's producer, a
+    decoder's feeder), and without it subprocess can use vfork."""
 
     address_space: int | None = None
     cpu_seconds: int | None = None

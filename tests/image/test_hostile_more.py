@@ -10,7 +10,8 @@ import os
 import signal
 import struct
 import tarfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,9 +19,9 @@ import pytest
 
 from instance_cloudimage.image.detect import inspect_file
 from instance_cloudimage.image.file import ImageFile
-from instance_cloudimage.runtime.errors import UnsafeImage
+from instance_cloudimage.runtime.errors import ConversionError, UnsafeImage
 from tests.image.test_hostile import refused
-from tests.support.imagetools import MiB, compare, deploy, make_raw_disk, new_disk, qemu_convert, sh
+from tests.support.imagetools import MiB, compare, deploy, make_raw_disk, new_disk, qemu_convert, run, sh
 
 pytestmark = pytest.mark.integration
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -230,3 +231,127 @@ def test_tar_size_fields_that_tar_refuses(size_field: bytes, work: Path, tmp_pat
     image.write_bytes(ustar_header(b"readme.txt", size_field) + ustar_header(b"disk.raw", b"%011o\0" % len(payload))
                       + payload + bytes(1024))
     refused(image, tmp_path, UnsafeImage, "malformed header")
+
+
+# --- damaged and hostile .xz: xz refuses each, and so must a create ----------------------------
+
+def xz_blocks(path: Path) -> list[tuple[int, int, int, int]]:
+    """(offset, total size, unpadded size, uncompressed size) of each block, from xz --list."""
+    listing = sh("xz", "--robot", "--list", "-vv", path).decode().splitlines()
+    rows = [line.split("\t") for line in listing if line.startswith("block\t")]
+    check_size = {"CRC64": 8, "CRC32": 4, "SHA-256": 32, "None": 0}
+    return [(int(r[4]), int(r[6]), int(r[11]) + int(r[13]) + check_size[r[9]], int(r[7])) for r in rows]
+
+
+def vli(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
+
+
+def with_index(data: bytes, records: list[tuple[int, int]]) -> bytes:
+    """``data`` (one stream) with its index and footer replaced by ones listing ``records``
+    as (unpadded size, uncompressed size), CRC32s correct."""
+    index_start = len(data) - 12 - (int.from_bytes(data[-8:-4], "little") + 1) * 4
+    index = bytearray(b"\0" + vli(len(records)))
+    for unpadded, uncompressed in records:
+        index += vli(unpadded) + vli(uncompressed)
+    index += bytes(-len(index) % 4)
+    index += struct.pack("<I", zlib.crc32(index))
+    backward = struct.pack("<I", len(index) // 4 - 1) + data[6:8]
+    return data[:index_start] + bytes(index) + struct.pack("<I", zlib.crc32(backward)) + backward + b"YZ"
+
+
+def with_check_type(data: bytes, check: int) -> bytes:
+    """``data`` (one stream) with another check type in its header and footer, CRC32s correct."""
+    flags = bytes([0, check])
+    backward = data[-8:-4] + flags
+    return (data[:6] + flags + struct.pack("<I", zlib.crc32(flags)) + data[12:-12]
+            + struct.pack("<I", zlib.crc32(backward)) + backward + b"YZ")
+
+
+@pytest.fixture(scope="module")
+def xz_image(work: Path) -> Path:
+    """A 32 MiB disk in a multi-block xz (16 blocks of 2 MiB), as xz -T makes them."""
+    image = work / "disk.raw.xz"
+    image.write_bytes(sh("xz", "-c", "-T2", "-0", "--block-size=2MiB", make_raw_disk(work / "xz.raw")))
+    return image
+
+
+def flip(data: bytes, at: int) -> bytes:
+    at %= len(data)
+    return data[:at] + bytes([data[at] ^ 0x55]) + data[at + 1:]
+
+
+def corrupt_block_3(path: Path, data: bytes) -> bytes:
+    offset, size, _, _ = xz_blocks(path)[2]
+    return flip(data, offset + size // 2)
+
+
+def index_disagreeing(path: Path, data: bytes) -> bytes:
+    records = [(unpadded, size) for _, _, unpadded, size in xz_blocks(path)]
+    records[1] = (records[1][0], records[1][1] + 1)
+    return with_index(data, records)
+
+
+def unverifiable(path: Path, data: bytes) -> bytes:
+    """Check type 2 is reserved, with a CRC32's four bytes: xz decodes it without verifying."""
+    return with_check_type(sh("xz", "-c", "-T2", "-0", "--block-size=2MiB", "--check=crc32",
+                              input=sh("xz", "-dc", path)), 2)
+
+
+def two_streams(path: Path) -> bytes:
+    """The same disk as two streams: the first half multi-block, the second half in one block
+    without recorded sizes, as xz -T1 makes it."""
+    raw = sh("xz", "-dc", path)
+    half = len(raw) // 2
+    return (sh("xz", "-c", "-T2", "-0", "--block-size=2MiB", input=raw[:half])
+            + sh("xz", "-c", "-T1", "-0", "--check=crc32", input=raw[half:]))
+
+
+CORRUPT, CUT = "Compressed data is corrupt", "Unexpected end of input"
+XZ_SPOILED: dict[str, tuple[Callable[[Path, bytes], bytes], str]] = {
+    "corrupt byte in block 3": (corrupt_block_3, CORRUPT),
+    "cut inside a block": (lambda p, d: d[:len(d) // 2], CUT),
+    "cut inside the footer": (lambda p, d: d[:-5], CUT),
+    "index disagrees with block 2": (index_disagreeing, CORRUPT),
+    "index lists a block too many": (lambda p, d: with_index(d, [b[2:] for b in xz_blocks(p)] + [(100, 100)]),
+                                     CORRUPT),
+    "corrupt footer": (lambda p, d: flip(d, -8), CORRUPT),
+    "garbage after the last stream": (lambda p, d: d + b"garbage! garbage!", CORRUPT),
+    "stream padding then garbage": (lambda p, d: d + b"\0\0\0\0garbage!", CUT),
+    "padding not a multiple of four": (lambda p, d: d + bytes(3), CORRUPT),
+    "a later stream truncated": (lambda p, d: two_streams(p)[:-20], CUT),
+    "a later stream corrupt": (lambda p, d: flip(two_streams(p), -30), CORRUPT),
+    "a check type xz cannot verify": (unverifiable, "Unsupported type of integrity check"),
+}
+
+
+@pytest.mark.parametrize("name", XZ_SPOILED)
+def test_damaged_xz_is_refused_with_one_line(name: str, xz_image: Path, tmp_path: Path) -> None:
+    """Each is refused by xz -t as well; the disk is scrubbed, so no partial image can boot."""
+    spoil, reason = XZ_SPOILED[name]
+    image = tmp_path / "bad.xz"
+    image.write_bytes(spoil(xz_image, xz_image.read_bytes()))
+    assert run(["xz", "-t", str(image)], capture_output=True).returncode != 0
+    refused(image, tmp_path, ConversionError, rf"^the xz-compressed image could not be decompressed: \S*xz: "
+                                              rf"\(stdin\): {reason}")
+    with open(tmp_path / "disk", "rb") as f:
+        assert f.read(MiB) == bytes(MiB)
+
+
+def test_xz_with_an_oversized_dictionary_is_refused(tmp_path: Path) -> None:
+    """A 1.5 GiB LZMA2 dictionary (the largest xz makes) in a small file: xz runs under the
+    decoders' 1 GiB address-space limit, so it cannot allocate it.  The header is edited in a
+    file made with a small one (decoding with a larger dictionary than the encoder's is valid)."""
+    data = bytearray(sh("xz", "-c", "-T1", "-0", input=bytes(MiB)))
+    header = data[12:24]  # the block header: size, flags, LZMA2 filter id, property size, dictionary
+    assert header[:4] == b"\x02\x00\x21\x01"
+    header[4] = 37  # 1.5 GiB
+    header[8:12] = struct.pack("<I", zlib.crc32(header[:8]))
+    data[12:24] = header
+    image = tmp_path / "dictionary.xz"
+    image.write_bytes(bytes(data))
+    refused(image, tmp_path, ConversionError, r"could not be decompressed: \S*xz: \(stdin\): Cannot allocate memory")

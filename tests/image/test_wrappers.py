@@ -1,4 +1,5 @@
-"""Wrapper detection, announced sizes, the tar member reader and the disk writer, in memory."""
+"""Wrapper detection, announced sizes, the decoders, the tar member reader and the disk writer, in
+memory (the decoders with the real tools)."""
 
 from __future__ import annotations
 
@@ -7,29 +8,50 @@ import io
 import lzma
 import os
 import struct
+import subprocess
 import tarfile
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from instance_cloudimage.disk.write import CHUNK, DiskTarget, copy_stream, open_disk, scrub
+from instance_cloudimage.image import wrappers
 from instance_cloudimage.image.formats import Wrapper
 from instance_cloudimage.image.tar import TarMember
-from instance_cloudimage.image.wrappers import announced_size, drain, identify_wrapper, xz_announced_size
-from instance_cloudimage.runtime.errors import ConversionError, ImageTooLarge, UnsafeImage, UnsupportedFormat
+from instance_cloudimage.image.wrappers import (
+    PipeDecoder,
+    announced_size,
+    drain,
+    identify_wrapper,
+    open_decoder,
+    xz_announced_size,
+)
+from instance_cloudimage.runtime.errors import (
+    ConversionError,
+    ImageFetchError,
+    ImageTooLarge,
+    UnsafeImage,
+    UnsupportedFormat,
+)
+from instance_cloudimage.runtime.process import Spawned, spawn
 
 MiB = 1024 * 1024
 
 
 class Source:
-    """A Readable over bytes that hands out at most ``step`` bytes per call, like a pipe."""
+    """A Readable over bytes that hands out at most ``step`` bytes per call, like a pipe; raises
+    a download error once ``fail_at`` bytes were read."""
 
-    def __init__(self, data: bytes, step: int = 100_000) -> None:
+    def __init__(self, data: bytes, step: int = 100_000, fail_at: int | None = None) -> None:
         self.data = io.BytesIO(data)
         self.step = step
+        self.fail_at = fail_at
 
     def readinto(self, buf: bytearray | memoryview) -> int:
+        if self.fail_at is not None and self.data.tell() >= self.fail_at:
+            raise ImageFetchError("the download of the image failed: connection reset")
         view = memoryview(buf)[:self.step]
         return self.data.readinto(view)
 
@@ -91,15 +113,21 @@ def zstd_frames(*chunks: bytes) -> bytes:
     return b"".join(zstandard.ZstdCompressor(write_checksum=True).compress(c) for c in chunks)
 
 
-def decode_zstd(data: bytes) -> bytes:
-    from instance_cloudimage.image.wrappers import open_decoder
-
-    decoder = open_decoder(Wrapper.ZSTD, Source(data, 1000), "zstd-compressed image", Path("/nonexistent"))
-    out = bytearray()
-    buf = bytearray(CHUNK)
-    while n := decoder.readinto(buf):
-        out += buf[:n]
+def decode(wrapper: Wrapper, data: bytes, step: int = 100_000) -> bytes:
+    decoder = open_decoder(wrapper, Source(data, step), f"{wrapper.value}-compressed image")
+    try:
+        out = bytearray()
+        buf = bytearray(CHUNK)
+        while n := decoder.readinto(buf):
+            out += buf[:n]
+        decoder.finish()
+    finally:
+        decoder.close()
     return bytes(out)
+
+
+def decode_zstd(data: bytes) -> bytes:
+    return decode(Wrapper.ZSTD, data, 1000)
 
 
 def test_zstd_frames_skippable_frames_and_truncation() -> None:
@@ -112,6 +140,74 @@ def test_zstd_frames_skippable_frames_and_truncation() -> None:
             decode_zstd(whole[:-cut])
     with pytest.raises(ConversionError, match="data that is not zstd after a frame"):
         decode_zstd(whole + b"trailing junk")
+
+
+def xz(data: bytes, *options: str) -> bytes:
+    return subprocess.run(["xz", "-c", *options], input=data, capture_output=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def payload() -> bytes:
+    """Random, compressible and zero data: blocks of very different compressed sizes."""
+    return os.urandom(300_000) + b"compressible line\n" * 50_000 + bytes(MiB)
+
+
+XZ_SHAPES = {
+    "one block (xz -T1)": ("-T1", "-0"),
+    "blocks without sizes (xz -T1 --block-size)": ("-T1", "-0", "--block-size=256KiB"),
+    "multi-block, crc64": ("-T2", "-0", "--block-size=256KiB"),
+    "crc32": ("-T2", "-0", "--block-size=256KiB", "--check=crc32"),
+    "sha256": ("-T2", "-0", "--block-size=256KiB", "--check=sha256"),
+    "no check": ("-T2", "-0", "--block-size=256KiB", "--check=none"),
+    "x86 BCJ filter": ("-T2", "--x86", "--lzma2=preset=0", "--block-size=256KiB"),
+    "64 KiB blocks": ("-T2", "-0", "--block-size=64KiB"),
+    "a 64 MiB dictionary, as xz -9": ("-T2", "--lzma2=preset=0,dict=64MiB", "--block-size=256KiB"),
+}
+
+
+@pytest.mark.parametrize("name", XZ_SHAPES)
+def test_xz_shapes(name: str, payload: bytes) -> None:
+    assert decode(Wrapper.XZ, xz(payload, *XZ_SHAPES[name])) == payload
+
+
+def test_xz_concatenated_streams_with_padding_and_an_empty_stream(payload: bytes) -> None:
+    half = len(payload) // 2
+    one, two = xz(payload[:half], "-T2", "-0", "--block-size=256KiB"), xz(payload[half:], "-T1", "-0")
+    assert decode(Wrapper.XZ, one + bytes(8) + two + bytes(12) + xz(b"")) == payload
+    assert decode(Wrapper.XZ, xz(b"")) == b""
+
+
+def test_xz_runs_threaded_within_a_memory_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    spawned: list[tuple[tuple[str, ...], dict[str, str]]] = []
+
+    def spy(argv: tuple[str, ...], **kwargs: Any) -> Spawned:
+        spawned.append((argv, kwargs["env"]))
+        return spawn(argv, **kwargs)
+
+    monkeypatch.setattr(wrappers, "spawn", spy)
+    decoder = open_decoder(Wrapper.XZ, Source(xz(b"x")), "xz-compressed image")
+    try:
+        assert isinstance(decoder, PipeDecoder) and decoder.read() == b"x"
+    finally:
+        decoder.close()
+    assert spawned == [(("xz", "--format=xz", "-T0", "--memlimit-mt-decompress=80MiB", "-dc"),
+                        {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"})]
+
+
+def test_xz_source_errors_pass_through_and_close_stops_the_decoder(payload: bytes) -> None:
+    data = xz(payload, "-T2", "-0", "--block-size=256KiB")
+    failing = open_decoder(Wrapper.XZ, Source(data, fail_at=len(data) // 2), "xz-compressed image")
+    try:
+        with pytest.raises(ImageFetchError, match="connection reset"):
+            while failing.read(MiB):
+                pass
+    finally:
+        failing.close()
+    decoder = open_decoder(Wrapper.XZ, Source(data), "xz-compressed image")
+    assert isinstance(decoder, PipeDecoder)
+    decoder.read(MiB)
+    decoder.close()
+    assert decoder.child.proc.returncode is not None and not decoder.thread.is_alive()
 
 
 def test_tar_member_selection_and_rest_of_archive() -> None:
