@@ -68,7 +68,9 @@ UNSUPPORTED: tuple[tuple[bytes, str], ...] = (
 # Decoders per wrapper, fastest first: a tool's argv, or None for Python's stdlib module.
 Decoder = tuple[str, ...] | None
 DECODERS: dict[Wrapper, tuple[Decoder, ...]] = {
-    Wrapper.XZ: (("xz", "--format=xz", "-T0", "--memlimit-mt-decompress=80MiB", "-dc"), None),
+    # No stdlib fallback for xz: Python's lzma accepts garbage after the last stream and check
+    # types it cannot verify, which xz refuses.  xz-utils is a required Debian package.
+    Wrapper.XZ: (("xz", "--format=xz", "-T0", "--memlimit-mt-decompress=80MiB", "-dc"),),
     Wrapper.GZIP: (("pigz", "-dc"), None),
     Wrapper.BZIP2: (("lbzip2", "-dc"), None),
     Wrapper.ZSTD: (None,),
@@ -366,11 +368,14 @@ class FileDecoder(Layer):
 
 def open_decoder(wrapper: Wrapper, source: Readable, what: str) -> Layer:
     """A Layer yielding the decompressed bytes of ``source``, by the first decoder installed."""
-    for argv in DECODERS[wrapper]:
+    decoders = DECODERS[wrapper]
+    for i, argv in enumerate(decoders):
         if argv is None:
             return FileDecoder(wrapper, source, what)
         try:
             return PipeDecoder(argv, source, what)
         except CommandNotFound:
+            if i == len(decoders) - 1:
+                raise
             log.info("%s not found; decompressing %s in-process (slower)", argv[0], wrapper.value)
-    raise AssertionError("unreachable: every wrapper has an in-process decoder")
+    raise AssertionError("unreachable: DECODERS has a decoder for every wrapper")

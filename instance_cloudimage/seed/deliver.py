@@ -27,12 +27,13 @@ from instance_cloudimage.disk.guestfiles import guest_dir, remove_guest_file, wr
 from instance_cloudimage.disk.mount import mount_guest_root
 from instance_cloudimage.disk.partitions import GuestLayout, find_guest_layout
 from instance_cloudimage.ganeti.env import Disk, GanetiEnv, Instance
-from instance_cloudimage.ganeti.variants import SEEDS, Variant
-from instance_cloudimage.runtime.errors import ParameterError, SeedError, UnsafeImage
+from instance_cloudimage.ganeti.variants import Variant
+from instance_cloudimage.runtime.errors import SeedError, UnsafeImage
 from instance_cloudimage.seed.configdrive import build_configdrive
 from instance_cloudimage.seed.content import build_nocloud, seed_input
 from instance_cloudimage.seed.drive import CIDATA, CONFIG_2, describe_disk_content, seed_label_of, write_seed_disk
 from instance_cloudimage.seed.flamingo import apply_flamingo_settings
+from instance_cloudimage.seed.values import requested_delivery, unseeded_reason
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,6 @@ class SeedPlan:
     flamingo: bool = False  # also write hostname, keys and an fstab entry into the guest
     reason: str = ""
     layout: GuestLayout | None = None  # nocloud-fs chosen by probing the guest: what was found
-
-
-def requested_delivery(params: Mapping[str, str], variant: Variant) -> str:
-    """The ``seed`` parameter, else the variant's Seed setting (both may say ``auto``)."""
-    value = (params.get("seed") or "").strip() or variant.seed
-    if value not in SEEDS:
-        raise ParameterError(f"seed must be one of {', '.join(SEEDS)}")
-    return value
 
 
 def _second_disk(instance: Instance) -> Disk | None:
@@ -117,8 +110,9 @@ def plan_delivery(instance: Instance, variant: Variant, params: Mapping[str, str
     flamingo = variant.agent == "flamingo"
     second = _second_disk(instance)
     reinstall = instance.reinstall
-    if requested == "none" or (requested == "auto" and variant.agent == "none"):
-        return SeedPlan("none", reason="seed=none" if requested == "none" else "the variant's agent is none")
+    unseeded = unseeded_reason(params, variant)
+    if unseeded is not None:
+        return SeedPlan("none", reason=unseeded)
     if requested in ("nocloud-disk", "configdrive-disk"):
         return SeedPlan(requested, check_seed_disk(second, requested, explicit=True, reinstall=reinstall,
                                                    local=local),

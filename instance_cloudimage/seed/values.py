@@ -1,4 +1,4 @@
-"""Parsers and checks for the seeding OS parameters (hostname, password_hash, DNS, choices).
+"""Parsers and checks for the seeding OS parameters (hostname, password_hash, DNS, choices, seed).
 
 Each ``parse_*`` returns the normalised value and raises ParameterError; the ``check_*``
 wrappers have the ``Check`` signature of params.PARAMETERS.  Messages name the parameter, never
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from instance_cloudimage.ganeti.variants import SEEDS, Variant
 from instance_cloudimage.runtime.errors import ParameterError
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
@@ -127,3 +129,21 @@ def parse_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if v not in choices:
         raise ParameterError(f"{name} must be one of {', '.join(choices)}")
     return v
+
+
+def requested_delivery(params: Mapping[str, str], variant: Variant) -> str:
+    """The ``seed`` parameter, else the variant's Seed setting (both may say ``auto``)."""
+    value = (params.get("seed") or "").strip() or variant.seed
+    if value not in SEEDS:
+        raise ParameterError(f"seed must be one of {', '.join(SEEDS)}")
+    return value
+
+
+def unseeded_reason(params: Mapping[str, str], variant: Variant) -> str | None:
+    """Why nothing is seeded (``seed=none``, or ``auto`` for a variant whose agent is none), or None."""
+    requested = requested_delivery(params, variant)
+    if requested == "none":
+        return "seed=none"
+    if requested == "auto" and variant.agent == "none":
+        return "the variant's agent is none"
+    return None

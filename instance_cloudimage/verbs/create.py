@@ -30,6 +30,7 @@ from instance_cloudimage.params.table import grow_requested, validate_parameters
 from instance_cloudimage.runtime.errors import EnvironmentError_, ParameterError, UserError
 from instance_cloudimage.runtime.log import complete_step, format_size
 from instance_cloudimage.runtime.siteconfig import SiteConfig
+from instance_cloudimage.seed.values import unseeded_reason
 from instance_cloudimage.sources.fetch import ImageRef, open_image, resolve_image
 
 # seeddata and seed are imported where used: they bring PyYAML, which a create without a seed
@@ -73,9 +74,10 @@ def prepare(genv: GanetiEnv, site: SiteConfig) -> CreateContext:
         check_uri(disk.uri, "DISK_0_URI")  # before anything is downloaded
     if disk.access != "rw":
         raise EnvironmentError_("disk 0 is read-only; the image cannot be written onto it")
-    if (genv.params.get("seed") or variant.seed) != "none" and variant.agent != "none":
+    if unseeded_reason(genv.params, variant) is None:
         # The seed's inputs (host name, keys, user-data against the variant) fail here, before
-        # a download or a write, rather than after the image is on the disk.
+        # a download or a write, rather than after the image is on the disk.  Imported here, like
+        # seed.deliver below: they bring PyYAML, which a create without a seed never needs.
         from instance_cloudimage.seed.content import seed_input
 
         seed_input(genv, variant)
@@ -156,12 +158,16 @@ def run_phases(ctx: CreateContext, plan: HookPlan, facts: HookFacts, stack: Exit
         with complete_step("growing the root filesystem to the end of the disk"):
             grow_root(ctx.disk.path or "", ctx.arch, stack)
     with complete_step("seeding the guest agent"):
-        from instance_cloudimage.seed.deliver import deliver_seed
+        unseeded = unseeded_reason(ctx.genv.params, ctx.variant)
+        if unseeded is not None:
+            log.info("seed delivery: none (%s)", unseeded)
+        else:
+            from instance_cloudimage.seed.deliver import deliver_seed
 
-        # A URI-only seed disk is copied into a staging file when the seed needs it.
-        local = functools.partial(ctx.staged.local, copy_in=True) if ctx.staged is not None else None
-        # deliver_seed mounts and unmounts the guest itself, if it needs to.
-        deliver_seed(ctx.genv, ctx.variant, ctx.disk.path or "", ctx.arch, stack, local)
+            # A URI-only seed disk is copied into a staging file when the seed needs it.
+            local = functools.partial(ctx.staged.local, copy_in=True) if ctx.staged is not None else None
+            # deliver_seed mounts and unmounts the guest itself, if it needs to.
+            deliver_seed(ctx.genv, ctx.variant, ctx.disk.path or "", ctx.arch, stack, local)
     # Its own stack, so that the guest is unmounted before the post hooks run.
     with ExitStack() as guest:
         if plan.for_phase(Phase.POST_WRITE):

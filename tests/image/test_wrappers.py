@@ -3,6 +3,7 @@ memory (the decoders with the real tools)."""
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import lzma
@@ -28,7 +29,9 @@ from instance_cloudimage.image.wrappers import (
     open_decoder,
     xz_announced_size,
 )
+from instance_cloudimage.runtime import process
 from instance_cloudimage.runtime.errors import (
+    CommandNotFound,
     ConversionError,
     ImageFetchError,
     ImageTooLarge,
@@ -295,3 +298,25 @@ def test_spool_grows_and_scrub_zeroes_both_ends(tmp_path: Path) -> None:
         scrub(target)
     data = (tmp_path / "disk").read_bytes()
     assert data[:MiB] == bytes(MiB) and data[5 * MiB:6 * MiB] == bytes(MiB) and data[MiB:2 * MiB] != bytes(MiB)
+
+
+@pytest.mark.parametrize(("wrapper", "tool"), [(Wrapper.XZ, "xz"), (Wrapper.GZIP, "pigz"), (Wrapper.BZIP2, "lbzip2")])
+def test_a_missing_decoder_tool(wrapper: Wrapper, tool: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """xz is required (Python's lzma accepts garbage after the last stream); pigz and lbzip2
+    fall back to the stdlib decoder."""
+    payload = b"cloud image " * 1000
+    data = {Wrapper.XZ: lzma.compress, Wrapper.GZIP: gzip.compress, Wrapper.BZIP2: bz2.compress}[wrapper](payload)
+    real = process.find_tool
+
+    def find_tool(name: str) -> str:
+        if name == tool:
+            raise CommandNotFound(name, process.PACKAGES.get(name))
+        return real(name)
+
+    monkeypatch.setattr(process, "find_tool", find_tool)
+    if wrapper is Wrapper.XZ:
+        with pytest.raises(CommandNotFound, match="required tool 'xz' was not found") as e:
+            decode(wrapper, data)
+        assert e.value.hint == "install the Debian package xz-utils"
+    else:
+        assert decode(wrapper, data) == payload
