@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark (not a test): our create against the FASTEST bare pipeline for each input kind.
 
-Builds, once, a realistic cloud image as in ../shared/docs/image-perf.md §1 (2 GiB virtual,
+Builds, once, a realistic cloud image (2 GiB virtual,
 GPT, one ext4 partition holding a copy of /usr/bin and 6 x 20 MiB of random data) and derives
 every input kind from it: raw, qcow2, zlib-compressed qcow2, streamOptimized vmdk, vhdx, and
 raw wrapped in xz (multi-block, as distros publish), gzip, zstd, bzip2 and a GCE-style sparse
@@ -149,7 +149,7 @@ def ours(work: Path) -> dict[str, list[str]]:
 
 
 def ganeti_env(image: Path, target: Path) -> dict[str, str]:
-    """What Ganeti gives a create script (../shared/docs/ganeti-os-interface.md), for the plain variant."""
+    """What Ganeti gives a create script, for the plain variant."""
     return simulated_environment("plain", [SimulatedDisk(target, size_mib=2 * GiB // MiB)],
                                  instance_name="bench.example.org", params={"image": os.fspath(image)})
 

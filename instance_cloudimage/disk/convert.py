@@ -2,7 +2,7 @@
 
 ``qemu-img`` always gets the detected format (``driver=`` of ``--image-opts``, the equivalent
 of ``-f``) and both files through image options, so that no path string is ever parsed as a
-protocol or ``json:`` (image-safety.md §C.13, §D.20).  ``qemu-img info`` runs under resource
+protocol or ``json:``.  ``qemu-img info`` runs under resource
 limits as a second opinion on our own inspector, and only after it (§C.17).
 """
 

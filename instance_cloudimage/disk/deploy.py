@@ -97,7 +97,7 @@ class Peeked(Layer):
 
 
 def check_declared(declared: DiskFormat | None, detected: DetectedImage) -> None:
-    """A declared format narrows detection, never overrides it (image-safety.md §C.15)."""
+    """A declared format narrows detection, never overrides it."""
     if declared is None or declared is detected.format:
         return
     if declared is DiskFormat.RAW and detected.raw_data_size is not None:

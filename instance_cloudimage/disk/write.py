@@ -1,6 +1,6 @@
 """Writing a raw byte stream onto the instance's disk: a block device or a Ganeti file disk.
 
-Zero handling follows what the disk really contains (image-safety.md §D.22): all-zero chunks
+Zero handling follows what the disk really contains: all-zero chunks
 are skipped only when the disk is known to read back zeros (a file disk with no data extents, or
 a block device the operator says Ganeti wiped, on a first install); otherwise they are zeroed
 with BLKZEROOUT or a punched hole, so a previous instance's data never survives in the image's

@@ -1,7 +1,7 @@
 """The Ganeti OS-interface environment, parsed once into frozen dataclasses.
 
 Nothing else in the package reads ``os.environ``: the scripts call ``parse_environment()`` once
-and pass the result down.  The contract is ../shared/docs/ganeti-os-interface.md (Ganeti 3.0).
+and pass the result down.  The contract is Ganeti 3.0's OS interface (ganeti-os-interface(7)).
 """
 
 from __future__ import annotations

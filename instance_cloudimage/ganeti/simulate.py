@@ -3,7 +3,7 @@
 The one builder of what Ganeti 3.0 gives an OS script (the variables ``parse_environment``
 reads), used by the console command's local ``create``, the benchmarks and the tests, so that
 the three agree with each other and with the parser.  The variable names are those of
-../shared/docs/ganeti-os-interface.md §2.
+Ganeti 3.0's OS interface (ganeti-os-interface(7)), as a live cluster sets them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ a file carrying more than one (an ISO whose system area holds a qcow2 header, a 
 starting with a VMDK header) is refused, since qemu, libmagic and a guest would each read it
 differently.  The per-format inspectors then vet the whole file; ``qemu-img info -f <detected>``
 is only a second opinion (convert.inspect_with_qemu).  libmagic only describes content in
-messages: it calls such a polyglot "ISO 9660" (image-safety.md §C.14, §C.19).
+messages: it calls such a polyglot "ISO 9660".
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Refuses everything that makes qemu read outside the file (backing file, external data file),
 encryption, dirty/corrupt images, unknown incompatible features, and truncated files: every L2
 table and data cluster must lie inside the file, since qemu reads beyond the end as zeros and a
-cut download would otherwise convert "successfully" (image-safety.md §C.14).
+cut download would otherwise convert "successfully".
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The disk image inside a tar archive (OVA, Vagrant .box, GCE-style disk.raw tarballs), streamed.
 
-Nothing is ever extracted to the filesystem (image-safety.md §B.12).  Member-selection rule:
+Nothing is ever extracted to the filesystem.  Member-selection rule:
 the archive must hold exactly one *disk member*, a regular file whose base name ends in .raw,
 .img, .qcow2, .vmdk, .vhd, .vhdx, .vdi or .iso (GCE's disk.raw, Vagrant's box.img, an OVA's
 .vmdk); other regular files (.ovf, .mf, metadata.json, Vagrantfile...) and directories are

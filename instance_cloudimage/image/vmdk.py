@@ -3,7 +3,7 @@
 A VMDK descriptor can name other files as extents (``RW 2048 FLAT "/etc/shadow" 0``) and a
 parent disk; qemu follows both even with ``-f vmdk`` (CVE-2022-47951).  So text descriptors are
 refused outright, and the descriptor embedded in a sparse file must describe exactly one sparse
-extent, no parent, and an allowed create type (image-safety.md §C.14, §C.16).  Every grain table
+extent, no parent, and an allowed create type.  Every grain table
 and grain must lie inside the file: qemu reads beyond the end as zeros, so a cut download would
 otherwise convert "successfully".
 """

@@ -1,7 +1,7 @@
 """Compression wrappers: detected by magic bytes, decoded while streaming, sizes announced.
 
-Never by extension or Content-Type (image-safety.md §B.10).  Each wrapper is decoded by the
-fastest decoder measured on these machines (image-perf.md §6): ``xz``/``pigz``/``lbzip2`` fed
+Never by extension or Content-Type.  Each wrapper is decoded by the
+fastest decoder measured on these machines (docs/performance.md): ``xz``/``pigz``/``lbzip2`` fed
 through a pipe by a thread, and in-process ``zstandard`` (a pipe costs zstd more than it gains).
 Python's stdlib decoders are the fallback when a tool is missing (slower, and ``lzma`` and ``bz2``
 ignore data after the last stream).  Decoders run with an address-space limit; the decompressed

@@ -1,4 +1,4 @@
-"""Local image paths are a security boundary (../shared/docs/image-safety.md §A.1).
+"""Local image paths are a security boundary (docs/images.md, "Checks, in order").
 
 A path must resolve (symlinks and ``..`` followed) to a regular file inside one of the site's
 allowed directories, and never under /dev, /proc, /sys, /etc, /boot or /run.  Opening uses

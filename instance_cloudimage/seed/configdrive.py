@@ -4,7 +4,7 @@ Both ``openstack/latest`` and ``openstack/2012-08-10`` get the same files: flami
 2012-08-10 (its docs say latest), cloud-init takes the newest dated tree it knows and falls back
 to latest.
 
-Flamingo quirks handled here (peers.md §4): it keys ``public_keys`` by Linux user name, reads a
+Flamingo quirks handled here: it keys ``public_keys`` by Linux user name, reads a
 single user-data document that must start with exactly ``#cloud-config\\n`` or ``#! ``, gives
 cloud-config ``ssh_authorized_keys`` to root, runs ``runcmd`` lists directly, and decodes
 ``meta`` as a string-to-string map.  So a flamingo drive gets ``public_keys: {<user>: "k1\\nk2"}``
@@ -38,7 +38,7 @@ def flamingo_config(inp: SeedInput) -> dict[str, Any]:
     cfg: dict[str, Any] = {}
     user = inp.default_user or "root"
     if inp.ssh_keys and user == "root":
-        # Repeats meta_data's public_keys (peers.md): if flamingo cannot decode meta_data.json
+        # Repeats meta_data's public_keys: if flamingo cannot decode meta_data.json
         # it still reads user_data.  Both land in root's authorized_keys.
         cfg["ssh_authorized_keys"] = [k.line for k in inp.ssh_keys]
     if inp.password_hash:

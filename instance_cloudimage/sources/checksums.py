@@ -1,6 +1,6 @@
 """Checksums: pinned digests and the distributions' checksum files.
 
-Formats read (image-safety.md §A.7):
+Formats read:
 
 * GNU coreutils ``HASH  NAME`` and ``HASH *NAME`` (Debian SHA512SUMS, Ubuntu SHA256SUMS,
   openSUSE ``.sha256``);

@@ -70,7 +70,7 @@ class BodyDownload:
                 try:
                     self._stream(resp, progress)
                     if self.total is not None and self.pos < self.total:
-                        # Some stacks report a short body as a plain EOF (image-safety.md §A.4).
+                        # Some stacks report a short body as a plain EOF.
                         raise urllib3.exceptions.ProtocolError("the body ended early")
                     resp.close()
                     break

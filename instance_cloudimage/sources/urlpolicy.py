@@ -1,4 +1,4 @@
-"""Which URLs we may fetch: the SSRF policy of image-safety.md §A.2.
+"""Which URLs we may fetch: the SSRF policy (docs/images.md, "HTTP(S)").
 
 A URL that comes from the user-controlled ``image`` parameter must not make this node (root,
 inside the cluster's network) reach loopback, link-local (169.254.169.254 metadata), private,
@@ -40,7 +40,7 @@ class UrlPolicy:
     allow_private: bool = False
     allowed_hosts: tuple[str, ...] = ()
     allowed_networks: tuple[IPNetwork, ...] = field(default=())
-    require_https: bool = False  # plain http only with a pinned checksum (image-safety.md §A.2)
+    require_https: bool = False  # plain http only with a pinned checksum
 
     def describe(self, url: str) -> str:
         """How a URL may appear in messages: never, when the user gave it (it may be private)."""

@@ -20,7 +20,7 @@ def disk(tmp_path: Path) -> Path:
 
 
 def create_env(disk: Path, **extra: str) -> dict[str, str]:
-    # Appendix A of ganeti-os-interface.md: what create received on a live 3.0.2 cluster.
+    # What create received on a live Ganeti 3.0.2 cluster.
     env = {
         "DEBUG_LEVEL": "0",
         "DISK_0_ACCESS": "rw",

@@ -1,4 +1,4 @@
-"""Local image paths: allowed directories only, no '..', no symlink escape (image-safety.md §A.1)."""
+"""Local image paths: allowed directories only, no '..', no symlink escape."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 #!/bin/bash
 # cluster.sh -- a throwaway single-node Ganeti 3.0 cluster for the provider's tests.
 #
-# Adapted from ../shared/ganeti/single-node-cluster.sh (verified on Debian 12, ganeti 3.0.2,
+# Adapted from a tested single-node cluster recipe (verified on Debian 12, ganeti 3.0.2,
 # as root, without systemd and without device-mapper).  No apt here: .ci/setup installs ganeti.
 # tests/ganeti/conftest.py runs "setup" once per test session and "teardown" at its end, also
 # when tests fail; both are idempotent, and teardown undoes everything setup did.
