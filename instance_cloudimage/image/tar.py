@@ -23,7 +23,12 @@ log = logging.getLogger(__name__)
 
 DISK_SUFFIXES = (".raw", ".img", ".qcow2", ".vmdk", ".vhd", ".vhdx", ".vdi", ".iso")
 MAX_META = 1024 * 1024  # PAX and GNU long-name headers
-MAX_OTHER = 256 * 1024 * 1024  # all non-disk members together
+MAX_PAX_RECORDS = 1024  # records in one PAX header (tar writes a handful)
+# Everything besides the disk member, headers and metadata included: every 512-byte header costs
+# a parse, so a few KB of zstd holding millions of empty entries must not cost minutes of CPU.
+MAX_OTHER = 256 * 1024 * 1024  # bytes
+MAX_ENTRIES = 10_000  # headers (members, PAX and long-name headers); an OVA or a .box has a handful
+HIGH_BYTES = bytes(range(128, 256))
 MAX_SPARSE_ENTRIES = 1 << 20
 ZEROS = memoryview(bytes(CHUNK))
 REGULAR, CONTIGUOUS, SPARSE = b"0\0", b"7", b"S"
@@ -57,6 +62,7 @@ class TarMember(Layer):
         self.source = source
         self.what = what
         self.other_bytes = 0
+        self.entries = 0  # headers read besides the disk member's own
         self.ended = False
         member = self._next_member(find_disk=True)
         if member is None:
@@ -90,9 +96,19 @@ class TarMember(Layer):
                 raise UnsafeImage("tar archive is truncated", "download it again; check its checksum")
             n -= k
 
+    def _count(self, nbytes: int) -> None:
+        """Charge one header and ``nbytes`` behind it (rounded up to blocks) to the caps."""
+        self.entries += 1
+        self.other_bytes += 512 + nbytes + -nbytes % 512
+        if self.entries > MAX_ENTRIES:
+            raise UnsafeImage(f"tar archive has more than {MAX_ENTRIES} entries besides the disk image")
+        if self.other_bytes > MAX_OTHER:
+            raise UnsafeImage("tar archive holds too much data besides the disk image")
+
     def _read_meta(self, size: int) -> bytes:
         if size > MAX_META:
             raise UnsafeImage("tar archive has an oversized metadata header")
+        self._count(size)
         data = self._read_exact(size)
         self._skip(-size % 512)
         return data
@@ -113,8 +129,10 @@ class TarMember(Layer):
         if header == bytes(512):
             return None
         stored = parse_number(header[148:156])
-        unsigned = sum(header[:148]) + 256 + sum(header[156:])
-        signed = unsigned - 2 * sum(b for b in header[:148] + header[156:] if b > 127)
+        rest = header[:148] + header[156:]
+        unsigned = sum(rest) + 256  # the checksum field itself counts as eight spaces
+        # Historic tars summed signed chars: each byte over 127 then counts 256 less.
+        signed = unsigned - 256 * (len(rest) - len(rest.translate(None, HIGH_BYTES)))
         if stored not in (unsigned, signed):
             raise UnsafeImage("tar archive has a header with a bad checksum")
         return header
@@ -148,9 +166,7 @@ class TarMember(Layer):
                     raise UnsupportedFormat("tar archive holds more than one disk image "
                                             f"({printable(self.name)}, {printable(name)})")
                 return self._open_member(name, kind, size, header, pax_now)
-            self.other_bytes += size
-            if self.other_bytes > MAX_OTHER:
-                raise UnsafeImage("tar archive holds too much data besides the disk image")
+            self._count(size)
             self._skip(size + -size % 512)
         self.ended = True
         return None
@@ -258,7 +274,11 @@ def check_name(name: str) -> None:
 def parse_pax(data: bytes) -> dict[str, str]:
     out: dict[str, str] = {}
     pos = 0
+    records = 0
     while pos < len(data):
+        records += 1
+        if records > MAX_PAX_RECORDS:
+            raise UnsafeImage("tar archive has a PAX header with too many records")
         space = data.find(b" ", pos)
         try:
             length = int(data[pos:space])

@@ -1,12 +1,20 @@
 """Local image paths are a security boundary (docs/images.md, "Checks, in order").
 
 A path must resolve (symlinks and ``..`` followed) to a regular file inside one of the site's
-allowed directories, and never under /dev, /proc, /sys, /etc, /boot or /run.  Opening uses
-O_NOFOLLOW on the resolved path and re-checks with fstat, so a swap after the check is caught.
+allowed directories, and never under /dev, /proc, /sys, /etc, /boot or /run.
+
+Security: whoever can write below an allowed directory can swap one of its subdirectories for a
+symlink between the check and the open (renameat2 RENAME_EXCHANGE in a loop).  So the file is
+opened from a descriptor of the allowed directory, walking the resolved path beneath it without
+following any symlink (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS, or a component-by-component
+O_NOFOLLOW walk where openat2 is missing): what is opened lies inside the allowed tree by
+construction, and a swapped path fails with one line instead.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import stat
 from pathlib import Path
@@ -15,6 +23,15 @@ from instance_cloudimage.runtime.errors import ParameterError
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 
 FORBIDDEN_ROOTS = ("/dev", "/proc", "/sys", "/etc", "/boot", "/run")
+SYS_OPENAT2 = 437  # the same number on every architecture (the generic syscall table)
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
 def _inside(path: str, root: str) -> bool:
@@ -29,18 +46,9 @@ def resolve_local_image_path(raw: str, site: SiteConfig, *, what: str = "image")
         raise ParameterError(f"{what} path contains a NUL byte")
     if any(part == ".." for part in raw.split("/")):
         raise ParameterError(f"{what} path must not contain '..'")
-    real = os.path.realpath(raw)
-    for root in FORBIDDEN_ROOTS:
-        if _inside(real, root):
-            raise ParameterError(f"{what} path points into {root}, which is never read")
-    allowed = [os.path.realpath(d) for d in site.allowed_dirs]
-    if not any(_inside(real, d) and real != d for d in allowed):
-        raise ParameterError(
-            f"{what} path is outside the allowed image directories",
-            f"allowed: {', '.join(site.allowed_dirs)} ([Images] AllowedDirectories in "
-            f"{site.paths.site_config}); symlinks are resolved first",
-        )
     try:
+        real = os.path.realpath(raw)
+        allowed_root(Path(real), site, what=what)
         st = os.stat(real)
     except OSError as e:
         raise ParameterError(f"{what} path cannot be read: {e.strerror}") from None
@@ -49,22 +57,79 @@ def resolve_local_image_path(raw: str, site: SiteConfig, *, what: str = "image")
     return Path(real)
 
 
+def allowed_root(real: Path, site: SiteConfig, *, what: str = "image") -> Path:
+    """The allowed directory (resolved) that holds the resolved path ``real``; ParameterError if none."""
+    for root in FORBIDDEN_ROOTS:
+        if _inside(os.fspath(real), root):
+            raise ParameterError(f"{what} path points into {root}, which is never read")
+    for d in site.allowed_dirs:
+        resolved = os.path.realpath(d)
+        if _inside(os.fspath(real), resolved) and os.fspath(real) != resolved:
+            return Path(resolved)
+    raise ParameterError(
+        f"{what} path is outside the allowed image directories",
+        f"allowed: {', '.join(site.allowed_dirs)} ([Images] AllowedDirectories in "
+        f"{site.paths.site_config}); symlinks are resolved first",
+    )
+
+
 def check_local_image_path(raw: str, site: SiteConfig, *, what: str = "image") -> None:
     resolve_local_image_path(raw, site, what=what)
 
 
-def open_local_image(path: Path) -> int:
-    """Open a resolved path read-only without following a (swapped-in) symlink; return the fd."""
+def open_local_image(path: Path, root: Path) -> int:
+    """Open the resolved ``path`` read-only from a descriptor of ``root``, never leaving it and
+    never following a symlink on the way (see the module's docstring); return the fd.
+    Raises ParameterError, one line, for anything that changed since the check."""
+    rel = os.path.relpath(path, root)
+    if rel == "." or rel.startswith("../") or rel == "..":
+        raise ParameterError("image file is outside its allowed directory")
+    # O_NONBLOCK: a FIFO swapped in after the check would otherwise block the open forever.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        # O_NONBLOCK: a FIFO swapped in after the check would otherwise block the open forever.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        top = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = _open_beneath(top, rel, flags)
+        finally:
+            os.close(top)
     except OSError as e:
-        raise ParameterError(f"image file cannot be opened: {e.strerror}") from None
+        raise ParameterError(f"image file cannot be opened: {e.strerror}",
+                             "its path must not change while it is used (no symlink or moved "
+                             "directory below the allowed image directory)") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise ParameterError("image file is not a regular file")
     os.set_blocking(fd, True)
     return fd
+
+
+def _open_beneath(top: int, rel: str, flags: int) -> int:
+    how = _OpenHow(flags, 0, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+    fd = _libc.syscall(SYS_OPENAT2, top, os.fsencode(rel), ctypes.byref(how), ctypes.sizeof(how))
+    if fd >= 0:
+        return int(fd)
+    err = ctypes.get_errno()
+    if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: a seccomp filter that does not know openat2
+        raise OSError(err, os.strerror(err))
+    return _walk_beneath(top, rel, flags)
+
+
+def _walk_beneath(top: int, rel: str, flags: int) -> int:
+    """openat2's guarantee by hand: each directory opened with O_NOFOLLOW from the one before."""
+    *dirs, name = rel.split("/")
+    current = top
+    try:
+        for part in dirs:
+            if part in ("", ".", ".."):
+                raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+            nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
+            if current != top:
+                os.close(current)
+            current = nxt
+        return os.open(name, flags, dir_fd=current)
+    finally:
+        if current != top:
+            os.close(current)
 
 
 def pinned_path(fd: int) -> str:

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from instance_cloudimage.ganeti.variants import Variant
 from instance_cloudimage.runtime.errors import ChecksumMismatch, ParameterError
 from instance_cloudimage.runtime.localpath import (
+    allowed_root,
     only_root_can_change,
     open_local_image,
     pinned_path,
@@ -177,11 +178,12 @@ def open_image(ref: ImageRef, site: SiteConfig, stack: ExitStack) -> ImageStream
     if scheme in ("http", "https"):
         stream = open_remote_image(ref, site, stack)
     elif scheme == "builtin":
-        stream = open_local(build_demo_image(ref.location[len(BUILTIN_PREFIX):], site.paths.cache_dir),
-                            ref, site, stack)
+        demo = build_demo_image(ref.location[len(BUILTIN_PREFIX):], site.paths.cache_dir)
+        stream = open_local(demo, demo.parent, ref, site, stack)
     elif scheme in ("path", "file"):
         raw = urlsplit(ref.location).path if scheme == "file" else ref.location
-        stream = open_local(resolve_local_image_path(raw, site, what="image"), ref, site, stack)
+        path = resolve_local_image_path(raw, site, what="image")
+        stream = open_local(path, allowed_root(path, site), ref, site, stack)
     else:
         raise ParameterError(f"image URL scheme '{scheme}' is not supported",
                              "use https://, http://, file:// or an absolute path")
@@ -234,9 +236,10 @@ def close_unless_busy(fd: int, box: list[Spool]) -> None:
         os.close(fd)
 
 
-def open_local(path: Path, ref: ImageRef, site: SiteConfig, stack: ExitStack) -> ImageStream:
+def open_local(path: Path, root: Path, ref: ImageRef, site: SiteConfig, stack: ExitStack) -> ImageStream:
+    """The file at the resolved ``path``, opened beneath ``root`` (its allowed directory)."""
     expected = expected_local_digest(ref, path, site)
-    src = open_local_image(path)
+    src = open_local_image(path, root)
     st = os.fstat(src)
     if only_root_can_change(st):
         return open_in_place(src, st.st_size, expected, ref, stack)

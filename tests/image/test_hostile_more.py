@@ -20,7 +20,7 @@ import pytest
 from instance_cloudimage.image.detect import inspect_file
 from instance_cloudimage.image.file import ImageFile
 from instance_cloudimage.runtime.errors import ConversionError, UnsafeImage
-from tests.image.test_hostile import refused
+from tests.image.test_hostile import DISK, refused
 from tests.support.imagetools import MiB, compare, deploy, make_raw_disk, new_disk, qemu_convert, run, sh
 
 pytestmark = pytest.mark.integration
@@ -355,3 +355,80 @@ def test_xz_with_an_oversized_dictionary_is_refused(tmp_path: Path) -> None:
     image = tmp_path / "dictionary.xz"
     image.write_bytes(bytes(data))
     refused(image, tmp_path, ConversionError, r"could not be decompressed: \S*xz: \(stdin\): Cannot allocate memory")
+
+
+def tar_with(entries: bytes, disk_image: Path) -> bytes:
+    """A GNU tar: ``entries`` (raw 512-byte blocks), then ``disk_image`` as disk.raw, then the end."""
+    data = disk_image.read_bytes()
+    member = tarfile.TarInfo("disk.raw")
+    member.size = len(data)
+    return entries + member.tobuf(format=tarfile.GNU_FORMAT) + data + bytes(-len(data) % 512) + bytes(1024)
+
+
+def small_raw(work: Path) -> Path:
+    path = work / "small.raw"
+    return path if path.exists() else make_raw_disk(path, 16 * MiB)
+
+
+def empty_dirs(count: int) -> bytes:
+    entry = tarfile.TarInfo("d/")
+    entry.type = tarfile.DIRTYPE
+    return entry.tobuf(format=tarfile.GNU_FORMAT) * count
+
+
+def zstd_file(path: Path, data: bytes) -> Path:
+    import zstandard
+
+    path.write_bytes(zstandard.ZstdCompressor(level=3).compress(data))
+    return path
+
+
+def test_tar_of_many_empty_entries_is_refused_quickly(work: Path, tmp_path: Path) -> None:
+    """200,000 empty directory entries before the disk member: 100 MB of headers in ~100 KB of
+    zstd.  They were not counted, and parsing them uncapped cost 34 s of CPU for 90 KB."""
+    raw = small_raw(work)
+    headers = zstd_file(work / "headers.zst", empty_dirs(200_000))
+    assert headers.stat().st_size < 200_000
+    image = zstd_file(work / "many-entries.tar.zst", tar_with(empty_dirs(200_000), raw))
+    with cpu_budget(5):
+        refused(image, tmp_path, UnsafeImage, "more than 10000 entries besides the disk image")
+
+
+def test_tar_with_entries_below_the_cap_is_written(work: Path, tmp_path: Path) -> None:
+    raw = small_raw(work)
+    image = zstd_file(work / "some-entries.tar.zst", tar_with(empty_dirs(9_000), raw))
+    disk = new_disk(tmp_path / "disk", DISK)
+    deploy(image, disk)
+    compare(raw, disk)
+
+
+def test_tar_with_a_pax_header_of_many_records_is_refused(work: Path, tmp_path: Path) -> None:
+    record = b"12 comment=\n"  # a PAX record names its own length: 12 bytes
+    assert len(record) == 12
+    body = record * 2000
+    pax = tarfile.TarInfo("./PaxHeaders/x")
+    pax.type = tarfile.XHDTYPE
+    pax.size = len(body)
+    entries = pax.tobuf(format=tarfile.GNU_FORMAT) + body + bytes(-len(body) % 512)
+    image = zstd_file(work / "pax-records.tar.zst", tar_with(entries, small_raw(work)))
+    refused(image, tmp_path, UnsafeImage, "PAX header with too many records")
+
+
+def test_tar_cost_is_linear_within_the_caps(work: Path, tmp_path: Path) -> None:
+    """The most parsing the caps allow: 255 PAX headers of 1 MiB, each at the record cap, then
+    9,000 empty entries; within the CPU budget docs/images.md states (a few seconds)."""
+    value = b"v" * 1000
+    record = b"%d comment=%s\n" % (len(value) + 14, value)
+    assert len(record) == len(value) + 14
+    body = record * 1000
+    pax = tarfile.TarInfo("./PaxHeaders/x")
+    pax.type = tarfile.XHDTYPE
+    pax.size = len(body)
+    # Each PAX header applies to the next member, so pair each with an empty directory.
+    one = pax.tobuf(format=tarfile.GNU_FORMAT) + body + bytes(-len(body) % 512) + empty_dirs(1)
+    raw = small_raw(work)
+    image = zstd_file(work / "pax-heavy.tar.zst", tar_with(one * 255 + empty_dirs(9_000), raw))
+    disk = new_disk(tmp_path / "disk", DISK)
+    with cpu_budget(10):
+        deploy(image, disk)
+    compare(raw, disk)

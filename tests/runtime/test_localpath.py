@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
+import threading
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
 
+from instance_cloudimage.runtime import localpath
 from instance_cloudimage.runtime.errors import ChecksumMismatch, ParameterError
-from instance_cloudimage.runtime.localpath import open_local_image, resolve_local_image_path
+from instance_cloudimage.runtime.localpath import allowed_root, open_local_image, resolve_local_image_path
 from instance_cloudimage.runtime.siteconfig import SITE_SETTINGS, Paths, SiteConfig
 
 
@@ -34,7 +38,12 @@ def site(tmp_path: Path, allowed: Path) -> SiteConfig:
 def test_a_file_in_an_allowed_directory(site: SiteConfig, allowed: Path) -> None:
     path = resolve_local_image_path(os.fspath(allowed / "good.raw"), site)
     assert path == allowed / "good.raw"
-    os.close(open_local_image(path))
+    assert allowed_root(path, site) == allowed
+    fd = open_local_image(path, allowed)
+    try:
+        assert os.read(fd, 4) == b"disk"
+    finally:
+        os.close(fd)
 
 
 def test_dotdot_is_refused_even_when_it_resolves_inside(site: SiteConfig, allowed: Path) -> None:
@@ -79,7 +88,7 @@ def test_open_refuses_a_symlink_swapped_in_after_the_check(allowed: Path, tmp_pa
     checked.unlink()
     checked.symlink_to(tmp_path / "elsewhere")
     with pytest.raises(ParameterError, match="cannot be opened"):
-        open_local_image(checked)
+        open_local_image(checked, allowed)
 
 
 # --- using a local file: in place when only root can change it, else a private copy -------------
@@ -152,3 +161,72 @@ def test_file_others_can_change_is_copied_first(site: SiteConfig, allowed: Path,
         assert fetched.path.parent == site.paths.cache_dir / "tmp"
         assert fetched.path.read_bytes() == b"disk"
     assert "copying the image file first: users other than root can change it" in caplog.text
+
+
+def libc_renameat2() -> Callable[[str, str], None]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    rename_exchange = 2
+
+    def exchange(a: str, b: str) -> None:
+        if libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), rename_exchange) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    return exchange
+
+
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "walk"])
+def test_a_directory_swapped_for_a_symlink_never_opens_outside(
+        site: SiteConfig, allowed: Path, tmp_path: Path, openat2: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user who can write below an allowed directory swaps a real subdirectory with a symlink
+    to a directory outside (renameat2 RENAME_EXCHANGE) in a loop while images are opened: no open
+    may ever read the outside file, and every failure is one ParameterError line."""
+    if not openat2:
+        monkeypatch.setattr(localpath, "SYS_OPENAT2", -1)  # ENOSYS: the component walk
+    secret_dir = tmp_path / "private"
+    secret_dir.mkdir()
+    (secret_dir / "disk.raw").write_bytes(b"SECRET")
+    (allowed / "sub").mkdir()
+    (allowed / "sub" / "disk.raw").write_bytes(b"public")
+    (allowed / "swap").symlink_to(secret_dir)
+    exchange = libc_renameat2()
+    stop = threading.Event()
+    swaps = 0
+
+    def swapper() -> None:
+        nonlocal swaps
+        while not stop.is_set():
+            exchange(os.fspath(allowed / "sub"), os.fspath(allowed / "swap"))
+            swaps += 1
+
+    thread = threading.Thread(target=swapper)
+    thread.start()
+    seen: dict[str, int] = {}
+    try:
+        for _ in range(20000):
+            try:
+                path = resolve_local_image_path(os.fspath(allowed / "sub" / "disk.raw"), site)
+                fd = open_local_image(path, allowed_root(path, site))
+            except ParameterError as e:
+                assert "\n" not in str(e) and "private" not in str(e)
+                seen["refused"] = seen.get("refused", 0) + 1
+                continue
+            try:
+                data = os.read(fd, 16)
+            finally:
+                os.close(fd)
+            seen[data.decode()] = seen.get(data.decode(), 0) + 1
+    finally:
+        stop.set()
+        thread.join()
+    assert "SECRET" not in seen, seen
+    assert swaps > 100 and seen.get("public", 0) > 0, (swaps, seen)
+
+
+def test_the_component_walk_refuses_a_symlinked_directory(allowed: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(localpath, "SYS_OPENAT2", -1)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "disk.raw").write_bytes(b"SECRET")
+    (allowed / "link").symlink_to(tmp_path / "outside")
+    with pytest.raises(ParameterError, match="image file cannot be opened"):
+        open_local_image(allowed / "link" / "disk.raw", allowed)
