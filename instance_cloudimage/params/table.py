@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from urllib.parse import urlsplit
 
 from instance_cloudimage.ganeti.variants import CHECKSUM_RE, SEEDS, Variant
@@ -33,12 +34,39 @@ from instance_cloudimage.sources.urlpolicy import check_url, policy_for
 Check = Callable[[str, SiteConfig], None]
 
 
+class Text(StrEnum):
+    """What characters a parameter's documented format has room for."""
+
+    LINE = "line"  # one line: no control character, no white space at either end
+    LINES = "lines"  # lines: newlines (and CR before them) besides, white space at the ends
+    ANY = "any"  # user-data: a script or a document, checked by its own parser
+
+
 @dataclass(frozen=True)
 class Parameter:
     name: str
     description: str
     check: Check
     secret: bool = False  # withheld from hooks unless the site allows it
+    text: Text = Text.LINE
+
+
+# C0 controls, DEL, C1 controls, and the Unicode line and paragraph separators: none has a place
+# in a one-line value, and several end a line in a log, a YAML file or a terminal.
+CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+CONTROL_IN_LINES_RE = re.compile("[\x00-\x09\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def check_text(p: Parameter, value: str) -> None:
+    """The characters every value of ``p`` must keep to, whatever its format says besides."""
+    if p.text is Text.ANY:
+        return
+    pattern = CONTROL_RE if p.text is Text.LINE else CONTROL_IN_LINES_RE
+    if pattern.search(value):
+        what = "a control character" if p.text is Text.LINE else "a control character other than a newline"
+        raise ParameterError(f"{p.name} contains {what} or a Unicode line separator", "remove it")
+    if p.text is Text.LINE and value != value.strip():
+        raise ParameterError(f"{p.name} must not start or end with white space")
 
 
 def check_image(value: str, site: SiteConfig) -> None:
@@ -130,11 +158,11 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("hostname", "Guest host name, short or fully qualified (default: the instance name)",
               check_hostname),
     Parameter("ssh_authorized_keys", "OpenSSH public keys for the image's default user (root on flamingo), "
-              "separated by newlines or ';'", check_ssh_authorized_keys),
+              "separated by newlines or ';'", check_ssh_authorized_keys, text=Text.LINES),
     Parameter("password_hash", "crypt(3) hash ($y$, $6$, $5$, $2b$) of the default user's password; "
               "pass it with --os-parameters-secret", check_password_hash, secret=True),
     Parameter("user_data", "User-data: #cloud-config, #! script, MIME, #include, jinja or JSON, plain or "
-              "base64:..., gzip allowed, at most 64 KiB", check_user_data, secret=True),
+              "base64:..., gzip allowed, at most 64 KiB", check_user_data, secret=True, text=Text.ANY),
     Parameter("dns_nameservers", "DNS server addresses for the guest, separated by spaces or commas",
               check_nameservers),
     Parameter("dns_search", "DNS search domains for the guest, separated by spaces or commas", check_search),
@@ -219,6 +247,7 @@ def validate_parameters(params: Mapping[str, str], site: SiteConfig) -> list[str
             problems.append(f"unknown OS parameter '{name}' (known: {', '.join(sorted(known))})")
             continue
         try:
+            check_text(p, params[name])
             p.check(params[name], site)
         except ParameterError as e:
             problems.append(str(e))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from instance_cloudimage.ganeti.simulate import simulated_core_environment
-from instance_cloudimage.params.table import PARAMETERS, render_parameters_list, validate_parameters
+from instance_cloudimage.params.table import PARAMETERS, Parameter, Text, render_parameters_list, validate_parameters
 from instance_cloudimage.runtime.siteconfig import Paths, SiteConfig, load_site_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,7 +134,47 @@ def test_a_fifo_swapped_in_after_the_check_does_not_hang_create(tmp_path: Path) 
     signal.alarm(5)
     try:
         with pytest.raises(ParameterError, match="image file is not a regular file"):
-            open_local_image(fifo)
+            open_local_image(fifo, tmp_path)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+# Every character that has no place in a one-line value, generated: C0, DEL, C1, U+2028, U+2029.
+CONTROLS = [chr(c) for c in (*range(0x20), *range(0x7F, 0xA0))] + ["\u2028", "\u2029"]
+ALLOWED_IN = {Text.LINE: "", Text.LINES: "\n\r", Text.ANY: "".join(CONTROLS)}
+MARK = "VALUE-NOBODY-MAY-SEE"
+
+
+@pytest.mark.parametrize("param", PARAMETERS, ids=[p.name for p in PARAMETERS])
+def test_control_characters_are_refused_where_the_format_has_no_place(param: Parameter, site: SiteConfig) -> None:
+    refused = []
+    for char in CONTROLS:
+        problems = validate_parameters({param.name: f"{MARK}{char}{MARK}"}, site)
+        if char in ALLOWED_IN[param.text]:
+            assert not any("control character" in p for p in problems), (repr(char), problems)
+            continue
+        assert len(problems) == 1 and param.name in problems[0] and "control character" in problems[0], \
+            (repr(char), problems)
+        assert MARK not in problems[0] and "\n" not in problems[0]
+        refused.append(char)
+    assert len(refused) == len(CONTROLS) - len(ALLOWED_IN[param.text])
+
+
+@pytest.mark.parametrize("param", [p for p in PARAMETERS if p.text is Text.LINE], ids=lambda p: p.name)
+@pytest.mark.parametrize("pad", [" ", "\u00a0", "  ", "\u3000"], ids=["space", "nbsp", "spaces", "ideographic"])
+@pytest.mark.parametrize("where", ["leading", "trailing"])
+def test_white_space_around_a_one_line_value_is_refused(param: Parameter, pad: str, where: str,
+                                                        site: SiteConfig) -> None:
+    value = f"{pad}{MARK}" if where == "leading" else f"{MARK}{pad}"
+    problems = validate_parameters({param.name: value}, site)
+    assert problems == [f"{param.name} must not start or end with white space"]
+
+
+def test_the_verify_script_refuses_a_line_separator(tmp_path: Path) -> None:
+    """Ganeti runs verify before create: both call validate_parameters, which refuses this."""
+    env = simulated_core_environment("demo", params={"hostname": "vm1\u2028evil"})
+    result = run_verify(env)
+    assert result.returncode != 0
+    assert "hostname contains a control character or a Unicode line separator" in result.stderr
+    assert "evil" not in result.stderr
