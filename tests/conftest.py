@@ -56,12 +56,13 @@ def qemu_img(*args: str) -> str:
     return subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True).stdout
 
 
-def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run the installed console script as a user would."""
+def cli(*args: str, check: bool = False, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed console script as a user would (``stdin``: its input, else none)."""
     exe = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "instance-cloudimage"
     if not exe.exists():
         exe = Path(shutil.which("instance-cloudimage") or "instance-cloudimage")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=check,
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=check, input=stdin,
+                          stdin=subprocess.DEVNULL if stdin is None else None,
                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
 
 

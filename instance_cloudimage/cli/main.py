@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import stat
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -23,7 +24,7 @@ from instance_cloudimage.ganeti.env import (
 )
 from instance_cloudimage.ganeti.simulate import SimulatedDisk, simulated_environment
 from instance_cloudimage.ganeti.variants import host_architecture, list_variants, load_variant
-from instance_cloudimage.params.table import values_to_hide
+from instance_cloudimage.params.table import PARAMETERS, values_to_hide
 from instance_cloudimage.runtime.errors import ParameterError
 from instance_cloudimage.runtime.log import format_size, hide_values
 from instance_cloudimage.runtime.settings import parse_size
@@ -40,16 +41,63 @@ from instance_cloudimage.verbs.create import run_create
 
 log = logging.getLogger("instance_cloudimage")
 
+SECRET_NAMES = ", ".join(p.name for p in PARAMETERS if p.secret)
+OPTION_HELP = ("an OS parameter, as gnt-instance add -O would pass it; NAME=@FILE reads the value from "
+               "FILE (one final newline dropped), NAME=@- from stdin, NAME=@@... is a value starting with @; "
+               f"give the secret ones ({SECRET_NAMES}) that way: a command line is visible to every user in ps")
+
+
+def read_option_file(name: str, path: str, stdin_used: bool) -> str:
+    """The value of ``-O name=@path`` (``-`` is stdin), one final newline dropped.  Raises ParameterError.
+
+    Security: messages name the parameter and the file, never what the file holds.
+    """
+    if not path:
+        raise ParameterError(f"-O {name}=@ needs a file name (write {name}=@@... for a value starting with @)")
+    where = "stdin" if path == "-" else path
+    if path == "-" and stdin_used:
+        raise ParameterError(f"-O {name}=@-: stdin was already read for another parameter")
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except OSError as e:
+        raise ParameterError(f"cannot read the value of -O {name} from {where}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ParameterError(f"the value of -O {name} in {where} is not UTF-8 text") from None
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
 def parse_option_pairs(pairs: Sequence[str]) -> dict[str, str]:
+    """``-O`` arguments as parameters: NAME=VALUE, NAME=@FILE, NAME=@- (stdin), NAME=@@... (a literal @...).
+
+    Warns (naming the parameter only) when a secret parameter is given inline.
+    """
+    secret = {p.name for p in PARAMETERS if p.secret}
     out = {}
+    stdin_used = False
     for number, item in enumerate(pairs, 1):
         name, sep, value = item.partition("=")
         # Security: never echo the argument; without '=' it may be the value itself.
         if not sep:
             raise ParameterError(f"-O expects name=value; argument {number} has no '='")
-        if not name.strip():
+        name = name.strip()
+        if not name:
             raise ParameterError(f"-O expects name=value; argument {number} has no name")
-        out[name.strip()] = value
+        if value.startswith("@@"):
+            value = value[1:]
+        elif value.startswith("@"):
+            out[name] = read_option_file(name, value[1:], stdin_used)
+            stdin_used = stdin_used or value == "@-"
+            continue
+        if name in secret:
+            log.warning("warning: -O %s is secret, and a command line is visible to every user in ps; "
+                        "use -O %s=@FILE or %s=@- (stdin)", name, name, name)
+        out[name] = value
     return out
 
 
@@ -75,7 +123,7 @@ def create_disk_file(disk: Path, size_text: str) -> None:
         raise ParameterError(f"cannot create the disk file {disk}: {e.strerror}") from None
 
 
-def local_environment(args: argparse.Namespace) -> dict[str, str]:
+def local_environment(args: argparse.Namespace, params: dict[str, str]) -> dict[str, str]:
     """What Ganeti would give a create onto ``--disk`` (a file is created if missing)."""
     disk = Path(args.disk).absolute()
     if not disk.exists():
@@ -84,13 +132,14 @@ def local_environment(args: argparse.Namespace) -> dict[str, str]:
     target = SimulatedDisk(disk, backend_type="block" if is_block else "file:loop",
                            size_mib=target_size(os.fspath(disk)) // (1024 * 1024))
     return simulated_environment(args.variant, [target], instance_name=args.instance_name,
-                                 params=parse_option_pairs(args.os_param), debug=args.debug)
+                                 params=params, debug=args.debug)
 
 
 def cmd_create(args: argparse.Namespace) -> None:
-    hide_values(values_to_hide(parse_option_pairs(args.os_param)))
+    params = parse_option_pairs(args.os_param)
+    hide_values(values_to_hide(params))
     paths = Paths(Path(args.config_dir), Path(args.cache_dir))
-    genv = parse_environment(local_environment(args), Script.CREATE)
+    genv = parse_environment(local_environment(args, params), Script.CREATE)
     run_create(genv, load_site_config(paths))
 
 
@@ -157,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-size", default="1G", help="size of a new disk file (default: %(default)s)")
     p.add_argument("--variant", default="demo", help="variant name (default: %(default)s)")
     p.add_argument("-O", "--os-param", action="append", default=[], metavar="NAME=VALUE",
-                   help="an OS parameter, as gnt-instance add -O would pass it")
+                   help=OPTION_HELP)
     p.add_argument("--instance-name", default="demo.example.org", help="instance name (default: %(default)s)")
     add_site_options(p)
     p.set_defaults(func=cmd_create)

@@ -229,28 +229,95 @@ def parse_header(data: bytes) -> Header:
     return Header(version, flags, disk_size)
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_FEED = 1024  # compressed bytes per decompress call: at most ~32 MiB come out of 1 KiB
+ZSTD_READ = 128 * 1024
+
+
+def _skippable(head: bytes) -> bool:
+    return len(head) == 4 and head[1:] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50
+
+
+class _Zstd:
+    """zstd frames from a raw source, one frame at a time, output in bounded pieces.
+
+    Unlike zstandard's stream reader, it knows where each frame ends and whether the source ended
+    inside one, which the check after the end record needs.
+    """
+
+    def __init__(self, src: BinaryIO) -> None:
+        import zstandard
+
+        self._src = src
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame: Any = None  # the decompressor of the frame being read; None between frames
+        self._in = b""  # compressed bytes read from the source, not yet decompressed
+        self._out = memoryview(b"")  # decompressed bytes not yet returned
+
+    @property
+    def in_frame(self) -> bool:
+        return self._frame is not None
+
+    def _more_input(self) -> bool:
+        if not self._in:
+            self._in = self._src.read(ZSTD_READ)
+        return bool(self._in)
+
+    def peek_raw(self, n: int) -> bytes:
+        """Up to ``n`` undecompressed bytes at the current position (fewer at the end of the source)."""
+        while len(self._in) < n:
+            more = self._src.read(ZSTD_READ)
+            if not more:
+                break
+            self._in += more
+        return self._in[:n]
+
+    def step(self) -> bool:
+        """Decompress a little more into the output; False at the end of the source."""
+        if not self._more_input():
+            return False
+        if self._frame is None:
+            self._frame = self._dctx.decompressobj()
+        feed, self._in = self._in[:ZSTD_FEED], self._in[ZSTD_FEED:]
+        try:
+            out = self._frame.decompress(feed)
+        except Exception as e:  # zstandard.ZstdError: the compressed data is corrupt
+            raise StreamError(f"the import stream's compressed data is corrupt ({e})") from None
+        if self._frame.eof:
+            self._in = self._frame.unused_data + self._in
+            self._frame = None
+        self._out = memoryview(out)
+        return True
+
+    def pending(self) -> int:
+        return len(self._out)
+
+    def read(self, n: int) -> bytes:
+        while not self._out:
+            if not self.step():
+                return b""
+        piece = bytes(self._out[:n])
+        self._out = self._out[n:]
+        return piece
+
+
 class Reader:
     """Exact reads from the stream body, decompressing when needed.
 
-    zstd output is pulled in bounded pieces, so a stream that decompresses to far more than it
-    says cannot exhaust memory; data after the last frame must itself be a valid frame, so
-    trailing garbage shows up as corruption and trailing frames as data after the end record.
+    zstd input is fed in small pieces, so a stream that decompresses to far more than it says
+    cannot exhaust memory.  After the end record only empty zstd frames (complete frames that
+    decompress to nothing) may follow: a skippable frame, an incomplete frame or any other byte
+    is data after the end record.
     """
 
     def __init__(self, src: BinaryIO, compressed: bool) -> None:
         self._src: Any = src
-        if compressed:
-            import zstandard
-
-            self._src = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True, closefd=False)
+        self._zstd = _Zstd(src) if compressed else None
+        if self._zstd is not None:
+            self._src = self._zstd
 
     def _read(self, n: int) -> bytes:
-        try:
-            data: bytes = self._src.read(n)
-        except OSError:
-            raise
-        except Exception as e:  # zstandard.ZstdError: the compressed data is corrupt
-            raise StreamError(f"the import stream's compressed data is corrupt ({e})") from None
+        data: bytes = self._src.read(n)
         return data
 
     def read_exact(self, n: int, what: str) -> bytes:
@@ -266,8 +333,35 @@ class Reader:
         return b"".join(parts)
 
     def check_end(self) -> None:
-        if self._read(1):
+        """Read the source to its end: nothing may follow the end record but empty zstd frames."""
+        z = self._zstd
+        if z is None:
+            if self._read(1):
+                raise StreamError("the import stream has data after its end record")
+            return
+        if z.pending():
             raise StreamError("the import stream has data after its end record")
+        while z.in_frame:  # the rest of the frame holding the end record
+            if not z.step():
+                raise StreamError("the import stream is truncated (it ended inside its last zstd frame)",
+                                  "the export or the transfer was interrupted; export again")
+            if z.pending():
+                raise StreamError("the import stream has data after its end record")
+        while True:  # whatever follows: complete frames that decompress to nothing
+            head = z.peek_raw(4)
+            if not head:
+                return
+            if head != ZSTD_MAGIC:
+                kind = "a skippable zstd frame" if _skippable(head) else "bytes that are no zstd frame"
+                raise StreamError(f"the import stream has data after its end record ({kind})")
+            while True:
+                if not z.step():
+                    raise StreamError("the import stream has data after its end record "
+                                      "(an incomplete zstd frame)")
+                if z.pending():
+                    raise StreamError("the import stream has data after its end record")
+                if not z.in_frame:
+                    break
 
 
 def read_records(reader: Reader, header: Header, max_size: int,

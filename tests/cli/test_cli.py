@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from instance_cloudimage.ganeti.simulate import simulated_core_environment
+from instance_cloudimage.runtime.errors import ParameterError
 from tests.conftest import Site, cli
 
 
@@ -42,6 +43,77 @@ def test_os_parameter_without_a_value_is_not_echoed(site: Site, tmp_path: Path) 
     r = cli("create", "--disk", str(tmp_path / "d.img"), "-O", "image=/x", "-O", "$6$SECRET", *site.cli_args())
     assert_one_line_error(r, "-O expects name=value; argument 2 has no '='")
     assert "SECRET" not in r.stderr
+
+
+SECRET_HASH = "$6$SALTSALT$SECRETHASHVALUE"
+
+
+def test_os_parameter_from_a_file(site: Site, tmp_path: Path) -> None:
+    value = tmp_path / "network"
+    value.write_text("dhcp\n")  # valid, where "@/.../network" is not: verify names only the bad seed
+    r = cli("create", "--disk", str(tmp_path / "d.img"), "-O", f"network=@{value}", "-O", "seed=bogus",
+            *site.cli_args())
+    assert_one_line_error(r, "seed must be")
+    assert "more problems" not in r.stderr
+
+
+def test_os_parameter_from_stdin(site: Site, tmp_path: Path) -> None:
+    r = cli("create", "--disk", str(tmp_path / "d.img"), "-O", "network=@-", "-O", "seed=bogus", *site.cli_args(),
+            stdin="dhcp\n")
+    assert_one_line_error(r, "seed must be")
+    assert "more problems" not in r.stderr
+
+
+def test_os_parameter_files_literal_at_and_final_newline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import sys
+
+    from instance_cloudimage.cli.main import parse_option_pairs
+
+    (tmp_path / "h").write_text(SECRET_HASH + "\n")
+    (tmp_path / "u").write_text("#cloud-config\nruncmd: []\n\n")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"from stdin\r\n")))
+    got = parse_option_pairs([f"password_hash=@{tmp_path / 'h'}", f"user_data=@{tmp_path / 'u'}",
+                              "hostname=@@web", "image=@-"])
+    assert got == {"password_hash": SECRET_HASH, "user_data": "#cloud-config\nruncmd: []\n",
+                   "hostname": "@web", "image": "from stdin"}
+    with pytest.raises(ParameterError, match="stdin was already read"):
+        parse_option_pairs(["image=@-", "user_data=@-"])
+
+
+@pytest.mark.parametrize(("content", "phrase"), [
+    (None, "cannot read the value of -O user_data from {path}: No such file or directory"),
+    (b"\xffSECRETUSERDATA", "the value of -O user_data in {path} is not UTF-8 text"),
+])
+def test_os_parameter_file_that_cannot_be_read(site: Site, tmp_path: Path, content: bytes | None,
+                                               phrase: str) -> None:
+    path = tmp_path / "user-data"
+    if content is not None:
+        path.write_bytes(content)
+    r = cli("create", "--disk", str(tmp_path / "d.img"), "-O", f"user_data=@{path}", *site.cli_args())
+    assert_one_line_error(r, phrase.format(path=path))
+    assert "SECRET" not in r.stderr and not (tmp_path / "d.img").exists()
+
+
+def test_inline_secret_parameters_warn(site: Site, tmp_path: Path) -> None:
+    # --disk-size fails right after the parameters are read: only their handling shows.
+    r = cli("create", "--disk", str(tmp_path / "d.img"), "--disk-size", "lots", "-O", f"password_hash={SECRET_HASH}",
+            "-O", "user_data=#cloud-config", "-O", "hostname=web1", *site.cli_args())
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 3, r.stderr
+    for line, name in zip(lines, ("password_hash", "user_data"), strict=False):
+        assert line.startswith(f"instance-cloudimage: warning: -O {name} is secret"), line
+        assert f"{name}=@FILE" in line
+    assert "--disk-size must be" in lines[2]
+    assert "SECRET" not in r.stderr and "cloud-config" not in r.stderr and "hostname" not in r.stderr
+
+
+def test_secret_parameters_from_a_file_or_stdin_do_not_warn(site: Site, tmp_path: Path) -> None:
+    (tmp_path / "h").write_text(SECRET_HASH)
+    r = cli("create", "--disk", str(tmp_path / "d.img"), "--disk-size", "lots",
+            "-O", f"password_hash=@{tmp_path / 'h'}", "-O", "user_data=@-", "-O", "network=dhcp",
+            *site.cli_args(), stdin="#cloud-config\n")
+    assert_one_line_error(r, "--disk-size must be")
 
 
 def test_verify_does_no_network_io(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -160,3 +160,91 @@ def test_rename_step_failures_are_only_warnings(tmp_path: Path, caplog: pytest.L
     assert "could not update the seed (left unchanged): no seed found" in caplog.text
     assert "could not do a thing (left unchanged): KeyError" in caplog.text
     assert "renamed old.example to new.example" in caplog.text
+
+
+def stream_bytes(tmp_path: Path, zstd_level: int | None) -> tuple[bytes, bytes]:
+    """(the disk, its export stream)."""
+    p = tmp_path / "disk"
+    content = bytes(MIB) + os.urandom(70000) + bytes(MIB)
+    p.write_bytes(content)
+    sink = io.BytesIO()
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        ds.write_stream(fd, len(content), sink, zstd_level=zstd_level)
+    finally:
+        os.close(fd)
+    return content, sink.getvalue()
+
+
+def import_bytes(stream: bytes, size: int) -> bytes:
+    got = bytearray(size)
+
+    def on_data(offset: int, data: bytes) -> None:
+        got[offset:offset + len(data)] = data
+
+    src = io.BytesIO(stream)
+    header = ds.parse_header(src.read(ds.HEADER.size))
+    ds.read_records(ds.Reader(src, header.compressed), header, size, on_data)
+    return bytes(got)
+
+
+def _zstd(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data)
+
+
+SKIPPABLE = (0x184D2A50).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"hello"
+
+
+@pytest.mark.parametrize(("zstd_level", "trailer", "phrase"), [
+    (3, SKIPPABLE, "a skippable zstd frame"),
+    (3, b"\x28\xb5\x2f\xfd", "an incomplete zstd frame"),  # a lone magic
+    (3, _zstd(b"x" * 1000)[:12], "an incomplete zstd frame"),
+    (3, _zstd(b"x"), "data after its end record"),
+    (3, b"garbage", "no zstd frame"),
+    (None, b"garbage", "data after its end record"),
+    (None, _zstd(b""), "data after its end record"),  # an uncompressed stream has no frames at all
+], ids=["zstd-skippable-frame", "zstd-lone-magic", "zstd-12-bytes-of-a-frame", "zstd-frame-with-data",
+        "zstd-garbage", "plain-garbage", "plain-empty-zstd-frame"])
+def test_data_after_the_end_record_is_refused(tmp_path: Path, zstd_level: int | None, trailer: bytes,
+                                              phrase: str) -> None:
+    content, stream = stream_bytes(tmp_path, zstd_level)
+    with pytest.raises(ds.StreamError, match="data after its end record") as e:
+        import_bytes(stream + trailer, len(content))
+    assert phrase in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("trailer", [b"", _zstd(b""), _zstd(b"") + _zstd(b"")], ids=["none", "one", "two"])
+def test_empty_zstd_frames_after_the_end_record_are_accepted(tmp_path: Path, trailer: bytes) -> None:
+    content, stream = stream_bytes(tmp_path, 3)
+    assert import_bytes(stream + trailer, len(content)) == content
+
+
+def test_a_stream_cut_inside_its_last_zstd_frame_is_truncated(tmp_path: Path) -> None:
+    import zstandard
+
+    content = bytes(4096) + b"\x01" * 4096
+    p = tmp_path / "disk"
+    p.write_bytes(content)
+    sink = io.BytesIO()
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        ds.write_stream(fd, len(content), sink, zstd_level=3)
+    finally:
+        os.close(fd)
+    # Recompress with a checksum, then drop it: every record arrives, the frame does not end.
+    raw = sink.getvalue()
+    body = zstandard.ZstdDecompressor().decompressobj().decompress(raw[ds.HEADER.size:])
+    stream = raw[:ds.HEADER.size] + zstandard.ZstdCompressor(write_checksum=True).compress(body)[:-4]
+    with pytest.raises(ds.StreamError, match="truncated"):
+        import_bytes(stream, len(content))
+
+
+def test_a_zstd_bomb_is_read_in_bounded_pieces() -> None:
+    z = ds._Zstd(io.BytesIO(_zstd(bytes(256 * MIB))))
+    biggest = 0
+    while z.step():
+        biggest = max(biggest, z.pending())
+        z.read(z.pending())
+    assert 0 < biggest <= 40 * MIB
