@@ -217,9 +217,13 @@ def open_remote(spec: RemoteSpec, site: SiteConfig, stack: ExitStack) -> Opening
     entry = cache.read_index(key)
 
     for cand in candidate_urls(url, site):
-        client = HttpClient(site, UrlPolicy() if cand.mirror else policy)
+        # A mirror of the image parameter's URL: the site's mirror host is trusted, its redirects are not.
+        client = HttpClient(site, policy.for_mirror(cand.origin) if cand.mirror else policy)
         stack.callback(client.close)
-        cwhat = f"mirror {redact_url(cand.url)}" if cand.mirror else what
+        cwhat = what
+        if cand.mirror:
+            cwhat = f"mirror {redact_url(cand.base)} for {what}" if spec.from_parameter \
+                else f"mirror {redact_url(cand.url)}"
         headers: dict[str, str] = {}
         if entry is not None and expected is None and entry.source_key == url_key(cand.url) \
                 and cache.image_path(entry.sha256).exists():
