@@ -231,3 +231,26 @@ def check_resolved(host: str, policy: UrlPolicy, origin: Origin | None = None) -
     for info in infos:
         check_peer(host, str(info[4][0]), policy)
 
+
+def may_use_cache(url: str, policy: UrlPolicy) -> bool:
+    """Whether ``url`` may be answered from the cache by a known digest, before any request.
+
+    A digest is no permission: a URL from the image parameter gets a cached image only if the
+    policy would let it be fetched.  Raises the policy's refusal; False when the host name does
+    not resolve here (the request then decides, perhaps through the proxy).
+    """
+    parts = check_url(url, policy)
+    if not policy.restricted:
+        return True
+    host = parts.hostname or ""
+    if parse_host(host) is not None:
+        return True  # a literal address: check_url has judged it
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    if not infos:
+        return False
+    for info in infos:
+        check_peer(host, str(info[4][0]), policy)
+    return True
