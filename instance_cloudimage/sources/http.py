@@ -29,7 +29,14 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from instance_cloudimage import __version__
 from instance_cloudimage.runtime.errors import ConfigError, ImageFetchError
 from instance_cloudimage.runtime.siteconfig import SiteConfig
-from instance_cloudimage.sources.urlpolicy import UrlPolicy, check_peer, check_resolved, check_url
+from instance_cloudimage.sources.urlpolicy import (
+    DEFAULT_PORTS,
+    UrlPolicy,
+    check_peer,
+    check_resolved,
+    check_url,
+    origin_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +95,10 @@ class HttpSettings:
 def guarded_adapter(policy: UrlPolicy) -> HTTPAdapter:
     """An adapter whose connections check the peer address before sending anything."""
 
-    def checked(conn: HTTPConnection, sock: Any) -> Any:
+    def checked(conn: HTTPConnection, scheme: str, sock: Any) -> Any:
+        origin = (scheme, conn.host.lower().rstrip("."), conn.port or DEFAULT_PORTS[scheme])
         try:
-            check_peer(conn.host, sock.getpeername()[0], policy)
+            check_peer(conn.host, sock.getpeername()[0], policy, origin)
         except BaseException:
             sock.close()
             raise
@@ -98,11 +106,11 @@ def guarded_adapter(policy: UrlPolicy) -> HTTPAdapter:
 
     class GuardedHTTPConnection(HTTPConnection):
         def _new_conn(self) -> Any:
-            return checked(self, super()._new_conn())
+            return checked(self, "http", super()._new_conn())
 
     class GuardedHTTPSConnection(HTTPSConnection):
         def _new_conn(self) -> Any:
-            return checked(self, super()._new_conn())
+            return checked(self, "https", super()._new_conn())
 
     class GuardedHTTPPool(HTTPConnectionPool):
         ConnectionCls = GuardedHTTPConnection
@@ -163,7 +171,7 @@ class HttpClient:
         what = what or self.policy.describe(url)
         current = url
         for hop in range(self.settings.max_redirects + 1):
-            check_url(current, self.policy, hop=hop)
+            check_url(current, self.policy, hop=hop, source=what)
             resp = self._send(current, headers or {}, what)
             if resp.status_code in REDIRECTS:
                 location = resp.headers.get("Location")
@@ -184,7 +192,7 @@ class HttpClient:
         s = self.settings
         proxy = s.proxy_for(url)
         if proxy and self.policy.restricted:
-            check_resolved(urlsplit(url).hostname or "", self.policy)
+            check_resolved(urlsplit(url).hostname or "", self.policy, origin_of(url))
         proxies = {"http": proxy, "https": proxy} if proxy else {}
         attempts = s.retries + 1
         for attempt in range(attempts):

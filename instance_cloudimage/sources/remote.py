@@ -2,8 +2,9 @@
 
 ``open_remote`` decides between three paths, cheapest first:
 
-1. the expected digest is known (pinned, or from the checksum file) and the cache holds an
-   entry with it: no request for the image at all;
+1. the expected digest is known (pinned, or from the checksum file), the URL passes the URL
+   policy (for the image parameter's URL: its host resolves here to addresses the policy
+   allows) and the cache holds an entry with that digest: no request for the image at all;
 2. the cache holds what this URL gave last time: a conditional GET (If-None-Match /
    If-Modified-Since) to the source that answered then; 304 means reuse, with no body;
 3. otherwise a download, teed into a cache temp file while the writer consumes it.
@@ -31,7 +32,7 @@ from instance_cloudimage.sources.download import BodyDownload, Hasher, Spool
 from instance_cloudimage.sources.http import HttpClient, Opened
 from instance_cloudimage.sources.mirrors import candidate_urls
 from instance_cloudimage.sources.signature import Verifier, keyring_path, strip_clearsign
-from instance_cloudimage.sources.urlpolicy import UrlPolicy, policy_for, redact_url
+from instance_cloudimage.sources.urlpolicy import UrlPolicy, may_use_cache, policy_for, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -201,15 +202,17 @@ def open_remote(spec: RemoteSpec, site: SiteConfig, stack: ExitStack) -> Opening
     elif spec.name_pattern:
         raise ConfigError(f"variant {spec.variant}: NamePattern needs a ChecksumURL to pick the name from")
     what = policy.describe(url)
+    # Security: the digest alone is no permission; the URL must pass the policy before a cache hit.
+    by_digest = expected is not None and may_use_cache(url, policy)
 
-    if expected is not None and (handle := open_cached(cache, expected)) is not None:
+    if by_digest and expected is not None and (handle := open_cached(cache, expected)) is not None:
         log.info("using the cached image (verified %s)", expected.algorithm)
         return Opening(handle=handle)
 
     key = url_key(url)
     lock = LockHolder(cache.lock_url(key))
     stack.callback(lock.release)
-    if expected is not None and (handle := open_cached(cache, expected)) is not None:
+    if by_digest and expected is not None and (handle := open_cached(cache, expected)) is not None:
         lock.release()
         log.info("using the image another process just fetched")
         return Opening(handle=handle)
@@ -217,9 +220,13 @@ def open_remote(spec: RemoteSpec, site: SiteConfig, stack: ExitStack) -> Opening
     entry = cache.read_index(key)
 
     for cand in candidate_urls(url, site):
-        client = HttpClient(site, UrlPolicy() if cand.mirror else policy)
+        # A mirror of the image parameter's URL: the site's mirror host is trusted, its redirects are not.
+        client = HttpClient(site, policy.for_mirror(cand.origin) if cand.mirror else policy)
         stack.callback(client.close)
-        cwhat = f"mirror {redact_url(cand.url)}" if cand.mirror else what
+        cwhat = what
+        if cand.mirror:
+            cwhat = f"mirror {redact_url(cand.base)} for {what}" if spec.from_parameter \
+                else f"mirror {redact_url(cand.url)}"
         headers: dict[str, str] = {}
         if entry is not None and expected is None and entry.source_key == url_key(cand.url) \
                 and cache.image_path(entry.sha256).exists():

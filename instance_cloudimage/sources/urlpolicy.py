@@ -5,8 +5,10 @@ inside the cluster's network) reach loopback, link-local (169.254.169.254 metada
 shared, reserved or multicast addresses, unless the site allows them (``[Images]
 AllowPrivateURLs``, ``AllowedURLHosts``, ``AllowedURLNetworks``).  The check runs on every
 redirect hop and again on the address the socket actually connected to (DNS rebinding).
-Variant and mirror URLs are written by the administrator and are not restricted, except that
-every hop must be http(s).
+Variant URLs are written by the administrator and are not restricted, except that every hop
+must be http(s).  A mirror of a URL from the image parameter is fetched under that URL's policy
+with one exception: the mirror's own origin (scheme, host and port, as the site configured it)
+is trusted, and a redirect to anywhere else is checked as usual.
 
 Host names that merely *look* numeric (``2130706433``, ``0x7f000001``, ``127.1``, ``0177.0.0.1``)
 are refused outright: resolvers disagree about them and they exist to slip past blocklists.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import SplitResult, urlsplit
 
 from instance_cloudimage.runtime.errors import ImageFetchError
@@ -25,6 +27,8 @@ from instance_cloudimage.runtime.siteconfig import SiteConfig
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Origin = tuple[str, str, int]  # scheme, host, port; see origin_of
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 NUMERIC_LABEL_RE = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$", re.IGNORECASE)
 HOSTNAME_RE = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?$", re.IGNORECASE)
@@ -41,10 +45,20 @@ class UrlPolicy:
     allowed_hosts: tuple[str, ...] = ()
     allowed_networks: tuple[IPNetwork, ...] = field(default=())
     require_https: bool = False  # plain http only with a pinned checksum
+    trusted_origins: tuple[Origin, ...] = ()  # a configured mirror's origin: the site's own choice
 
     def describe(self, url: str) -> str:
         """How a URL may appear in messages: never, when the user gave it (it may be private)."""
         return PARAMETER_URL if self.restricted else redact_url(url)
+
+    def for_mirror(self, origin: Origin | None) -> UrlPolicy:
+        """This policy for a configured mirror: its origin, and nothing else, is trusted."""
+        if not self.restricted or origin is None:
+            return self
+        return replace(self, trusted_origins=(origin,))
+
+    def trusts(self, origin: Origin | None) -> bool:
+        return origin is not None and origin in self.trusted_origins
 
     def host_is_allowlisted(self, host: str) -> bool:
         h = host.lower().rstrip(".")
@@ -62,6 +76,20 @@ class UrlPolicy:
         if any(addr in net for net in self.allowed_networks if net.version == addr.version):
             return True
         return is_public_address(addr)
+
+
+def origin_of(url: str) -> Origin | None:
+    """(scheme, host, port) of an http(s) URL, default ports filled in; None if it has none."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").rstrip(".")
+    if scheme not in DEFAULT_PORTS or not host:
+        return None
+    return scheme, host, port if port is not None else DEFAULT_PORTS[scheme]
 
 
 def redact_url(url: str) -> str:
@@ -125,18 +153,23 @@ def parse_host(host: str) -> IPAddress | None:
     return None
 
 
-def check_url(url: str, policy: UrlPolicy, *, hop: int = 0) -> SplitResult:
-    """Validate one URL (a first request or a redirect target).  Raises ImageFetchError."""
+def check_url(url: str, policy: UrlPolicy, *, hop: int = 0, source: str | None = None) -> SplitResult:
+    """Validate one URL (a first request or a redirect target).  Raises ImageFetchError.
+
+    ``source`` names the first URL of a redirect chain in messages (safe to print).
+    """
     if hop == 0:
         what = policy.describe(url)
     else:
-        what = f"a redirect of {PARAMETER_URL}" if policy.restricted else f"the redirect to {redact_url(url)}"
+        what = f"a redirect of {source or PARAMETER_URL}" if policy.restricted else f"the redirect to {redact_url(url)}"
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
         raise ImageFetchError(f"{what} is not a valid URL") from None
     scheme = parts.scheme.lower()
+    if policy.trusts(origin_of(url)):
+        return parts
     if scheme not in ("http", "https"):
         shown = scheme if scheme.isalnum() else "unknown"
         raise ImageFetchError(f"{what} leads to a '{shown}:' URL; only http and https are followed")
@@ -177,18 +210,18 @@ def classify(addr: IPAddress) -> str:
     return "reserved"
 
 
-def check_peer(host: str, peer_ip: str, policy: UrlPolicy) -> None:
+def check_peer(host: str, peer_ip: str, policy: UrlPolicy, origin: Origin | None = None) -> None:
     """Run on the socket's real peer address, after DNS: catches names that resolve inward."""
-    if not policy.restricted or policy.host_is_allowlisted(host):
+    if not policy.restricted or policy.host_is_allowlisted(host) or policy.trusts(origin):
         return
     addr = ipaddress.ip_address(peer_ip.split("%", 1)[0])
     if not policy.address_allowed(addr):
         raise refused(PARAMETER_URL, addr)
 
 
-def check_resolved(host: str, policy: UrlPolicy) -> None:
+def check_resolved(host: str, policy: UrlPolicy, origin: Origin | None = None) -> None:
     """Best effort for proxied requests (the proxy resolves): every address we see must pass."""
-    if not policy.restricted or policy.host_is_allowlisted(host):
+    if not policy.restricted or policy.host_is_allowlisted(host) or policy.trusts(origin):
         return
 
     try:
@@ -197,3 +230,27 @@ def check_resolved(host: str, policy: UrlPolicy) -> None:
         return  # the proxy may know names this node does not
     for info in infos:
         check_peer(host, str(info[4][0]), policy)
+
+
+def may_use_cache(url: str, policy: UrlPolicy) -> bool:
+    """Whether ``url`` may be answered from the cache by a known digest, before any request.
+
+    A digest is no permission: a URL from the image parameter gets a cached image only if the
+    policy would let it be fetched.  Raises the policy's refusal; False when the host name does
+    not resolve here (the request then decides, perhaps through the proxy).
+    """
+    parts = check_url(url, policy)
+    if not policy.restricted:
+        return True
+    host = parts.hostname or ""
+    if parse_host(host) is not None:
+        return True  # a literal address: check_url has judged it
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    if not infos:
+        return False
+    for info in infos:
+        check_peer(host, str(info[4][0]), policy)
+    return True
