@@ -13,7 +13,7 @@ import io
 import os
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from instance_cloudimage.disk import exportstream as ds
@@ -39,7 +39,6 @@ def replay(stream: bytes, max_size: int = 1 << 30) -> int | None:
         return None
 
 
-@settings(max_examples=200)
 @given(st.binary(max_size=64))
 def test_arbitrary_headers_are_parsed_or_refused(data: bytes) -> None:
     try:
@@ -49,7 +48,6 @@ def test_arbitrary_headers_are_parsed_or_refused(data: bytes) -> None:
     assert len(data) == ds.HEADER.size and header.version == ds.VERSION
 
 
-@settings(max_examples=300)
 @given(st.sampled_from([0, ds.FLAG_ZSTD]), st.integers(0, 1 << 40), st.binary(max_size=2048))
 def test_arbitrary_bodies_are_read_or_refused(flags: int, disk_size: int, body: bytes) -> None:
     replay(ds.HEADER.pack(ds.MAGIC, ds.VERSION, flags, 0, disk_size) + body)
@@ -88,7 +86,6 @@ def mutations(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-@settings(max_examples=300)
 @given(mutations())
 def test_mutated_streams_are_read_or_refused(stream: bytes) -> None:
     replay(stream)

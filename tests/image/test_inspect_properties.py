@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from instance_cloudimage.image import vmdk
@@ -64,7 +64,6 @@ def check(img: CheckedImage) -> None:
     assert isinstance(found, DetectedImage)
 
 
-@settings(max_examples=300)
 @given(st.binary(max_size=4096))
 def test_arbitrary_bytes_are_inspected_or_refused(data: bytes) -> None:
     fd = memfile(data)
@@ -79,7 +78,6 @@ MAGICS = [b"QFI\xfb\0\0\0\x02", b"QFI\xfb\0\0\0\x03", b"KDMV\x01\0\0\0", b"conec
           bytes(0x40) + b"\x7f\x10\xda\xbe"]
 
 
-@settings(max_examples=300)
 @given(st.sampled_from(MAGICS), st.binary(max_size=8192))
 def test_bytes_behind_a_magic_are_inspected_or_refused(magic: bytes, rest: bytes) -> None:
     fd = memfile(magic + rest)
@@ -147,7 +145,6 @@ def mutations(draw: st.DrawFn) -> tuple[str, int | None, dict[int, int]]:
     return name, cut, patches
 
 
-@settings(max_examples=400)
 @given(mutations())
 def test_mutated_images_are_inspected_or_refused(case: tuple[str, int | None, dict[int, int]]) -> None:
     name, cut, patches = case

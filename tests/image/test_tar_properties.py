@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from instance_cloudimage.image.tar import TarMember, parse_decimal
@@ -58,7 +58,6 @@ def read_archive(data: bytes, step: int = 1 << 20) -> bytes | None:
     return bytes(out)
 
 
-@settings(max_examples=300)
 @given(st.binary(max_size=4096))
 def test_arbitrary_bytes_are_read_or_refused(data: bytes) -> None:
     read_archive(data)
@@ -117,7 +116,6 @@ def mutations(draw: st.DrawFn) -> tuple[bytes, int]:
     return bytes(data), draw(st.sampled_from([1, 7, 512, 1 << 20]))
 
 
-@settings(max_examples=400)
 @given(mutations())
 def test_mutated_archives_are_read_or_refused(case: tuple[bytes, int]) -> None:
     data, step = case
