@@ -78,6 +78,9 @@ class Source:
 def fuzz_tar(data: bytes) -> None:
     try:
         member = TarMember(Source(data))
+        if member.size > 64 << 20:  # gigabytes of sparse holes are zeros to copy, not a finding
+            member.read(1 << 16)
+            return
         got = 0
         while chunk := member.read(1 << 16):
             got += len(chunk)
