@@ -10,10 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.support.httpfixtures import Server, ServerState
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The parser property tests (tests/*/test_*_properties.py): no example database in the work tree,
+# and a per-example deadline, so a parser whose time is not linear in its input fails the suite.
+# HYPOTHESIS_PROFILE=long runs many more examples locally (fuzz/run.sh is the deeper search).
+settings.register_profile("suite", max_examples=300, database=None, deadline=2000, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", parent=settings.get_profile("suite"), max_examples=5000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 
 def need_tools(*tools: str) -> None:

@@ -42,7 +42,7 @@ def writable(cache: Path) -> bool:
 
 def test_ruff() -> None:
     # --no-cache: a checkout set up by root (sudo .ci/setup) has a cache others cannot write.
-    check(tool("ruff"), "check", "--no-cache", "instance_cloudimage", "tests", "bench")
+    check(tool("ruff"), "check", "--no-cache", "instance_cloudimage", "tests", "bench", "fuzz")
 
 
 def test_mypy(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -53,7 +53,8 @@ def test_mypy(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 def test_shellcheck() -> None:
-    scripts = [ROOT / ".ci" / "setup", ROOT / ".ci" / "run", *sorted(ROOT.glob("tests/**/*.sh"))]
+    scripts = [ROOT / ".ci" / "setup", ROOT / ".ci" / "run", *sorted(ROOT.glob("tests/**/*.sh")),
+               ROOT / "fuzz" / "run.sh"]
     check(tool("shellcheck"), *map(os.fspath, scripts))
 
 

@@ -217,6 +217,8 @@ class Header:
 
 
 def parse_header(data: bytes) -> Header:
+    if len(data) != HEADER.size:
+        raise StreamError("the import stream is truncated (it ended inside its header)")
     magic, version, flags, _reserved, disk_size = HEADER.unpack(data)
     if magic != MAGIC:
         raise StreamError("the import stream's header is damaged", "export the disk again")

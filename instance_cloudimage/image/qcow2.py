@@ -139,8 +139,9 @@ def check_clusters(img: ImageFile, cluster_bits: int, size: int, l1_size: int, l
         table = img.read_at(l2_off, cluster)
         if maps_inside(table, entry_size, cluster, img.size):
             continue
-        entries = struct.unpack(f">{cluster // 8}Q", table)[::entry_size // 8]
-        for e in entries:
+        words = struct.unpack(f">{cluster // 8}Q", table)
+        for i in range(0, len(words), entry_size // 8):
+            e = words[i]
             if e & COMPRESSED:
                 # The data runs over nb sectors from host; qemu pads a short last sector with
                 # zeros, so only that sector's first byte must be in the file.
@@ -150,6 +151,10 @@ def check_clusters(img: ImageFile, cluster_bits: int, size: int, l1_size: int, l
             else:
                 host = e & OFFSET_MASK
                 end = host + cluster
+                if extended_l2:
+                    # qemu reads only the allocated subclusters (bits 0-31 of the entry's bitmap),
+                    # and writes a last cluster only up to its last allocated subcluster.
+                    end = host + cluster // 32 * (words[i + 1] & 0xFFFFFFFF).bit_length()
             if host and end > img.size:
                 raise refuse(f"is truncated: it maps data at offset {host} that runs beyond the end of the "
                              f"file ({img.size} bytes)", "download it again; check its checksum")

@@ -301,7 +301,7 @@ def parse_sparse_entries(field: bytes) -> list[tuple[int, int]]:
 
 
 def parse_decimal(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()) or len(text) > 32:  # int() refuses "²" and 4300 digits
         raise UnsafeImage("tar archive has a malformed PAX header")
     return int(text)
 

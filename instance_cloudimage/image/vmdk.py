@@ -26,7 +26,8 @@ MARKER_EOS = 0
 FLAG_ZEROED_GRAINS = 1 << 2  # a grain table entry of 1 is an all-zero grain
 FLAG_MARKERS = 1 << 17  # streamOptimized: each compressed grain starts with (lba u64, size u32)
 COMPRESSION_DEFLATE = 1
-EXTENT_RE = re.compile(r'^(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)\s+"([^"]*)"(\s+\d+)?$')
+# ASCII digits, at most 20 (a u64): int() takes other scripts' digits and refuses 4300 or more.
+EXTENT_RE = re.compile(r'^(RW|RDONLY|NOACCESS)\s+([0-9]{1,20})\s+(\w+)\s+"([^"]*)"(\s+[0-9]{1,20})?$')
 HEADER_LINE_RE = re.compile(r'^[A-Za-z][A-Za-z0-9_.]*\s*=\s*("[^"]*"|\S*)$')
 
 

@@ -101,7 +101,7 @@ def read_instance_id(meta_data: bytes) -> str | None:
     (JSON is YAML), for a rename; None if there is none."""
     try:
         md = yaml.safe_load(meta_data)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # the guest wrote it: 2001-02-30, deep nesting
         return None
     if not isinstance(md, dict):
         return None

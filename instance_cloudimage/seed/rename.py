@@ -57,7 +57,7 @@ def make_renamer(old: str, new: str) -> Renamer:
 def rename_metadata_yaml(data: bytes, rename: Renamer) -> bytes | None:
     try:
         md = yaml.safe_load(data)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # the guest wrote it: 2001-02-30, deep nesting
         return None
     if not isinstance(md, dict):
         return None

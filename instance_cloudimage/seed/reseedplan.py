@@ -73,7 +73,7 @@ def parse_config(data: bytes | None) -> Any:
         return None
     try:
         return yaml.safe_load(data)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # the guest wrote it: 2001-02-30, deep nesting
         return UNREADABLE
 
 

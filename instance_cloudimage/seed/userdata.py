@@ -174,6 +174,8 @@ def _load_yaml(text: str) -> Any:
         data = yaml.safe_load(text)
     except RecursionError:
         raise _too_deep() from None
+    except ValueError:  # a scalar YAML resolves but cannot build: 2001-02-30, an int of 5000 digits
+        raise yaml.YAMLError("a value cannot be constructed") from None
     if _depth(data) > MAX_DEPTH:
         raise _too_deep()
     return data
@@ -200,7 +202,10 @@ def _check_include(text: str) -> None:
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
-        parts = urlsplit(entry)
+        try:
+            parts = urlsplit(entry)
+        except ValueError:  # "http://[x": an unclosed IPv6 literal, or NFKC tricks in the host
+            raise ParameterError(f"{PARAM}: #include line {n} is not a valid URL") from None
         if parts.scheme not in ("http", "https", "file") or (parts.scheme != "file" and not parts.hostname):
             raise ParameterError(f"{PARAM}: #include line {n} is not an http(s):// or file:// URL")
 
@@ -240,7 +245,7 @@ def _check_opaque(text: str) -> None:
         return
     try:
         data = yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError):
+    except (yaml.YAMLError, RecursionError, ValueError):
         return  # not cloud-config, whatever it is
     if isinstance(data, dict) and _TELLTALE_KEYS & {str(k) for k in data}:
         raise ParameterError(f"{PARAM} looks like cloud-config but does not start with #cloud-config",
