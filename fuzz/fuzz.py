@@ -21,6 +21,7 @@ import atheris
 
 with atheris.instrument_imports():
     from instance_cloudimage.disk import exportstream as ds
+    from instance_cloudimage.disk import importstream as ims
     from instance_cloudimage.image import qcow2, vhd, vmdk
     from instance_cloudimage.image.detect import inspect_file
     from instance_cloudimage.image.file import ImageFile
@@ -101,8 +102,8 @@ def fuzz_exportstream(data: bytes) -> None:
         pos = offset + len(piece)
 
     try:
-        header = ds.parse_header(data[:ds.HEADER.size])
-        ds.read_records(ds.Reader(io.BytesIO(data[ds.HEADER.size:]), header.compressed), header, 1 << 40, on_data)
+        header = ims.parse_header(data[:ds.HEADER.size])
+        ims.read_records(ims.Reader(io.BytesIO(data[ds.HEADER.size:]), header.compressed), header, 1 << 40, on_data)
     except UserError:
         pass
 

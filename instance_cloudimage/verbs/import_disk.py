@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from instance_cloudimage.disk import exportstream as ds
+from instance_cloudimage.disk import importstream as ims
 from instance_cloudimage.disk.convert import target_size
 from instance_cloudimage.disk.sparse import DiskWriter
 from instance_cloudimage.disk.staging import staging_errors
@@ -69,7 +70,7 @@ def import_raw(first: bytes, src: BinaryIO, writer: DiskWriter, max_size: int,
             return pos
         n = len(data)
         if pos + n > max_size:
-            raise ds.StreamError(f"the raw import stream is larger than the target disk ({max_size} bytes)",
+            raise ims.StreamError(f"the raw import stream is larger than the target disk ({max_size} bytes)",
                                  "import onto a disk at least as large as the exported one")
         buf[:n] = data
         last = 0
@@ -108,12 +109,12 @@ def import_stream(device: str, name: str, src: BinaryIO) -> int:
     head = read_some(src, ds.HEADER.size)
     if not head:
         # No disk is zero bytes long: the export side never sent anything.
-        raise ds.StreamError("the import stream is empty", "the export side failed; see its log")
+        raise ims.StreamError("the import stream is empty", "the export side failed; see its log")
     with DiskWriter(device) as writer:
         if head[:len(ds.MAGIC)] == ds.MAGIC:
             if len(head) < ds.HEADER.size:
-                raise ds.StreamError("the import stream is truncated (it ended inside its header)")
-            header = ds.parse_header(head)
+                raise ims.StreamError("the import stream is truncated (it ended inside its header)")
+            header = ims.parse_header(head)
             with Progress(f"importing a {format_size(header.disk_size)} disk onto {name}", header.disk_size) as prog:
                 pos = 0
 
@@ -124,14 +125,14 @@ def import_stream(device: str, name: str, src: BinaryIO) -> int:
                     prog.update(offset + len(data) - pos)
                     pos = offset + len(data)
 
-                data_bytes = ds.read_records(ds.Reader(src, header.compressed), header, size, on_data)
+                data_bytes = ims.read_records(ims.Reader(src, header.compressed), header, size, on_data)
                 writer.zero(pos, header.disk_size - pos)
                 prog.update(header.disk_size - pos)
             log.info("imported %s of data onto the %s disk %s", format_size(data_bytes),
                      format_size(header.disk_size), name)
             return header.disk_size
-        if ds.looks_damaged(head):
-            raise ds.StreamError("the import stream's header is damaged", "export the disk again")
+        if ims.looks_damaged(head):
+            raise ims.StreamError("the import stream's header is damaged", "export the disk again")
         with Progress(f"importing a raw disk image onto {name}", size) as prog:
             written = import_raw(head, src, writer, size, prog.update)
     log.info("imported a raw stream of %s onto %s", format_size(written), name)

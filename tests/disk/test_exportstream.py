@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from instance_cloudimage.disk import exportstream as ds
+from instance_cloudimage.disk import importstream as ims
 from instance_cloudimage.disk.sparse import DiskWriter
 from instance_cloudimage.ganeti.env import Script, parse_environment
 from instance_cloudimage.ganeti.simulate import simulated_environment
@@ -99,17 +100,17 @@ def test_write_stream_in_memory_round_trip(tmp_path: Path) -> None:
         got[offset:offset + len(data)] = data
 
     src = io.BytesIO(sink.getvalue())
-    header = ds.parse_header(src.read(ds.HEADER.size))
-    assert ds.read_records(ds.Reader(src, header.compressed), header, len(content), on_data) == stats.data_bytes
+    header = ims.parse_header(src.read(ds.HEADER.size))
+    assert ims.read_records(ims.Reader(src, header.compressed), header, len(content), on_data) == stats.data_bytes
     assert got == content
 
 
 def test_looks_damaged() -> None:
-    assert ds.looks_damaged(b"\x09CIDISK\n" + bytes(16))
-    assert ds.looks_damaged(b"\x89CIDISX\n" + bytes(16))
-    assert not ds.looks_damaged(b"\xeb\x63\x90" + bytes(21))  # a boot sector
-    assert not ds.looks_damaged(bytes(24))
-    assert not ds.looks_damaged(b"\x89CI")
+    assert ims.looks_damaged(b"\x09CIDISK\n" + bytes(16))
+    assert ims.looks_damaged(b"\x89CIDISX\n" + bytes(16))
+    assert not ims.looks_damaged(b"\xeb\x63\x90" + bytes(21))  # a boot sector
+    assert not ims.looks_damaged(bytes(24))
+    assert not ims.looks_damaged(b"\x89CI")
 
 
 def test_writer_zeroes_gaps_of_a_dirty_file(tmp_path: Path) -> None:
@@ -183,8 +184,8 @@ def import_bytes(stream: bytes, size: int) -> bytes:
         got[offset:offset + len(data)] = data
 
     src = io.BytesIO(stream)
-    header = ds.parse_header(src.read(ds.HEADER.size))
-    ds.read_records(ds.Reader(src, header.compressed), header, size, on_data)
+    header = ims.parse_header(src.read(ds.HEADER.size))
+    ims.read_records(ims.Reader(src, header.compressed), header, size, on_data)
     return bytes(got)
 
 
@@ -210,7 +211,7 @@ SKIPPABLE = (0x184D2A50).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"h
 def test_data_after_the_end_record_is_refused(tmp_path: Path, zstd_level: int | None, trailer: bytes,
                                               phrase: str) -> None:
     content, stream = stream_bytes(tmp_path, zstd_level)
-    with pytest.raises(ds.StreamError, match="data after its end record") as e:
+    with pytest.raises(ims.StreamError, match="data after its end record") as e:
         import_bytes(stream + trailer, len(content))
     assert phrase in str(e.value) and "\n" not in str(e.value)
 
@@ -237,12 +238,12 @@ def test_a_stream_cut_inside_its_last_zstd_frame_is_truncated(tmp_path: Path) ->
     raw = sink.getvalue()
     body = zstandard.ZstdDecompressor().decompressobj().decompress(raw[ds.HEADER.size:])
     stream = raw[:ds.HEADER.size] + zstandard.ZstdCompressor(write_checksum=True).compress(body)[:-4]
-    with pytest.raises(ds.StreamError, match="truncated"):
+    with pytest.raises(ims.StreamError, match="truncated"):
         import_bytes(stream, len(content))
 
 
 def test_a_zstd_bomb_is_read_in_bounded_pieces() -> None:
-    z = ds._Zstd(io.BytesIO(_zstd(bytes(256 * MIB))))
+    z = ims._Zstd(io.BytesIO(_zstd(bytes(256 * MIB))))
     biggest = 0
     while z.step():
         biggest = max(biggest, z.pending())

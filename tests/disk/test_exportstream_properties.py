@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from instance_cloudimage.disk import exportstream as ds
+from instance_cloudimage.disk import importstream as ims
 from instance_cloudimage.runtime.errors import UserError
 
 DISK_SIZE = 256 * 1024
@@ -32,8 +33,8 @@ def replay(stream: bytes, max_size: int = 1 << 30) -> int | None:
         pos = offset + len(data)
 
     try:
-        header = ds.parse_header(stream[:ds.HEADER.size])
-        return ds.read_records(ds.Reader(io.BytesIO(stream[ds.HEADER.size:]), header.compressed),
+        header = ims.parse_header(stream[:ds.HEADER.size])
+        return ims.read_records(ims.Reader(io.BytesIO(stream[ds.HEADER.size:]), header.compressed),
                                header, max_size, on_data)
     except UserError:
         return None
@@ -42,8 +43,8 @@ def replay(stream: bytes, max_size: int = 1 << 30) -> int | None:
 @given(st.binary(max_size=64))
 def test_arbitrary_headers_are_parsed_or_refused(data: bytes) -> None:
     try:
-        header = ds.parse_header(data)
-    except ds.StreamError:
+        header = ims.parse_header(data)
+    except ims.StreamError:
         return
     assert len(data) == ds.HEADER.size and header.version == ds.VERSION
 
@@ -94,5 +95,5 @@ def test_mutated_streams_are_read_or_refused(stream: bytes) -> None:
 @pytest.mark.parametrize("length", [0, 1, 23, 25])
 def test_a_header_of_the_wrong_length_is_refused(length: int) -> None:
     # struct.error escaped parse_header for anything but 24 bytes.
-    with pytest.raises(ds.StreamError, match="truncated"):
-        ds.parse_header(ds.MAGIC.ljust(length, b"\0")[:length])
+    with pytest.raises(ims.StreamError, match="truncated"):
+        ims.parse_header(ds.MAGIC.ljust(length, b"\0")[:length])

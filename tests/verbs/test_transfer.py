@@ -20,6 +20,7 @@ import pytest
 
 from instance_cloudimage.cli.install import install_os
 from instance_cloudimage.disk import exportstream as ds
+from instance_cloudimage.disk import importstream as ims
 from instance_cloudimage.ganeti.env import Script
 from instance_cloudimage.ganeti.simulate import SimulatedDisk, SimulatedTransfer, simulated_environment
 from instance_cloudimage.runtime.siteconfig import Paths
@@ -155,7 +156,7 @@ def test_round_trip_file_to_file(tmp_path: Path, os_dirs: dict[str, Path], flavo
     stream = tmp_path / "stream"
     ran = export(os_dirs[flavour], os.fspath(disk), stream)
     assert ran.returncode == 0, ran.stderr
-    header = ds.parse_header(stream.read_bytes()[:ds.HEADER.size])
+    header = ims.parse_header(stream.read_bytes()[:ds.HEADER.size])
     assert header.disk_size == DISK_SIZE and header.compressed == (flavour == "zstd")
     data = 8192 + 3000 + 6 * MIB * 2 // 3 + 4096
     assert stream.stat().st_size < data + 64 * 1024  # sparse regions and zero blocks cost nothing

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instance_cloudimage.disk.exportstream import HEADER, MAGIC, Header, parse_header
+from instance_cloudimage.disk.exportstream import HEADER, MAGIC
+from instance_cloudimage.disk.importstream import Header, parse_header
 from instance_cloudimage.disk.mount import attach_loop, mount_partition
 from instance_cloudimage.disk.partitions import GuestLayout, Partition, find_guest_layout
 from tests.support.delivery_helpers import run_reader
