@@ -175,27 +175,25 @@ class Reader:
             return
         if z.pending():
             raise StreamError("the import stream has data after its end record")
-        while z.in_frame:  # the rest of the frame holding the end record
-            if not z.step():
-                raise StreamError("the import stream is truncated (it ended inside its last zstd frame)",
-                                  "the export or the transfer was interrupted; export again")
-            if z.pending():
-                raise StreamError("the import stream has data after its end record")
-        while True:  # whatever follows: complete frames that decompress to nothing
-            head = z.peek_raw(4)
-            if not head:
-                return
+        if z.in_frame:  # the rest of the frame holding the end record
+            _finish_frame(z, StreamError("the import stream is truncated (it ended inside its last zstd frame)",
+                                         "the export or the transfer was interrupted; export again"))
+        while head := z.peek_raw(4):  # whatever follows: complete frames that decompress to nothing
             if head != ZSTD_MAGIC:
                 kind = "a skippable zstd frame" if _skippable(head) else "bytes that are no zstd frame"
                 raise StreamError(f"the import stream has data after its end record ({kind})")
-            while True:
-                if not z.step():
-                    raise StreamError("the import stream has data after its end record "
-                                      "(an incomplete zstd frame)")
-                if z.pending():
-                    raise StreamError("the import stream has data after its end record")
-                if not z.in_frame:
-                    break
+            _finish_frame(z, StreamError("the import stream has data after its end record (an incomplete zstd frame)"))
+
+
+def _finish_frame(z: _Zstd, cut: StreamError) -> None:
+    """Decompress to the end of the current (or next) frame, which must yield nothing; ``cut`` if it stops short."""
+    while True:
+        if not z.step():
+            raise cut
+        if z.pending():
+            raise StreamError("the import stream has data after its end record")
+        if not z.in_frame:
+            return
 
 
 def read_records(reader: Reader, header: Header, max_size: int,

@@ -29,7 +29,13 @@ from instance_cloudimage.ganeti.variants import SEEDS, Variant
 from instance_cloudimage.runtime.errors import ParameterError, SeedError
 from instance_cloudimage.seed.network import NETWORK_MODES, NetworkPlan, plan_network, render_v1, render_v2
 from instance_cloudimage.seed.sshkeys import PublicKey, parse_authorized_keys
-from instance_cloudimage.seed.userdata import Kind, UserData, assemble_for_cloud_init, decode_user_data
+from instance_cloudimage.seed.userdata import (
+    Kind,
+    UserData,
+    assemble_for_cloud_init,
+    decode_user_data,
+    load_guest_mapping,
+)
 from instance_cloudimage.seed.values import (
     HostName,
     parse_choice,
@@ -99,11 +105,8 @@ def derive_instance_id(instance: Instance, nonce: str | None = None) -> str:
 def read_instance_id(meta_data: bytes) -> str | None:
     """The instance-id in an existing NoCloud ``meta-data`` or config-drive ``meta_data.json``
     (JSON is YAML), for a rename; None if there is none."""
-    try:
-        md = yaml.safe_load(meta_data)
-    except (yaml.YAMLError, ValueError, RecursionError):  # the guest wrote it: 2001-02-30, deep nesting
-        return None
-    if not isinstance(md, dict):
+    md = load_guest_mapping(meta_data)
+    if md is None:
         return None
     value = md.get("instance-id") or md.get("uuid")
     return str(value) if value else None

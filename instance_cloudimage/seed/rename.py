@@ -30,7 +30,7 @@ from instance_cloudimage.runtime.errors import CloudImageError
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.seed.deliver import NOCLOUD_NAMES, nocloud_dir
 from instance_cloudimage.seed.drive import copy_into_fat, read_from_fat, seed_label_of
-from instance_cloudimage.seed.userdata import cloud_config_parts
+from instance_cloudimage.seed.userdata import cloud_config_parts, load_guest_mapping
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,8 @@ def make_renamer(old: str, new: str) -> Renamer:
 
 
 def rename_metadata_yaml(data: bytes, rename: Renamer) -> bytes | None:
-    try:
-        md = yaml.safe_load(data)
-    except (yaml.YAMLError, ValueError, RecursionError):  # the guest wrote it: 2001-02-30, deep nesting
-        return None
-    if not isinstance(md, dict):
+    md = load_guest_mapping(data)
+    if md is None:
         return None
     changed = False
     for key in ("local-hostname", "hostname"):

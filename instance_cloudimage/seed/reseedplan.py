@@ -34,7 +34,7 @@ from instance_cloudimage.runtime.settings import parse_bool
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.seed.configdrive import dump_json, render_meta_data_json, render_network_data_json
 from instance_cloudimage.seed.content import SeedInput, derive_instance_id, dump_yaml, render_network_config
-from instance_cloudimage.seed.userdata import cloud_config_parts
+from instance_cloudimage.seed.userdata import YAML_FAILURES, cloud_config_parts
 
 NOCLOUD_FILES = ("meta-data", "user-data", "network-config")
 CD_TREES = ("openstack/latest", "openstack/2012-08-10")
@@ -73,7 +73,7 @@ def parse_config(data: bytes | None) -> Any:
         return None
     try:
         return yaml.safe_load(data)
-    except (yaml.YAMLError, ValueError, RecursionError):  # the guest wrote it: 2001-02-30, deep nesting
+    except YAML_FAILURES:  # the guest wrote it
         return UNREADABLE
 
 

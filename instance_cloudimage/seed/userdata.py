@@ -58,6 +58,9 @@ OUR_MERGE_TYPE = "dict(no_replace,recurse_list)+list(append)+str()"
 # we write the merged document) recurse once per level and hit Python's recursion limit at a few
 # hundred, which must be a ParameterError, not a crash.
 MAX_DEPTH = 100
+# What yaml.safe_load raises for text it cannot build: a YAML error, a scalar that resolves but
+# cannot be built (2001-02-30, an int of 5000 digits), or nesting beyond the recursion limit.
+YAML_FAILURES = (yaml.YAMLError, ValueError, RecursionError)
 
 
 class Kind(StrEnum):
@@ -168,6 +171,16 @@ def _depth(data: Any) -> int:
     return deepest
 
 
+def load_guest_mapping(data: bytes) -> dict[Any, Any] | None:
+    """The mapping a seed file the guest may have written holds (YAML, or JSON, which is YAML);
+    None when it holds something else or cannot be built."""
+    try:
+        value = yaml.safe_load(data)
+    except YAML_FAILURES:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _load_yaml(text: str) -> Any:
     """yaml.safe_load, with nesting beyond MAX_DEPTH (or the recursion limit) a ParameterError."""
     try:
@@ -245,7 +258,7 @@ def _check_opaque(text: str) -> None:
         return
     try:
         data = yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError, ValueError):
+    except YAML_FAILURES:
         return  # not cloud-config, whatever it is
     if isinstance(data, dict) and _TELLTALE_KEYS & {str(k) for k in data}:
         raise ParameterError(f"{PARAM} looks like cloud-config but does not start with #cloud-config",

@@ -30,11 +30,11 @@ from instance_cloudimage import __version__
 from instance_cloudimage.runtime.errors import ConfigError, ImageFetchError
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.sources.urlpolicy import (
-    DEFAULT_PORTS,
     UrlPolicy,
     check_peer,
     check_resolved,
     check_url,
+    make_origin,
     origin_of,
 )
 
@@ -96,7 +96,7 @@ def guarded_adapter(policy: UrlPolicy) -> HTTPAdapter:
     """An adapter whose connections check the peer address before sending anything."""
 
     def checked(conn: HTTPConnection, scheme: str, sock: Any) -> Any:
-        origin = (scheme, conn.host.lower().rstrip("."), conn.port or DEFAULT_PORTS[scheme])
+        origin = make_origin(scheme, conn.host, conn.port)
         try:
             check_peer(conn.host, sock.getpeername()[0], policy, origin)
         except BaseException:

@@ -33,8 +33,12 @@ log = logging.getLogger(__name__)
 class Candidate:
     url: str
     mirror: bool  # False for the upstream URL itself
-    origin: Origin | None = None  # the configured mirror's origin, for a mirror
     base: str = ""  # the configured mirror prefix, for a mirror (safe to print)
+
+    @property
+    def origin(self) -> Origin | None:
+        """The configured mirror's origin, for a mirror."""
+        return origin_of(self.base) if self.mirror else None
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ def candidate_urls(url: str, site: SiteConfig) -> list[Candidate]:
             if cand is None:
                 log.info("the image URL would leave mirror %s; that mirror is skipped", redact_url(target))
                 continue
-            out.append(Candidate(cand, mirror=True, origin=origin_of(target), base=target))
+            out.append(Candidate(cand, mirror=True, base=target))
     out.append(Candidate(url, mirror=False))
     return out
 

@@ -86,10 +86,14 @@ def origin_of(url: str) -> Origin | None:
     except ValueError:
         return None
     scheme = parts.scheme.lower()
-    host = (parts.hostname or "").rstrip(".")
-    if scheme not in DEFAULT_PORTS or not host:
+    if scheme not in DEFAULT_PORTS or not parts.hostname:
         return None
-    return scheme, host, port if port is not None else DEFAULT_PORTS[scheme]
+    return make_origin(scheme, parts.hostname, port)
+
+
+def make_origin(scheme: str, host: str, port: int | None) -> Origin:
+    """The one spelling of an origin: host in lower case without a final dot, the default port filled in."""
+    return scheme, host.lower().rstrip("."), port if port is not None else DEFAULT_PORTS[scheme]
 
 
 def redact_url(url: str) -> str:
@@ -223,13 +227,17 @@ def check_resolved(host: str, policy: UrlPolicy, origin: Origin | None = None) -
     """Best effort for proxied requests (the proxy resolves): every address we see must pass."""
     if not policy.restricted or policy.host_is_allowlisted(host) or policy.trusts(origin):
         return
+    for address in resolve(host) or ():  # None: the proxy may know names this node does not
+        check_peer(host, address, policy)
 
+
+def resolve(host: str) -> list[str] | None:
+    """The addresses this node resolves ``host`` to; None when it resolves to none."""
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError:
-        return  # the proxy may know names this node does not
-    for info in infos:
-        check_peer(host, str(info[4][0]), policy)
+    except (OSError, UnicodeError):
+        return None
+    return [str(info[4][0]) for info in infos] or None
 
 
 def may_use_cache(url: str, policy: UrlPolicy) -> bool:
@@ -245,12 +253,7 @@ def may_use_cache(url: str, policy: UrlPolicy) -> bool:
     host = parts.hostname or ""
     if parse_host(host) is not None:
         return True  # a literal address: check_url has judged it
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError):
-        return False
-    if not infos:
-        return False
-    for info in infos:
-        check_peer(host, str(info[4][0]), policy)
-    return True
+    addresses = resolve(host)
+    for address in addresses or ():
+        check_peer(host, address, policy)
+    return addresses is not None
