@@ -24,7 +24,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from instance_cloudimage.runtime.errors import ChecksumMismatch, ConfigError, ImageFetchError, ParameterError
+from instance_cloudimage.runtime.errors import ChecksumMismatch, ConfigError, ImageFetchError
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.sources.cache import Cache, Handle, UrlEntry, make_cache, url_key
 from instance_cloudimage.sources.checksums import ChecksumList, Digest, lookup_required, parse_checksum_file
@@ -32,7 +32,7 @@ from instance_cloudimage.sources.download import BodyDownload, Hasher, Spool
 from instance_cloudimage.sources.http import HttpClient, Opened
 from instance_cloudimage.sources.mirrors import candidate_urls
 from instance_cloudimage.sources.signature import Verifier, keyring_path, strip_clearsign
-from instance_cloudimage.sources.urlpolicy import UrlPolicy, may_use_cache, policy_for, redact_url
+from instance_cloudimage.sources.urlpolicy import UrlPolicy, check_plain_http, may_use_cache, policy_for, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +169,6 @@ def open_cached(cache: Cache, expected: Digest) -> Handle | None:
     return handle
 
 
-def check_plain_http(spec: RemoteSpec, site: SiteConfig) -> None:
-    if spec.from_parameter and urlsplit(spec.url).scheme.lower() == "http" and not spec.checksum \
-            and not site.get("allow_plain_http"):
-        raise ParameterError("an http:// image URL needs image_checksum (or use https://)",
-                             "an administrator can allow it with [Images] AllowPlainHTTP")
-
-
 @dataclass
 class Opening:
     """What a started transfer needs to know; returned by open_remote's helpers."""
@@ -188,7 +181,8 @@ class Opening:
 
 def open_remote(spec: RemoteSpec, site: SiteConfig, stack: ExitStack) -> Opening:
     """Find or fetch the image at ``spec.url``; see the module docstring.  Raises UserError."""
-    check_plain_http(spec, site)
+    if spec.from_parameter:
+        check_plain_http(spec.url, bool(spec.checksum), site)
     policy = policy_for(spec.from_parameter, site, pinned=bool(spec.checksum))
     cache = make_cache(site)
     expected = Digest.parse(spec.checksum) if spec.checksum else None

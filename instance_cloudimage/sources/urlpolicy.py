@@ -22,7 +22,7 @@ import socket
 from dataclasses import dataclass, field, replace
 from urllib.parse import SplitResult, urlsplit
 
-from instance_cloudimage.runtime.errors import ImageFetchError
+from instance_cloudimage.runtime.errors import ImageFetchError, ParameterError
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -107,6 +107,14 @@ def redact_url(url: str) -> str:
     if parts.port:
         netloc += f":{parts.port}"
     return parts._replace(netloc=netloc).geturl()
+
+
+def check_plain_http(url: str, pinned: bool, site: SiteConfig) -> None:
+    """The image parameter's http:// URL needs a checksum the user gave, unless the site allows plain
+    http.  Verify and create both apply it (params/request.py, sources/remote.py)."""
+    if urlsplit(url).scheme.lower() == "http" and not pinned and not site.get("allow_plain_http"):
+        raise ParameterError("an http:// image URL needs image_checksum (or use https://)",
+                             "an administrator can allow it with [Images] AllowPlainHTTP")
 
 
 def policy_for(restricted: bool, site: SiteConfig, *, pinned: bool = True) -> UrlPolicy:

@@ -21,12 +21,13 @@ from instance_cloudimage.disk.staging import StagedDisks, staging_errors
 from instance_cloudimage.disk.write import open_disk
 from instance_cloudimage.ganeti.env import Disk, GanetiEnv, Instance
 from instance_cloudimage.ganeti.uri import check_uri
-from instance_cloudimage.ganeti.variants import Variant, host_architecture, load_variant
+from instance_cloudimage.ganeti.variants import Variant
 from instance_cloudimage.hooks.facts import HookFacts
 from instance_cloudimage.hooks.run import HookPlan, Phase, plan_hooks, run_hooks
 from instance_cloudimage.image.formats import DetectedImage
 from instance_cloudimage.image.qemuinfo import RECORD_DIR as QEMU_INFO_DIR
-from instance_cloudimage.params.table import grow_requested, validate_parameters
+from instance_cloudimage.params.request import check_request, request_architecture
+from instance_cloudimage.params.table import grow_requested
 from instance_cloudimage.runtime.errors import EnvironmentError_, ParameterError, UserError
 from instance_cloudimage.runtime.log import complete_step, format_size
 from instance_cloudimage.runtime.siteconfig import SiteConfig
@@ -55,18 +56,14 @@ class CreateContext:
         return bool(self.site.get("disks_wiped")) and not self.instance.reinstall
 
 
-def check_parameters(genv: GanetiEnv, site: SiteConfig) -> None:
-    problems = validate_parameters(genv.params, site)
-    if problems:
-        raise ParameterError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
-
-
 def prepare(genv: GanetiEnv, site: SiteConfig) -> CreateContext:
     """Validate everything that can be validated before touching the network or a disk."""
     instance = genv.require_instance()
-    check_parameters(genv, site)
-    variant = load_variant(genv.variant, site.paths)
-    arch = genv.params.get("arch") or host_architecture()
+    variant, problems = check_request(genv.params, genv.variant, site)  # exactly what verify checks
+    if problems:
+        raise ParameterError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+    assert variant is not None  # a variant that cannot be loaded is a problem
+    arch = request_architecture(genv.params)
     if not instance.disks:
         raise EnvironmentError_("the instance has no disks; $DISK_COUNT must be at least 1")
     disk = instance.disks[0]
