@@ -18,7 +18,7 @@ from typing import Any
 from instance_cloudimage.disk.write import DiskTarget
 from instance_cloudimage.image.formats import DetectedImage, DiskFormat, display_name
 from instance_cloudimage.image.qemuinfo import ask_once
-from instance_cloudimage.runtime.errors import CommandError, ConversionError, ImageTooLarge, UnsafeImage
+from instance_cloudimage.runtime.errors import CommandError, ConversionError, DiskTooSmall, UnsafeImage
 from instance_cloudimage.runtime.log import format_size
 from instance_cloudimage.runtime.process import Limits, run, run_text
 
@@ -56,12 +56,12 @@ def target_size(path: str) -> int:
 
 
 def check_fits(virtual_size: int, target: DiskTarget) -> None:
-    """Raise ImageTooLarge (naming both sizes) unless the image fits on the disk."""
+    """Raise DiskTooSmall (naming both sizes) unless the image fits on the disk."""
     if virtual_size > target.size:
-        raise ImageTooLarge(
+        raise DiskTooSmall(
             f"image virtual size {format_size(virtual_size)} ({virtual_size} bytes) is larger than "
             f"the disk, {format_size(target.size)} ({target.size} bytes)",
-            "create the instance with a larger disk 0",
+            "create the instance with a larger disk 0", needed=virtual_size,
         )
 
 

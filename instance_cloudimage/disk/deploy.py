@@ -41,7 +41,7 @@ from instance_cloudimage.image.file import ImageFile
 from instance_cloudimage.image.formats import DetectedImage, DiskFormat, Wrapper, display_name, normalize_declared
 from instance_cloudimage.image.tar import TarMember
 from instance_cloudimage.image.wrappers import Layer, Readable, announced_size, identify_wrapper, open_decoder
-from instance_cloudimage.runtime.errors import ImageTooLarge, UnsafeImage, UnsupportedFormat
+from instance_cloudimage.runtime.errors import DiskTooSmall, UnsafeImage, UnsupportedFormat
 from instance_cloudimage.runtime.localpath import open_verified_file
 from instance_cloudimage.runtime.log import format_size
 
@@ -151,9 +151,9 @@ def check_announced(size: int | None, found: DetectedImage, target: DiskTarget) 
     tar).  Only a hint: the writer enforces the cap on the bytes really decompressed."""
     limit = spool_limit(target) if found.format is not DiskFormat.RAW else target.size + TRAILER
     if size is not None and size > limit:
-        raise ImageTooLarge(f"image announces {format_size(size)} ({size} bytes) once decompressed, more than "
-                            f"the disk, {format_size(target.size)} ({target.size} bytes)",
-                            "create the instance with a larger disk 0")
+        raise DiskTooSmall(f"image announces {format_size(size)} ({size} bytes) once decompressed, more than "
+                           f"the disk, {format_size(target.size)} ({target.size} bytes)",
+                           "create the instance with a larger disk 0", needed=size)
 
 
 def finish_layers(stream: ImageStream, layers: list[Layer]) -> Path:
@@ -167,7 +167,7 @@ def stream_raw(stream: ImageStream, source: Readable, layers: list[Layer], found
                declared: DiskFormat | None, target: DiskTarget) -> Deployed:
     total = stream.size if not layers else None
     if total is not None and total > target.size + TRAILER:
-        raise too_large(f"{format_size(total)} ({total} bytes)", target)
+        raise too_large(total, target)
     try:
         result = copy_stream(source, target, total=total)
         finish_layers(stream, layers)
@@ -185,7 +185,7 @@ def raw_result(result: CopyResult, target: DiskTarget, details: str) -> Detected
     data_size = check_tail(result.tail, total)
     if data_size is None:
         if result.overflow:
-            raise too_large(f"{total} bytes", target)
+            raise too_large(total, target)
         return DetectedImage(DiskFormat.RAW, total, details)
     zero_range(target, data_size, min(total, target.size) - data_size)  # the footer is not disk data
     os.fsync(target.fd)
