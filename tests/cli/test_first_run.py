@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from instance_cloudimage.cli.main import build_parser
 from instance_cloudimage.disk.convert import check_fits
 from instance_cloudimage.disk.write import DiskTarget
+from instance_cloudimage.ganeti.simulate import SimulatedDisk, simulated_environment
 from instance_cloudimage.runtime.errors import DiskTooSmall
 from tests.cli.test_cli import assert_one_line_error
 from tests.conftest import Site, cli, need_tools
@@ -31,6 +33,7 @@ def assert_ends_in_error(r: subprocess.CompletedProcess[str], phrase: str) -> No
 
 
 NOT_ROOT = "not running as root, and this create mounts the guest's filesystem"
+DRIVER = Path(__file__).resolve().parents[1] / "support" / "create_driver.py"
 
 
 @pytest.fixture
@@ -46,8 +49,18 @@ def cli_unprivileged(*args: str) -> subprocess.CompletedProcess[str]:
     """The command as a user who is not root: 'nobody' when the tests run as root (CI)."""
     if os.geteuid() != 0:
         return cli(*args)
-    need_tools("setpriv")
+    need_nobody()
     return cli(*args, as_user="nobody")
+
+
+def need_nobody() -> None:
+    """'nobody' must reach this Python and the checkout (not so under a 0700 home directory)."""
+    need_tools("setpriv")
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                            f"import instance_cloudimage; open({os.fspath(DRIVER)!r}).close()"],
+                           capture_output=True, text=True, cwd="/")
+    if probe.returncode != 0:
+        pytest.skip(f"user nobody cannot run {sys.executable} or read the checkout: {probe.stderr.strip()[-200:]}")
 
 
 def unprivileged_site(shared: Path) -> list[str]:
@@ -181,3 +194,22 @@ def test_variants_json(site: Site) -> None:
     assert variants["demo"]["agent"] == "cloud-init" and variants["demo"]["architectures"] == ["x86_64", "aarch64"]
     plain = cli("variants", *site.cli_args()).stdout.splitlines()
     assert [line.split()[0] for line in plain] == list(variants)
+
+
+def test_the_os_script_refuses_a_create_without_root_too(shared: Path) -> None:
+    """Ganeti runs its scripts as root; one run by hand as another user says so at its start."""
+    if os.geteuid() == 0:
+        need_nobody()
+    disk = shared / "disk0"
+    with open(disk, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    disk.chmod(0o666)
+    env = simulated_environment("demo", [SimulatedDisk(disk, size_mib=64)])
+    user = [] if os.geteuid() != 0 else ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    r = subprocess.run([*user, sys.executable, os.fspath(DRIVER), "create", os.fspath(shared / "os" / "create")],
+                       env=env, capture_output=True, text=True, cwd="/")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"cloudimage create: error: {NOT_ROOT} (loop devices and mount need root): seed=auto writes the "
+        "cloud-init seed into the guest's filesystem (run it as root, or set seed=none)")
+    assert disk.read_bytes() == bytes(64 * 1024 * 1024)  # Ganeti's disk: untouched, and kept
