@@ -11,6 +11,7 @@ import logging
 import os
 import stat
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack, suppress
@@ -256,18 +257,19 @@ def add_subcommand(sub: Any, name: str, summary: str, description: str, examples
                    debug: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """A subcommand whose --help (and the man page built from it) says what it does, with examples."""
     return cast(argparse.ArgumentParser, sub.add_parser(
-        name, help=summary, description=description, epilog="examples:\n" + examples,
+        name, help=summary, description=textwrap.fill(description, 79), epilog="examples:\n" + examples,
         formatter_class=argparse.RawDescriptionHelpFormatter, parents=[debug]))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="instance-cloudimage",
-        description="Ganeti OS provider for distribution cloud images: install the OS definition on a "
-                    "node, manage its image cache, list its variants, or run a create onto a local disk.",
+        description=textwrap.fill("Ganeti OS provider for distribution cloud images: install the OS definition "
+                                  "on a node, manage its image cache, list its variants, or run a create onto "
+                                  "a local disk.", 79),
         epilog="examples:\n  instance-cloudimage variants\n"
-               "  instance-cloudimage create --disk /tmp/demo/disk.img --variant demo\n"
-               "  instance-cloudimage create --debug --help",
+               "  sudo instance-cloudimage create --disk /tmp/demo/disk.img --variant demo\n"
+               "  instance-cloudimage cache list --json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="debug logging and tracebacks")

@@ -7,7 +7,6 @@ one, so it may override just one key).  Every file goes through ``VARIANT_SETTIN
 
 from __future__ import annotations
 
-import difflib
 import platform
 import re
 from collections.abc import Iterable
@@ -169,6 +168,8 @@ def list_variants(paths: Paths) -> list[str]:
 
 def unknown_variant_hint(name: str, known: Iterable[str]) -> str:
     """The closest known name, if one is close, and where the list is."""
+    import difflib  # here: every OS script imports this module, and only a typo needs difflib
+
     close = difflib.get_close_matches(name, sorted(known), n=1)
     listing = "'instance-cloudimage variants' lists them all"
     return f"did you mean {close[0]}? {listing}" if close else listing
