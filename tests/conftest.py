@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -65,12 +66,18 @@ def qemu_img(*args: str) -> str:
     return subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True).stdout
 
 
-def cli(*args: str, check: bool = False, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the installed console script as a user would (``stdin``: its input, else none)."""
+def cli(*args: str, check: bool = False, stdin: str | None = None,
+        as_user: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed console script as a user would (``stdin``: its input, else none;
+    ``as_user``: as that user, with no supplementary groups, which needs root)."""
     exe = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "instance-cloudimage"
     if not exe.exists():
         exe = Path(shutil.which("instance-cloudimage") or "instance-cloudimage")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=check, input=stdin,
+    user = []
+    if as_user:
+        pw = pwd.getpwnam(as_user)
+        user = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups"]
+    return subprocess.run([*user, str(exe), *args], capture_output=True, text=True, check=check, input=stdin,
                           stdin=subprocess.DEVNULL if stdin is None else None,
                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
 

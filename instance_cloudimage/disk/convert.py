@@ -12,15 +12,17 @@ import errno
 import json
 import logging
 import os
+import re
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from instance_cloudimage.disk.write import DiskTarget
 from instance_cloudimage.image.formats import DetectedImage, DiskFormat, display_name
 from instance_cloudimage.image.qemuinfo import ask_once
-from instance_cloudimage.runtime.errors import CommandError, ConversionError, ImageTooLarge, UnsafeImage
-from instance_cloudimage.runtime.log import format_size
-from instance_cloudimage.runtime.process import Limits, run, run_text
+from instance_cloudimage.runtime.errors import CommandError, ConversionError, DiskTooSmall, UnsafeImage
+from instance_cloudimage.runtime.log import Progress, format_size
+from instance_cloudimage.runtime.process import Limits, child_environment, run_streaming, run_text
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ INFO_LIMITS = Limits(address_space=1024**3, cpu_seconds=30)
 CONVERT_LIMITS = Limits(address_space=2 * 1024**3)
 CONVERT_ENV = {"MALLOC_ARENA_MAX": "3"}
 VMDK_TYPES = ("monolithicSparse", "streamOptimized")
+QEMU_PROGRESS = re.compile(r"\((\d{1,3}\.\d{2})/100%\)")
 
 
 def opt(value: str) -> str:
@@ -56,12 +59,12 @@ def target_size(path: str) -> int:
 
 
 def check_fits(virtual_size: int, target: DiskTarget) -> None:
-    """Raise ImageTooLarge (naming both sizes) unless the image fits on the disk."""
+    """Raise DiskTooSmall (naming both sizes) unless the image fits on the disk."""
     if virtual_size > target.size:
-        raise ImageTooLarge(
+        raise DiskTooSmall(
             f"image virtual size {format_size(virtual_size)} ({virtual_size} bytes) is larger than "
             f"the disk, {format_size(target.size)} ({target.size} bytes)",
-            "create the instance with a larger disk 0",
+            "create the instance with a larger disk 0", needed=virtual_size,
         )
 
 
@@ -135,13 +138,31 @@ def convert_file(source: Path, detected: DetectedImage, target: DiskTarget) -> N
     else:
         fmt, size = DiskFormat.RAW, detected.raw_data_size
     cache = "none" if supports_direct_io(target) else "writeback"
-    argv = ["qemu-img", "convert", "-n", "-q", "-t", cache, "-W", "-m", "16"]
+    argv = ["qemu-img", "convert", "-n", "-p", "-t", cache, "-W", "-m", "16"]
     if target.known_zero:
         argv.append("--target-is-zero")
     argv += ["--image-opts", image_opts(fmt, source, size), "--target-image-opts", target_opts(target)]
     log.info("writing the %s image (%s virtual) with qemu-img", detected.details,
              format_size(detected.virtual_size))
-    try:
-        run(argv, limits=CONVERT_LIMITS, env=CONVERT_ENV)
-    except CommandError as e:
-        raise ConversionError(f"qemu-img convert failed: {e.last_line}") from None
+    run_convert(argv, detected.virtual_size)
+
+
+def run_convert(argv: list[str], virtual_size: int) -> None:
+    """Run ``qemu-img convert -p``, its progress shown like our own writes'.  Raises ConversionError.
+
+    -p prints ``(NN.NN/100%)`` lines ended by a carriage return on stdout, terminal or not; the
+    percentage is of the virtual size.  Anything else it prints is an error message."""
+    said: deque[str] = deque(maxlen=20)
+    with Progress("converting image", virtual_size) as progress:
+
+        def on_line(line: str) -> None:
+            if m := QEMU_PROGRESS.fullmatch(line.strip()):
+                progress.advance_to(int(float(m.group(1)) * virtual_size / 100))
+            elif line.strip():
+                said.append(line.strip())
+
+        result = run_streaming(argv, on_line, env=child_environment(CONVERT_ENV), limits=CONVERT_LIMITS,
+                               split_cr=True)
+        if result.returncode != 0:
+            log.debug("qemu-img convert exited %d: %s", result.returncode, " | ".join(said))
+            raise ConversionError(f"qemu-img convert failed: {said[-1] if said else f'exit code {result.returncode}'}")

@@ -41,7 +41,7 @@ from instance_cloudimage.image.file import ImageFile
 from instance_cloudimage.image.formats import DetectedImage, DiskFormat, Wrapper, display_name, normalize_declared
 from instance_cloudimage.image.tar import TarMember
 from instance_cloudimage.image.wrappers import Layer, Readable, announced_size, identify_wrapper, open_decoder
-from instance_cloudimage.runtime.errors import ImageTooLarge, UnsafeImage, UnsupportedFormat
+from instance_cloudimage.runtime.errors import DiskTooSmall, UnsafeImage, UnsupportedFormat
 from instance_cloudimage.runtime.localpath import open_verified_file
 from instance_cloudimage.runtime.log import format_size
 
@@ -151,9 +151,9 @@ def check_announced(size: int | None, found: DetectedImage, target: DiskTarget) 
     tar).  Only a hint: the writer enforces the cap on the bytes really decompressed."""
     limit = spool_limit(target) if found.format is not DiskFormat.RAW else target.size + TRAILER
     if size is not None and size > limit:
-        raise ImageTooLarge(f"image announces {format_size(size)} ({size} bytes) once decompressed, more than "
-                            f"the disk, {format_size(target.size)} ({target.size} bytes)",
-                            "create the instance with a larger disk 0")
+        raise DiskTooSmall(f"image announces {format_size(size)} ({size} bytes) once decompressed, more than "
+                           f"the disk, {format_size(target.size)} ({target.size} bytes)",
+                           "create the instance with a larger disk 0", needed=size)
 
 
 def finish_layers(stream: ImageStream, layers: list[Layer]) -> Path:
@@ -163,13 +163,22 @@ def finish_layers(stream: ImageStream, layers: list[Layer]) -> Path:
     return Path(stream.finish().path)
 
 
+def shown_size(inner: Unwrapped) -> int | None:
+    """The decompressed size to show progress against: what the innermost wrapper announces (an
+    xz index, a zstd frame header, a tar member's size), but never gzip's, which is the size
+    modulo 4 GiB.  Only for display; check_announced and the writer's cap do the refusing."""
+    if not inner.wrappers or inner.wrappers[-1] is Wrapper.GZIP:
+        return None
+    return inner.announced
+
+
 def stream_raw(stream: ImageStream, source: Readable, layers: list[Layer], found: DetectedImage,
-               declared: DiskFormat | None, target: DiskTarget) -> Deployed:
+               declared: DiskFormat | None, target: DiskTarget, shown: int | None = None) -> Deployed:
     total = stream.size if not layers else None
     if total is not None and total > target.size + TRAILER:
-        raise too_large(f"{format_size(total)} ({total} bytes)", target)
+        raise too_large(total, target)
     try:
-        result = copy_stream(source, target, total=total)
+        result = copy_stream(source, target, total=total if total is not None else shown)
         finish_layers(stream, layers)
         detected = raw_result(result, target, found.details)
         check_declared(declared, detected)
@@ -185,14 +194,14 @@ def raw_result(result: CopyResult, target: DiskTarget, details: str) -> Detected
     data_size = check_tail(result.tail, total)
     if data_size is None:
         if result.overflow:
-            raise too_large(f"{total} bytes", target)
+            raise too_large(total, target)
         return DetectedImage(DiskFormat.RAW, total, details)
     zero_range(target, data_size, min(total, target.size) - data_size)  # the footer is not disk data
     os.fsync(target.fd)
     return DetectedImage(DiskFormat.VPC, data_size, "vhd (fixed)", raw_data_size=data_size)
 
 
-def spool(source: Readable, target: DiskTarget, spool_dir: Path, stack: ExitStack) -> Path:
+def spool(source: Readable, target: DiskTarget, spool_dir: Path, stack: ExitStack, shown: int | None = None) -> Path:
     """Decompress into a private sparse file, capped a little above the disk's size."""
     spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, name = tempfile.mkstemp(dir=spool_dir, prefix="spool-", suffix=".img")
@@ -202,7 +211,7 @@ def spool(source: Readable, target: DiskTarget, spool_dir: Path, stack: ExitStac
     spooled = DiskTarget(name, fd, spool_limit(target), False, True, grows=True,
                          role="the spool limit (the disk's size plus one eighth)")
     log.info("decompressing into a spool file (the format needs random access)")
-    copy_stream(source, spooled)
+    copy_stream(source, spooled, total=shown)
     return path
 
 
@@ -250,10 +259,10 @@ def deploy_image(stream: ImageStream, declared: str, target: DiskTarget, spool_d
     if found.format is DiskFormat.RAW and (inner.layers or not local):
         if before_write is not None:
             before_write(found, None)  # streamed: there is no whole file yet
-        done = stream_raw(stream, inner.source, inner.layers, found, declared_fmt, target)
+        done = stream_raw(stream, inner.source, inner.layers, found, declared_fmt, target, shown_size(inner))
         return Deployed(done.detected, wrappers, done.written)
     if inner.layers:
-        path = spool(inner.source, target, spool_dir, stack)
+        path = spool(inner.source, target, spool_dir, stack, shown_size(inner))
         finish_layers(stream, inner.layers)
     else:
         path = Path(stream.finish().path)

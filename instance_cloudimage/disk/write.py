@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from instance_cloudimage.disk.sparse import BLKZEROOUT, has_data, punch_hole, write_all
 from instance_cloudimage.image.wrappers import Readable
-from instance_cloudimage.runtime.errors import ConversionError, EnvironmentError_, ImageTooLarge
+from instance_cloudimage.runtime.errors import ConversionError, DiskTooSmall, EnvironmentError_
 from instance_cloudimage.runtime.log import Progress, format_size
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,11 @@ class DiskTarget:
     extent: int = 0  # end of what was written so far, for scrub()
 
 
-def too_large(size_text: str, target: DiskTarget) -> ImageTooLarge:
-    return ImageTooLarge(f"image is larger than {target.role}: {size_text}, {target.role} holds "
-                         f"{format_size(target.size)} ({target.size} bytes)",
-                         "create the instance with a larger disk 0")
+def too_large(needed: int, target: DiskTarget, *, at_least: bool = False) -> DiskTooSmall:
+    size_text = f"{'at least ' if at_least else ''}{needed} bytes"
+    return DiskTooSmall(f"image is larger than {target.role}: {size_text}, {target.role} holds "
+                        f"{format_size(target.size)} ({target.size} bytes)",
+                        "create the instance with a larger disk 0", needed=needed)
 
 
 def open_disk(path: str, *, wiped: bool, stack: ExitStack) -> DiskTarget:
@@ -136,7 +137,7 @@ class _Copier:
 
 
 def copy_stream(src: Readable, target: DiskTarget, *, total: int | None = None) -> CopyResult:
-    """Copy ``src`` onto ``target`` from offset 0, durably.  Raises ImageTooLarge past its end."""
+    """Copy ``src`` onto ``target`` from offset 0, durably.  Raises DiskTooSmall past its end."""
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     copier = _Copier(target)
@@ -148,7 +149,7 @@ def copy_stream(src: Readable, target: DiskTarget, *, total: int | None = None) 
             if fit < n:
                 overflow = n - fit
                 if overflow > TRAILER or fill(src, memoryview(bytearray(1))):
-                    raise too_large(f"at least {copier.pos + n} bytes", target)
+                    raise too_large(copier.pos + n, target, at_least=True)
             if fit:
                 copier.put(buf, fit)
             tail = (tail + bytes(view[max(0, n - TRAILER):n]))[-TRAILER:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,13 +166,23 @@ def list_variants(paths: Paths) -> list[str]:
     return sorted(n for n in variant_files(paths) if VARIANT_NAME_RE.match(n))
 
 
+def unknown_variant_hint(name: str, known: Iterable[str]) -> str:
+    """The closest known name, if one is close, and where the list is."""
+    import difflib  # here: every OS script imports this module, and only a typo needs difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    listing = "'instance-cloudimage variants' lists them all"
+    return f"did you mean {close[0]}? {listing}" if close else listing
+
+
 def load_variant(name: str, paths: Paths) -> Variant:
     """Parse a variant by name.  Raises ParameterError (unknown) or ConfigError (bad file)."""
     if not VARIANT_NAME_RE.match(name):
         raise ParameterError(f"variant name {name!r} is malformed")
-    files = variant_files(paths).get(name)
+    known = variant_files(paths)
+    files = known.get(name)
     if not files:
-        raise ParameterError(f"unknown variant {name!r}", "run 'gnt-os info cloudimage' for the list")
+        raise ParameterError(f"unknown variant {name!r}", unknown_variant_hint(name, known))
     parsed: ParsedIni | None = None
     for f in files:
         parsed = read_ini(f, VARIANT_SETTINGS, what="variant", base=parsed)

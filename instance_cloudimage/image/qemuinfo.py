@@ -18,6 +18,7 @@ import os
 import re
 import stat
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,10 @@ def write_record(directory: Path, key: str, text: str) -> None:
             f.write(text)
         os.replace(tmp, directory / key)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        # The directory may be unwritable or not a directory at all (a non-root user's run with
+        # the default cache): removing the temporary file fails the same way and must not escape.
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
         log.debug("could not keep qemu-img's answer in %s: %s", directory, e.strerror)
 
 

@@ -68,6 +68,14 @@ class ImageTooLarge(UserError):
     """The image does not fit onto the instance's disk."""
 
 
+class DiskTooSmall(ImageTooLarge):
+    """The image does not fit onto the instance's disk; ``needed`` is the size it needs, if known."""
+
+    def __init__(self, message: str, hint: str | None = None, *, needed: int | None = None) -> None:
+        super().__init__(message, hint)
+        self.needed = needed
+
+
 class ConversionError(UserError):
     """Writing the image onto the disk failed."""
 

@@ -1,18 +1,21 @@
 """Logging to stderr, where Ganeti collects the scripts' output into /var/log/ganeti/os/.
 
 Steps are logged as ``<verb>: <message>`` lines so that the last 20 lines Ganeti quotes in a
-failed job read well.  Progress is a tqdm bar on a TTY, and a throttled line in a log file.
+failed job read well.  Progress is a tqdm bar on a TTY, and a throttled line in a log file
+(docs/images.md, "Progress", states the cadence; tests/runtime/test_progress.py holds the two
+to each other).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 log = logging.getLogger("instance_cloudimage")
 
@@ -60,6 +63,19 @@ def setup_logging(prog: str, debug_level: int = 0) -> None:
     root.propagate = False
 
 
+def console_logging() -> contextlib.AbstractContextManager[object]:
+    """While it is entered, on a terminal, log lines are written through tqdm: the bars in
+    progress are cleared first and drawn again below the line, so that a line never lands on a
+    bar's row and no stale frame stays behind.  Without a terminal (Ganeti's log) nothing changes.
+    """
+    if not sys.stderr.isatty():
+        return nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return cast("contextlib.AbstractContextManager[object]",
+                logging_redirect_tqdm(loggers=[logging.getLogger("instance_cloudimage")]))
+
+
 @contextmanager
 def complete_step(message: str) -> Iterator[None]:
     """Log a step and how long it took."""
@@ -75,6 +91,30 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {done} of {size} [{elapsed}<{remaining}, {speed}]"
+BAR_FORMAT_NO_TOTAL = "{desc}: {done} [{elapsed}, {speed}]"
+
+
+def make_bar(what: str, total: int | None) -> Any:
+    """A tqdm bar counting bytes in the log's units (format_size: MiB, GiB), cleared when closed.
+
+    tqdm's own unit_scale says "MB" for 1024-based sizes and scales the rate by 1000; the sizes
+    are formatted here instead and handed to bar_format as extra fields."""
+    from tqdm import tqdm
+
+    class ByteBar(tqdm):  # type: ignore[misc]  # tqdm ships no type information
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            d: dict[str, Any] = super().format_dict
+            rate = d.get("rate")
+            d.update(done=format_size(d["n"]), size=format_size(d["total"]) if d.get("total") else "?",
+                     speed=f"{format_size(rate)}/s" if rate else "?/s")
+            return d
+
+    return ByteBar(total=total, desc=what, file=sys.stderr, leave=False, unit="B",
+                   bar_format=BAR_FORMAT if total else BAR_FORMAT_NO_TOTAL)
 
 
 class Progress:
@@ -102,10 +142,7 @@ class Progress:
         self.quiet = self.total is not None and self.total < self.QUIET_BELOW
         self.bar: Any = None
         if sys.stderr.isatty() and not self.quiet:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc=what, file=sys.stderr, leave=False)
+            self.bar = make_bar(what, self.total)
 
     def __enter__(self) -> Progress:
         return self
@@ -114,8 +151,18 @@ class Progress:
                  tb: TracebackType | None) -> None:
         self.close(success=et is None)
 
+    def advance_to(self, done: int) -> None:
+        """Progress given as the amount done so far (qemu-img's percentage of the virtual size)."""
+        if done > self.done:
+            self.update(done - self.done)
+
     def update(self, n: int) -> None:
         self.done += n
+        if self.total is not None and self.done > self.total:
+            # A size a wrapper announced is a lower bound: past it, the total is what came so far.
+            self.total = self.done
+            if self.bar is not None:
+                self.bar.total = self.done
         if self.bar is not None:
             self.bar.update(n)
             return

@@ -185,22 +185,28 @@ def run_streaming(
     env: Mapping[str, str],
     timeout: float | None = None,
     cwd: str = "/",
+    limits: Limits | None = None,
+    split_cr: bool = False,
 ) -> StreamedRun:
     """Run ``argv`` with exactly ``env``, handing each line of its merged stdout/stderr to ``on_line``.
 
-    For administrators' programs (hooks) whose output belongs in Ganeti's log as it happens.
+    For output that matters while the child runs: administrators' programs (hooks), whose lines
+    belong in Ganeti's log as they come, and qemu-img's progress, which ends its updates with a
+    carriage return (``split_cr``: a line ends at ``\r`` too, and empty lines are dropped).
     The child runs in its own session; on timeout, error or SIGTERM its whole process group is
     killed, so a shell hook's children do not outlive it.  Raises CommandNotFound.
     """
     argv = [os.fspath(a) for a in argv]
+    if not os.path.isabs(argv[0]):
+        argv[0] = find_tool(argv[0])
     log.debug("+ %s", shlex.join(argv))
     try:
         proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=dict(env), cwd=cwd, start_new_session=True,
+            limits.wrap(argv) if limits else argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env=dict(env), cwd=cwd, start_new_session=True,
         )
     except FileNotFoundError as e:
-        raise CommandNotFound(argv[0]) from e
+        raise CommandNotFound(argv[0], PACKAGES.get(os.path.basename(argv[0]))) from e
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     os.set_blocking(fd, False)
@@ -212,8 +218,10 @@ def run_streaming(
 
     def emit_lines(text: str) -> str:
         """Hand over every complete line of ``text``; return the unfinished rest."""
-        *lines, rest = text.split("\n")
+        *lines, rest = (text.replace("\r", "\n") if split_cr else text).split("\n")
         for line in lines:
+            if split_cr and not line:
+                continue
             on_line(line.rstrip("\r")[:MAX_LINE])
         if len(rest) > MAX_LINE:  # a runaway line without a newline
             on_line(rest[:MAX_LINE])

@@ -26,7 +26,7 @@ from instance_cloudimage.ganeti.env import (
 from instance_cloudimage.ganeti.uri import uri_secrets
 from instance_cloudimage.params.table import values_to_hide
 from instance_cloudimage.runtime.errors import CloudImageError, CommandError, ConfigError, UserError
-from instance_cloudimage.runtime.log import hide_values, printable, setup_logging
+from instance_cloudimage.runtime.log import console_logging, hide_values, printable, setup_logging
 from instance_cloudimage.runtime.siteconfig import Paths, SiteConfig, installed_paths, load_site_config
 from instance_cloudimage.verbs.create import run_create
 from instance_cloudimage.verbs.verify import run_verify
@@ -55,7 +55,8 @@ def guarded(prog: str, debug_level: int, fn: Callable[[], None]) -> int:
     setup_logging(prog, debug_level)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        fn()
+        with console_logging():
+            fn()
         return 0
     except (UserError, CommandError) as e:
         if debug_level > 0:

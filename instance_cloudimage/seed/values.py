@@ -147,3 +147,19 @@ def unseeded_reason(params: Mapping[str, str], variant: Variant) -> str | None:
     if requested == "auto" and variant.agent == "none":
         return "the variant's agent is none"
     return None
+
+
+def guest_mount_reason(params: Mapping[str, str], variant: Variant) -> str | None:
+    """Why seeding mounts the guest's filesystem (loop devices and mount: root only), or None.
+
+    Mirrors seed/deliver.py's plan before anything is known about the image: ``auto`` for
+    cloud-init means nocloud-fs whenever the image has a Linux filesystem, which is the rule.
+    """
+    if unseeded_reason(params, variant) is not None:
+        return None
+    if variant.agent == "flamingo":
+        return "the flamingo agent's settings are written into the guest's filesystem"
+    requested = requested_delivery(params, variant)
+    if requested in ("nocloud-fs", "auto"):
+        return f"seed={requested} writes the cloud-init seed into the guest's filesystem"
+    return None

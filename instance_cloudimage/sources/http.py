@@ -1,10 +1,15 @@
-"""HTTP(S) requests: timeouts, retries with backoff, manual redirects, one-line errors.
+"""HTTP(S) requests: timeouts, retries with backoff and Retry-After, manual redirects, one-line errors.
 
 Ganeti resets the environment, so nothing is taken from it (``trust_env`` is off): the proxy,
 no-proxy list and extra CA bundle come from the site configuration.  TLS is always verified.
 Redirects are followed by hand so that every hop is checked by ``urlpolicy.check_url``, and a
 request for a user's URL connects through a pool whose connections check the address they
 actually reached (``urlpolicy.check_peer``), which defeats DNS rebinding.
+
+Which statuses are retried and what a server's ``Retry-After`` says (seconds or an HTTP-date)
+is urllib3's ``Retry``; the loop is ours, because a redirect hop needs ``check_url`` before it is
+followed, a wait must be logged in Ganeti's log, and a server asking for an hour must not hold a
+Ganeti job that long (MAX_RETRY_AFTER).
 
 Bodies are not read here; ``sources/download.py`` streams them.
 """
@@ -25,6 +30,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.util.retry import Retry
 
 from instance_cloudimage import __version__
 from instance_cloudimage.runtime.errors import ConfigError, ImageFetchError
@@ -44,6 +50,9 @@ USER_AGENT = f"instance-cloudimage/{__version__}"
 REDIRECTS = (301, 302, 303, 307, 308)
 RETRIED_STATUSES = (429, 500, 502, 503, 504)
 MAX_BACKOFF = 60.0
+MAX_RETRY_AFTER = 300.0  # docs/images.md: the longest Retry-After we wait; a longer one ends the attempts
+# GET only, and the statuses above; a 413, 429 or 503 with a Retry-After header is retried too.
+RETRY_POLICY = Retry(total=1, status_forcelist=RETRIED_STATUSES, respect_retry_after_header=True)
 
 
 @dataclass(frozen=True)
@@ -207,25 +216,43 @@ class HttpClient:
                     raise err from None
                 self._wait(attempt, err.message)
                 continue
-            if resp.status_code in RETRIED_STATUSES and not last:
-                resp.close()
-                self._wait(attempt, f"{what}: HTTP {resp.status_code}")
-                continue
-            if resp.status_code in RETRIED_STATUSES:
-                resp.close()
-                raise ImageFetchError(f"{what}: server error HTTP {resp.status_code} {resp.reason} "
-                                      f"after {attempts} attempts")
-            return resp
+            if not RETRY_POLICY.is_retry("GET", resp.status_code, "Retry-After" in resp.headers):
+                return resp
+            resp.close()
+            asked = server_delay(resp)
+            status = f"HTTP {resp.status_code} {resp.reason}".rstrip()
+            if asked is not None and asked > MAX_RETRY_AFTER:
+                raise ImageFetchError(f"{what}: {status}, and the server asks to retry after {asked:.0f}s, "
+                                      f"longer than the {MAX_RETRY_AFTER:.0f}s we wait", "try again later")
+            if last:
+                raise ImageFetchError(f"{what}: server error {status} after {attempts} attempts")
+            self._wait(attempt, f"{what}: HTTP {resp.status_code}", asked)
         raise AssertionError("unreachable")
 
-    def _wait(self, attempt: int, reason: str) -> None:
+    def _wait(self, attempt: int, reason: str, asked: float | None = None) -> None:
+        """Sleep our backoff, or as long as the server asked (Retry-After) if that is longer."""
         delay = self.retry_delay(attempt)
+        if asked is not None and asked > delay:
+            delay = asked
+            reason += " asking to retry later"
         log.warning("%s; retrying in %.0fs (attempt %d of %d)", reason, delay, attempt + 2,
                     self.settings.retries + 1)
         time.sleep(delay)
 
     def retry_delay(self, attempt: int) -> float:
         return float(min(self.settings.backoff * (2 ** attempt), MAX_BACKOFF))
+
+
+def server_delay(resp: requests.Response) -> float | None:
+    """The seconds a 429 or 503 response's Retry-After asks for (a number or an HTTP-date, read by
+    urllib3); None without one, or for a value that is neither."""
+    if resp.status_code not in (429, 503):
+        return None
+    try:
+        value = RETRY_POLICY.get_retry_after(resp.raw)
+    except urllib3.exceptions.InvalidHeader:
+        return None
+    return None if value is None else float(value)
 
 
 def retryable(e: BaseException) -> bool:

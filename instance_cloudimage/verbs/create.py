@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from instance_cloudimage.params.table import grow_requested
 from instance_cloudimage.runtime.errors import EnvironmentError_, ParameterError, UserError
 from instance_cloudimage.runtime.log import complete_step, format_size
 from instance_cloudimage.runtime.siteconfig import SiteConfig
-from instance_cloudimage.seed.values import unseeded_reason
+from instance_cloudimage.seed.values import guest_mount_reason, unseeded_reason
 from instance_cloudimage.sources.fetch import ImageRef, open_image, resolve_image
 
 # seeddata and seed are imported where used: they bring PyYAML, which a create without a seed
@@ -114,11 +115,37 @@ def mount_guest_for_hooks(ctx: CreateContext, facts: HookFacts, stack: ExitStack
     return dataclasses.replace(facts, target=Path(root.path), root_partition=root.device)
 
 
+def check_privileges(ctx: CreateContext, plan: HookPlan) -> None:
+    """Refuse, before any download or write, a create that cannot work without root.
+
+    Writing the image onto a file disk needs only write access to it and to the cache, so an
+    unprivileged local create works when nothing mounts the guest.  Reaching the guest's
+    filesystem does: losetup and mount(2) are root's.  Raises EnvironmentError_.
+    """
+    if os.geteuid() == 0:
+        return
+    reasons = [why] if (why := guest_mount_reason(ctx.genv.params, ctx.variant)) else []
+    if grow_requested(ctx.genv.params, ctx.variant):
+        reasons.append("grow_root grows the root filesystem")
+    if plan.for_phase(Phase.POST_WRITE):
+        reasons.append("the post-write hooks get the guest's filesystem mounted")
+    if reasons:
+        raise EnvironmentError_(f"not running as root, and this create mounts the guest's filesystem "
+                                f"(loop devices and mount need root): {'; '.join(reasons)}",
+                                "run it as root" + (", or set seed=none" if why else ""))
+    cache = ctx.site.paths.cache_dir
+    existing = next(d for d in (cache, *cache.parents) if d.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EnvironmentError_(f"not running as root, and the image cache {cache} is not writable by this user",
+                                "use a cache directory of your own with --cache-dir, or run it as root")
+
+
 def run_create(genv: GanetiEnv, site: SiteConfig, *, plan: HookPlan | None = None) -> None:
     """The whole create script.  Raises a UserError subclass on any refused input."""
     ctx = prepare(genv, site)
     if plan is None:
         plan = plan_hooks(site.paths, ctx.variant.name)  # refused hooks fail before any work
+    check_privileges(ctx, plan)
     ref = resolve_image(ctx.variant, genv.params, ctx.arch)
     facts = HookFacts(genv, ctx.instance, ctx.variant, ctx.arch, ctx.disk, site.paths.config_dir, ref)
     log.info("installing %s (variant %s, %s) onto %s", ctx.instance.name, ctx.variant.name, ctx.arch,

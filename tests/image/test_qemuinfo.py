@@ -118,6 +118,16 @@ def test_without_a_directory_nothing_is_kept(tmp_path: Path) -> None:
     assert asked.count == 2 and not (tmp_path / "kept").exists()
 
 
+def test_a_directory_that_cannot_hold_records_is_only_a_miss(tmp_path: Path) -> None:
+    """Keeping the answer is best effort, also when removing the half-made record fails the
+    same way (a non-root user's create with the default, root-owned cache)."""
+    image = tmp_path / "a.qcow2"
+    (tmp_path / "file").write_text("not a directory")
+    asked = Asked(image, qcow2(image), tmp_path / "file" / "qemu-info")
+    asked(), asked()
+    assert asked.count == 2
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("fmt", ["qcow2", "vmdk"])
 def test_create_keeps_the_answer_for_an_image_used_in_place(site: Site, tmp_path: Path, fmt: str) -> None:

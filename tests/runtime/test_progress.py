@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,32 @@ def test_unknown_size_prints_a_heartbeat(clock: Clock, caplog: pytest.LogCapture
     caplog.set_level(logging.INFO, logger="instance_cloudimage")
     run(clock, None, 600, MiB, 0.1)  # 60 s
     assert 5 <= len(info_lines(caplog)) <= 7
+
+
+def test_known_size_heartbeat_every_30_seconds(clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="instance_cloudimage")
+    run(clock, 10 * 1024 * MiB, 1190, 100 * 1024, 0.1)  # 119 s, 116 MiB: never another 10%
+    lines = info_lines(caplog)
+    assert len(lines) == 4, lines  # at 30, 60 and 90 s, and the summary
+    assert lines[0].startswith("downloading image: 29.3 MiB of 10.0 GiB (0%)")
+
+
+def test_at_most_one_line_a_second(clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="instance_cloudimage")
+    run(clock, 100 * MiB, 5, 20 * MiB, 0.5)  # 2.5 s, a new decile every update
+    assert len(info_lines(caplog)) == 3  # after 1 s, after 2 s, and the summary
+
+
+def test_the_docs_state_this_cadence() -> None:
+    """docs/images.md, "Progress", in the numbers the code uses."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "images.md").read_text()
+    section = " ".join(text.split("## Progress", 1)[1].split("\n## ", 1)[0].split())
+    known, unknown = Progress("x", 20 * MiB), Progress("x", None)
+    known.close(success=False), unknown.close(success=False)
+    assert f"a line each time another 10% is done, at most one a {'second' if Progress.MIN_GAP == 1 else '?'}" \
+        in section
+    assert f"a line after {known.interval:.0f} s without one ({unknown.interval:.0f} s when the size is unknown)" \
+        in section
+    assert f"under {Progress.QUIET_BELOW // MiB} MiB logs nothing but a debug line" in section
+    assert "that took under a second without a progress line" in section
+    assert "qemu-img" in section and "MiB, GiB" in section

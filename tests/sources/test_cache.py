@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -224,3 +226,20 @@ def test_create_survives_junk_in_the_cache(tmp_path: Path, state: ServerState, i
     for bogus in (f"sha256:{as_dir}", f"sha256:{as_link}", "sha512:" + "d" * 128):
         with pytest.raises(ChecksumMismatch):
             get(site, state.url("/i1.qcow2"), bogus)
+
+
+def test_cache_list_json(tmp_path: Path, state: ServerState, images: list[bytes]) -> None:
+    site = site_for(tmp_path)
+    digest = get(site, state.url("/i0.qcow2"))
+    proc = cache_cmd(tmp_path, "list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    listing = json.loads(proc.stdout)
+    assert set(listing) == {"images", "total_size", "max_size"}
+    (entry,) = listing["images"]
+    assert set(entry) == {"sha256", "size", "last_used", "in_use", "sources"}
+    assert f"sha256:{entry['sha256']}" == digest and entry["size"] == len(images[0])
+    assert entry["in_use"] is False and listing["total_size"] == len(images[0])
+    assert listing["max_size"] == 50 * 1024**3
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", entry["last_used"])
+    assert entry["sources"] == ["image parameter"]  # its URL is never recorded: it may be private
+    assert "only" in cache_cmd(tmp_path, "prune", "--json").stderr

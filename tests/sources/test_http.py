@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from email.utils import formatdate
 from pathlib import Path
 
 import pytest
@@ -451,3 +454,48 @@ def test_missing_ca_bundle_is_a_config_error(tmp_path: Path, tls_state: ServerSt
     with pytest.raises(ConfigError, match=r"\[HTTP\] CABundle .*nothing.pem does not exist"):
         fetch(variant_ref(tls_state.url("/img.qcow2"), checksum=sha256(image)), site)
     assert tls_state.log == []
+
+
+# --- Retry-After ------------------------------------------------------------------------------------
+
+def retried_fetch(tmp_path: Path, state: ServerState, image: bytes, caplog: pytest.LogCaptureFixture,
+                  answers: list[tuple[int, dict[str, str]]]) -> float:
+    """Fetch /img.qcow2 after ``answers``; return the seconds it took (RetryBackoff is 0.05 s)."""
+    state.files["/img.qcow2"] = image
+    state.answers["/img.qcow2"] = list(answers)  # the server pops them
+    caplog.set_level(logging.WARNING, logger="instance_cloudimage")
+    start = time.monotonic()
+    _, data = fetch(variant_ref(state.url("/img.qcow2")), site_for(tmp_path))
+    assert data == image
+    assert [r.status for r in state.requests_for("/img.qcow2")] == [a[0] for a in answers] + [200]
+    return time.monotonic() - start
+
+
+def test_503_with_retry_after_seconds_is_waited_for(tmp_path: Path, state: ServerState, image: bytes,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    took = retried_fetch(tmp_path, state, image, caplog, [(503, {"Retry-After": "1"})])
+    assert took >= 1.0  # not the 0.05 s backoff
+    assert "HTTP 503 asking to retry later; retrying in 1s (attempt 2 of 3)" in caplog.text
+
+
+def test_429_with_retry_after_as_an_http_date_is_waited_for(tmp_path: Path, state: ServerState, image: bytes,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    when = formatdate(time.time() + 3, usegmt=True)  # whole seconds: at least 2 s from now
+    took = retried_fetch(tmp_path, state, image, caplog, [(429, {"Retry-After": when})])
+    assert took >= 1.5
+    assert "HTTP 429 asking to retry later" in caplog.text
+
+
+def test_429_without_retry_after_and_a_bad_one_use_the_backoff(tmp_path: Path, state: ServerState, image: bytes,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    retried_fetch(tmp_path, state, image, caplog, [(429, {}), (503, {"Retry-After": "soon"})])
+    assert "asking to retry later" not in caplog.text and "retrying in 0s (attempt 3 of 3)" in caplog.text
+
+
+def test_a_retry_after_beyond_the_cap_ends_the_attempts(tmp_path: Path, state: ServerState, image: bytes) -> None:
+    state.files["/img.qcow2"] = image
+    state.answers["/img.qcow2"] = [(503, {"Retry-After": "3600"})]
+    with pytest.raises(ImageFetchError, match=r"HTTP 503 Service Unavailable, and the server asks to retry "
+                                              r"after 3600s, longer than the 300s we wait \(try again later\)"):
+        fetch(variant_ref(state.url("/img.qcow2")), site_for(tmp_path))
+    assert len(state.requests_for("/img.qcow2")) == 1

@@ -3,7 +3,8 @@
 It serves byte strings from a dict, honours Range/If-Range and conditional requests the way
 a static web server does, and records every request (method, path, status, body bytes sent,
 headers) so that tests can count downloads.  Faults: drop the connection after N body bytes,
-ignore Range, answer a fixed status, redirect, stall before answering.
+ignore Range, answer a fixed status (or, first, a few statuses with their headers), redirect,
+stall before answering.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class ServerState:
     status: dict[str, int] = field(default_factory=dict)
     drop_after: dict[str, list[int]] = field(default_factory=dict)  # path -> byte counts, one per request
     stall: dict[str, float] = field(default_factory=dict)
+    # path -> (status, headers) answered to the next requests, one each, before the file is served
+    answers: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
     ignore_range: bool = False
     validators: bool = True
     log: list[Request] = field(default_factory=list)
@@ -94,6 +97,10 @@ def make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
                 return self._simple(302, {"Location": state.redirects[path]})
             if path in state.status:
                 return self._simple(state.status[path])
+            with state.lock:
+                answer = state.answers[path].pop(0) if state.answers.get(path) else None
+            if answer is not None:
+                return self._simple(*answer)
             body = state.files.get(path)
             if body is None:
                 return self._simple(404)
