@@ -27,10 +27,10 @@ import yaml
 from instance_cloudimage.ganeti.env import GanetiEnv, Instance
 from instance_cloudimage.ganeti.variants import SEEDS, Variant
 from instance_cloudimage.runtime.errors import ParameterError, SeedError
+from instance_cloudimage.seed.flamingoconfig import parse_flamingo_user_data
 from instance_cloudimage.seed.network import NETWORK_MODES, NetworkPlan, plan_network, render_v1, render_v2
 from instance_cloudimage.seed.sshkeys import PublicKey, parse_authorized_keys
 from instance_cloudimage.seed.userdata import (
-    Kind,
     UserData,
     assemble_for_cloud_init,
     decode_user_data,
@@ -44,10 +44,6 @@ from instance_cloudimage.seed.values import (
     parse_password_hash,
     parse_search,
 )
-
-# Flamingo reads one user-data document: cloud-config or a script (which it turns into a
-# runcmd entry); anything else is refused at create time.
-FLAMINGO_USER_DATA = (Kind.CLOUD_CONFIG, Kind.SCRIPT)
 
 
 @dataclass(frozen=True)
@@ -130,9 +126,9 @@ def _check_against_variant(variant: Variant, password: bool, user_data: UserData
     if password and not _default_user(variant):
         raise SeedError(f"variant {variant.name} does not name its image's default user, so password_hash "
                         "cannot be applied", "set DefaultUser in the variant's [Variant] section")
-    if variant.agent == "flamingo" and user_data is not None and user_data.kind not in FLAMINGO_USER_DATA:
-        raise ParameterError(f"user_data is {user_data.kind.value}, which flamingo does not read",
-                             "flamingo takes only #cloud-config or a script")
+    if variant.agent == "flamingo":
+        # The keys the host applies for flamingo, and one line naming any other (seed/flamingoconfig.py).
+        parse_flamingo_user_data(user_data)
 
 
 def check_variant_parameters(params: Mapping[str, str], variant: Variant) -> list[str]:

@@ -10,7 +10,7 @@ decides where it goes:
 
 The ``seed`` OS parameter chooses, else the variant's ``Seed``, else ``auto``: cloud-init gets
 ``nocloud-fs`` (``nocloud-disk`` when the image has no Linux filesystem we can mount and disk 1 is
-free), flamingo gets ``configdrive-disk`` plus its hostname and keys written into the guest (see
+free), flamingo gets ``configdrive-disk`` plus what it would apply written into the guest (see
 seed/flamingo.py for why), an agent ``none`` gets nothing.
 """
 
@@ -58,7 +58,7 @@ def nocloud_dir(root: str | os.PathLike[str], *, create: bool = False) -> Iterat
 class SeedPlan:
     delivery: str  # nocloud-fs | nocloud-disk | configdrive-disk | none
     seed_disk: Disk | None = None
-    flamingo: bool = False  # also write hostname, keys and an fstab entry into the guest
+    flamingo: bool = False  # also apply hostname, keys and user-data in the guest (seed/flamingo.py)
     reason: str = ""
     layout: GuestLayout | None = None  # nocloud-fs chosen by probing the guest: what was found
 
@@ -193,5 +193,5 @@ def deliver_seed(genv: GanetiEnv, variant: Variant, disk_path: str, arch: str, s
                 write_nocloud_dir(mounted.path, nocloud)
                 log.info("wrote the NoCloud seed into %s", mounted.root.describe())
             if plan.flamingo:
-                apply_flamingo_settings(mounted.path, configdrive, fstab=plan.delivery == "configdrive-disk")
+                apply_flamingo_settings(mounted.path, configdrive, inp)
     return plan
