@@ -155,7 +155,7 @@ class Accounts:
         used = self.passwd.ids()
         if u.uid is not None:
             if u.uid in used:
-                raise SeedError(f"user_data asks for a uid that another user of the image has ({u.name})")
+                raise SeedError("user_data asks for a uid that another user of the image has")
             uid = u.uid
         else:
             uid = self._next_id(used, "UID", u.system)

@@ -232,6 +232,23 @@ def apply_user_config(root_fd: int, inp: SeedInput, metadata: Mapping[str, Any])
             f"{', a first-boot unit for the user-data commands' if first_boot else ''}")
 
 
+def request_relabel(root_fd: int) -> bool:
+    """``/.autorelabel`` when the guest runs SELinux: files written from the host carry no label,
+    and an enforcing guest would deny sshd its users' authorized_keys.  The guest relabels itself
+    at first boot (one extra reboot), as after virt-customize --selinux-relabel."""
+    with guest_dir(root_fd, "etc") as etc:
+        try:
+            with guest_dir(etc, "selinux", shown_below="etc") as d:
+                config = read_guest_file(d, "config", shown="/etc/selinux/config") or b""
+        except SeedError:  # no /etc/selinux: no SELinux
+            return False
+    modes = {ln.split(b"=", 1)[1].strip() for ln in config.splitlines() if ln.strip().startswith(b"SELINUX=")}
+    if not modes & {b"enforcing", b"permissive"}:
+        return False
+    write_guest_file(root_fd, ".autorelabel", b"", mode=0o644)
+    return True
+
+
 def apply_flamingo_settings(root: Path, configdrive: Mapping[str, bytes], inp: SeedInput) -> None:
     """Apply the host name, keys and user-data of ``inp`` into the guest mounted at ``root``.
 
@@ -246,6 +263,8 @@ def apply_flamingo_settings(root: Path, configdrive: Mapping[str, bytes], inp: S
             with guest_dir(root_fd, "etc") as etc:
                 write_guest_file(etc, "hostname", hostname.encode() + b"\n", mode=0o644)
         summary = apply_user_config(root_fd, inp, metadata)
+        if request_relabel(root_fd):
+            summary += ", an SELinux relabel at first boot"
     finally:
         os.close(root_fd)
     log.info("flamingo: wrote into the guest: hostname, %s", summary)

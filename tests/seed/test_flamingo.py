@@ -290,6 +290,18 @@ def test_a_skel_symlink_is_copied_as_a_link_not_followed(tmp_path: Path) -> None
     assert os.lstat(root / "home/bob/.profile").st_uid == 1001
 
 
+@pytest.mark.parametrize(("config", "relabel"), [("SELINUX=enforcing\nSELINUXTYPE=targeted\n", True),
+                                                ("SELINUX=permissive\n", True), ("SELINUX=disabled\n", False),
+                                                (None, False)])
+def test_an_selinux_guest_relabels_what_the_host_wrote(tmp_path: Path, config: str | None, relabel: bool) -> None:
+    root = build_tree(tmp_path / "guest")
+    if config is not None:
+        (root / "etc/selinux").mkdir()
+        (root / "etc/selinux/config").write_text(config)
+    apply(tmp_path, root, ssh_authorized_keys=KEY)
+    assert (root / ".autorelabel").exists() == relabel
+
+
 def test_passwd_entries_that_cannot_be_a_home_are_skipped() -> None:
     text = ("good:x:1000:1000::/home/good:/bin/sh\n"
             "dotdot:x:1001:1001::/home/../../tmp:/bin/sh\n"
