@@ -27,7 +27,9 @@ import yaml
 from instance_cloudimage.ganeti.env import GanetiEnv, Instance
 from instance_cloudimage.ganeti.variants import SEEDS, Variant
 from instance_cloudimage.runtime.errors import ParameterError, SeedError
+from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.seed.flamingoconfig import parse_flamingo_user_data
+from instance_cloudimage.seed.metad import has_metad, metad_cloud_config, refresh_requested
 from instance_cloudimage.seed.network import NETWORK_MODES, NetworkPlan, plan_network, render_v1, render_v2
 from instance_cloudimage.seed.sshkeys import PublicKey, parse_authorized_keys
 from instance_cloudimage.seed.userdata import (
@@ -63,6 +65,7 @@ class SeedInput:
     network: str = "auto"
     seed: str = "auto"
     default_user: str | None = None
+    metad_refresh: bool = False  # install the guest unit that applies metad's parameters (seed/metad.py)
 
     @property
     def agent(self) -> str:
@@ -142,8 +145,10 @@ def check_variant_parameters(params: Mapping[str, str], variant: Variant) -> lis
     return []
 
 
-def seed_input(genv: GanetiEnv, variant: Variant, *, nonce: str | None = None) -> SeedInput:
-    """Validate and gather the seed's input.  Raises ParameterError or SeedError."""
+def seed_input(genv: GanetiEnv, variant: Variant, *, nonce: str | None = None,
+               site: SiteConfig | None = None) -> SeedInput:
+    """Validate and gather the seed's input; ``site`` gives the site's defaults (built-in ones
+    without it).  Raises ParameterError or SeedError."""
     instance = genv.require_instance()
     p = genv.params
     keys = parse_authorized_keys(p["ssh_authorized_keys"]) if p.get("ssh_authorized_keys", "").strip() else ()
@@ -167,6 +172,8 @@ def seed_input(genv: GanetiEnv, variant: Variant, *, nonce: str | None = None) -
         network=network,
         seed=seed,
         default_user=default_user,
+        metad_refresh=variant.agent == "cloud-init" and has_metad(instance)
+        and refresh_requested(p, bool(site.get("metad_refresh")) if site is not None else True),
     )
 
 
@@ -185,6 +192,8 @@ def cloud_init_config(inp: SeedInput) -> dict[str, Any]:
         # which cloud-init 22.4 takes for a hash only for $1/$2a/$2y/$5/$6), and lock_passwd
         # must be off or cloud-init locks the account right after setting it.
         cfg["user"] = {"name": inp.default_user, "hashed_passwd": inp.password_hash, "lock_passwd": False}
+    if inp.metad_refresh:
+        cfg.update(metad_cloud_config(inp.default_user, inp.hostname.full, [k.line for k in inp.ssh_keys]))
     return cfg
 
 

@@ -171,7 +171,7 @@ def reseed_disk(genv: GanetiEnv, site: SiteConfig, index: int, path: str) -> Non
                  "imported", index, found.where)
         return
     variant = load_variant(genv.variant, site.paths)
-    inp = seed_input(genv, variant)
+    inp = seed_input(genv, variant, site=site)
     keep = keep_instance_id(genv.params, site)
     plan = plan_nocloud if found.kind == "nocloud" else plan_configdrive
     update = plan(found.files, inp, keep=keep)
