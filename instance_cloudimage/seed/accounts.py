@@ -22,6 +22,11 @@ DEFAULT_DEFS = {"UID_MIN": 1000, "UID_MAX": 60000, "SYS_UID_MIN": 101, "SYS_UID_
 USERS_GID = 100  # useradd's GROUP for --no-user-group
 
 
+def is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '¹' and other digits int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_login_defs(text: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for line in text.splitlines():
@@ -33,7 +38,7 @@ def parse_login_defs(text: str) -> dict[str, str]:
 
 def _defs_int(defs: Mapping[str, str], name: str) -> int:
     value = defs.get(name, "")
-    return int(value) if value.isdigit() and int(value) <= MAX_ID else DEFAULT_DEFS[name]
+    return int(value) if is_number(value) and int(value) <= MAX_ID else DEFAULT_DEFS[name]
 
 
 def home_mode(defs: Mapping[str, str]) -> int:
@@ -82,7 +87,7 @@ class Table:
         self.changed = True
 
     def ids(self) -> set[int]:
-        return {int(f[2]) for line in self.lines if len(f := line.split(":")) > 2 and f[2].isdigit()}
+        return {int(f[2]) for line in self.lines if len(f := line.split(":")) > 2 and is_number(f[2])}
 
     def text(self) -> bytes:
         return ("\n".join(self.lines) + "\n").encode() if self.lines else b""
@@ -122,7 +127,7 @@ class Accounts:
 
     def gid_of(self, name: str) -> int | None:
         f = self.group.fields(name)
-        return int(f[2]) if f and len(f) > 2 and f[2].isdigit() else None
+        return int(f[2]) if f and len(f) > 2 and is_number(f[2]) else None
 
     def add_group(self, name: str, *, system: bool = False, gid: int | None = None) -> int:
         """The gid of group ``name``, made if missing (groupadd)."""
@@ -197,6 +202,6 @@ class Accounts:
     def user(self, name: str) -> tuple[int, int, str] | None:
         """(uid, gid, home) of ``name``."""
         f = self.passwd.fields(name)
-        if not f or len(f) < 7 or not f[2].isdigit() or not f[3].isdigit():
+        if not f or len(f) < 7 or not is_number(f[2]) or not is_number(f[3]):
             return None
         return int(f[2]), int(f[3]), f[5]

@@ -40,7 +40,7 @@ from instance_cloudimage.disk.guestfiles import (
     write_guest_file,
 )
 from instance_cloudimage.runtime.errors import SeedError
-from instance_cloudimage.seed.accounts import Accounts, home_mode, parse_login_defs
+from instance_cloudimage.seed.accounts import Accounts, home_mode, is_number, parse_login_defs
 from instance_cloudimage.seed.content import SeedInput
 from instance_cloudimage.seed.firstboot import install_first_boot
 from instance_cloudimage.seed.flamingoconfig import FlamingoConfig, parse_flamingo_user_data
@@ -88,7 +88,7 @@ def parse_passwd(text: str) -> dict[str, tuple[int, int, str]]:
     users: dict[str, tuple[int, int, str]] = {}
     for line in text.splitlines():
         fields = line.split(":")
-        if len(fields) < 7 or not fields[2].isdigit() or not fields[3].isdigit():
+        if len(fields) < 7 or not is_number(fields[2]) or not is_number(fields[3]):
             continue
         uid, gid, home = int(fields[2]), int(fields[3]), fields[5]
         if uid > MAX_ID or gid > MAX_ID or not home.startswith("/") or ".." in home.split("/"):

@@ -108,8 +108,8 @@ def _bool(where: str, value: Any) -> bool:
 def _field(where: str, value: Any, *, path: bool = False) -> str:
     if not isinstance(value, str) or not FIELD_RE.match(value):
         raise _fail(where, "must be text without ':' or control characters")
-    if path and (not value.startswith("/") or ".." in value.split("/")):
-        raise _fail(where, "must be an absolute path without '..'")
+    if path and (not value.startswith("/") or ".." in value.split("/") or not value.strip("/")):
+        raise _fail(where, "must be an absolute path without '..', below /")
     return value
 
 
@@ -145,7 +145,7 @@ def _hash(where: str, value: Any) -> str:
 
 
 def _id(where: str, value: Any) -> int:
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ID:
         raise _fail(where, f"must be a number from 0 to {MAX_ID}")

@@ -103,7 +103,9 @@ def write_file(path: str, data: bytes, mode: int, uid: int = 0, gid: int = 0) ->
     try:
         os.fchown(fd, uid, gid)
         os.fchmod(fd, mode)
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -123,7 +125,8 @@ def find_user(root: str, name: str | None, seed_keys: list[str]) -> tuple[str, i
     authorized_keys holds a key the seed gave (cloud-init gives them to the distribution's default user)."""
     for line in read_lines(os.path.join(root, "etc/passwd")):
         f = line.split(":")
-        if len(f) < 7 or not f[2].isdigit() or not f[3].isdigit() or not f[5].startswith("/"):
+        if len(f) < 7 or not re.fullmatch("[0-9]+", f[2]) or not re.fullmatch("[0-9]+", f[3]) or \
+                not f[5].startswith("/"):
             continue
         if name is not None and f[0] != name:
             continue

@@ -307,7 +307,8 @@ def test_passwd_entries_that_cannot_be_a_home_are_skipped() -> None:
             "dotdot:x:1001:1001::/home/../../tmp:/bin/sh\n"
             "relative:x:1002:1002::home/rel:/bin/sh\n"
             "hugeuid:x:99999999999999:0::/home/huge:/bin/sh\n"
-            "hugegid:x:0:4294967296::/home/huge:/bin/sh\n")
+            "hugegid:x:0:4294967296::/home/huge:/bin/sh\n"
+            "superscript:x:\u00b9:0::/home/s:/bin/sh\n")  # isdigit() but not int()
     assert parse_passwd(text) == {"good": (1000, 1000, "/home/good")}
 
 
@@ -340,6 +341,7 @@ def verify(tmp_path: Path, user_data: str, variant: str = "flam") -> None:
      r"write_files\[0\]\.content is not valid base64"),
     ("#cloud-config\nwrite_files:\n  - {path: /a/../etc/x}\n", "must be an absolute path without"),
     ("#cloud-config\nwrite_files:\n  - {path: /x, permissions: rw}\n", "must be an octal mode"),
+    ("#cloud-config\nusers:\n  - {name: a, homedir: /}\n", r"users\[0\]\.homedir must be an absolute path"),
     ("#cloud-config\nusers:\n  - {name: 'a:b'}\n", r"users\[0\]\.name is not a valid user or group name"),
     ("#cloud-config\nusers:\n  - {name: a, hashed_passwd: hunter2}\n", r"users\[0\]\.hashed_passwd is not a crypt"),
     ("#cloud-config\nssh_authorized_keys: [nonsense]\n",
