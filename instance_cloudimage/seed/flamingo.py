@@ -174,12 +174,12 @@ def make_home(root_fd: int, home: str, uid: int, gid: int, mode: int) -> None:
         if stat_guest_entry(parent_fd, parts[-1]) is not None:
             log.info("flamingo: a new user's home exists in the image already; not copying /etc/skel into it")
             return
+        with guest_dir(root_fd, "etc") as etc:
+            has_skel = stat_guest_entry(etc, "skel") is not None  # without one, useradd makes an empty home
         with guest_dir(parent_fd, parts[-1], create=True, mode=mode, uid=uid, gid=gid, shown_below=parent) as h:
-            try:
+            if has_skel:
                 with guest_dir(root_fd, "etc/skel") as skel:
                     copy_guest_tree(skel, h, uid=uid, gid=gid, shown="/etc/skel")
-            except SeedError as e:  # an image without /etc/skel: an empty home, as useradd makes
-                log.debug("no skeleton copied: %s", e.message)
 
 
 def write_sudo_rules(root_fd: int, cfg: FlamingoConfig) -> None:

@@ -280,6 +280,18 @@ def test_symlinks_on_the_way_never_reach_the_host(tmp_path: Path, link: str) -> 
     assert list(host.iterdir()) == []
 
 
+def test_without_skel_the_home_is_empty_and_a_linked_skel_is_refused(tmp_path: Path) -> None:
+    root = build_tree(tmp_path / "guest")
+    os.rename(root / "etc/skel", tmp_path / "skel")
+    apply(tmp_path, root, user_data="#cloud-config\nusers: [bob]\n")
+    assert list((root / "home/bob").iterdir()) == [] and meta(root / "home/bob") == (0o700, 1001, 1001)
+    root = build_tree(tmp_path / "guest2")
+    os.rename(root / "etc/skel", tmp_path / "skel2")
+    os.symlink(tmp_path / "skel", root / "etc/skel")
+    with pytest.raises(UnsafeImage, match="the image's /etc/skel is a symbolic link"):
+        apply(tmp_path, root, user_data="#cloud-config\nusers: [bob]\n")
+
+
 def test_a_skel_symlink_is_copied_as_a_link_not_followed(tmp_path: Path) -> None:
     root = build_tree(tmp_path / "guest")
     secret = tmp_path / "host-secret"
