@@ -204,3 +204,17 @@ def test_faults_are_logged_and_change_nothing(variants: Any, tmp_path: Path, sta
     out = run_guest(script, root, url, "--attempts", "2", "--timeout", "0.5")
     assert logged in out.stderr
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_the_guest_script_is_python_3_7_and_standard_library_only() -> None:
+    """EL9 guests have Python 3.9, older guests 3.7: the grammar must not be newer, and nothing
+    but the standard library may be imported (the guest has nothing else for certain)."""
+    import ast
+    import sys
+
+    from instance_cloudimage.seed.metad import guest_script
+
+    tree = ast.parse(guest_script(), feature_version=(3, 7))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= sys.stdlib_module_names | {"__future__"}, imported
