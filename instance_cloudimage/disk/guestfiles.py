@@ -204,3 +204,53 @@ def stat_guest_entry(dir_fd: int, name: str) -> os.stat_result | None:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
+
+
+def write_guest_symlink(dir_fd: int, name: str, target: str, *, uid: int = 0, gid: int = 0) -> None:
+    """Atomically make ``name`` in ``dir_fd`` a symbolic link to ``target`` (never followed here:
+    it only means something inside the guest)."""
+    _check_name(name)
+    tmp = f".{name}.cloudimage-new"
+    remove_guest_file(dir_fd, tmp)
+    try:
+        os.symlink(target, tmp, dir_fd=dir_fd)
+        os.chown(tmp, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as e:
+        remove_guest_file(dir_fd, tmp)
+        if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+            raise UnsafeImage(f"the image has a directory where the link {name} is made") from None
+        raise SeedError(f"cannot make the link {name} in the guest: {e.strerror}") from None
+
+
+MAX_TREE_ENTRIES = 1000
+MAX_TREE_DEPTH = 8
+
+
+def copy_guest_tree(src_fd: int, dst_fd: int, *, uid: int, gid: int, shown: str, budget: list[int] | None = None,
+                    depth: int = 0) -> None:
+    """Copy the directory ``src_fd`` into ``dst_fd`` inside one guest, as ``useradd -m`` copies
+    /etc/skel: directories, regular files and symbolic links (as links), owned by ``uid``:``gid``
+    with their modes; anything else is skipped.  ``shown`` names ``src_fd`` for messages.  At most
+    MAX_TREE_ENTRIES entries and MAX_TREE_DEPTH levels: the tree is the image's."""
+    budget = [MAX_TREE_ENTRIES] if budget is None else budget
+    if depth > MAX_TREE_DEPTH:
+        raise UnsafeImage(f"the image's {shown} is nested more than {MAX_TREE_DEPTH} levels deep")
+    for name in sorted(os.listdir(src_fd)):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise UnsafeImage(f"the image's {shown} holds more than {MAX_TREE_ENTRIES} entries")
+        st = stat_guest_entry(src_fd, name)
+        if st is None:
+            continue
+        where = f"{shown}/{name}"
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            with guest_dir(src_fd, name, shown_below=shown) as sub, \
+                    guest_dir(dst_fd, name, create=True, mode=mode, uid=uid, gid=gid) as out:
+                copy_guest_tree(sub, out, uid=uid, gid=gid, shown=where, budget=budget, depth=depth + 1)
+        elif stat.S_ISREG(st.st_mode):
+            data = read_guest_file(src_fd, name, shown=where) or b""
+            write_guest_file(dst_fd, name, data, mode=mode, uid=uid, gid=gid)
+        elif stat.S_ISLNK(st.st_mode):
+            write_guest_symlink(dst_fd, name, os.readlink(name, dir_fd=src_fd), uid=uid, gid=gid)

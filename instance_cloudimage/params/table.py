@@ -126,6 +126,13 @@ def check_keep_instance_id(value: str, site: SiteConfig) -> None:
         raise ParameterError("keep_instance_id must be yes or no") from None
 
 
+def check_metad_refresh(value: str, site: SiteConfig) -> None:
+    try:
+        parse_bool(value)
+    except ValueError:
+        raise ParameterError("metad_refresh must be yes or no") from None
+
+
 def check_ssh_authorized_keys(value: str, site: SiteConfig) -> None:
     parse_authorized_keys(value)
 
@@ -169,6 +176,9 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("network", "Guest network: auto (static from the NIC's Ganeti network, else DHCP), dhcp or none",
               check_network),
     Parameter("seed", "Seed delivery: auto, nocloud-fs, nocloud-disk, configdrive-disk or none", check_seed),
+    Parameter("metad_refresh", "cloud-init guests with the instance-communication NIC apply metad's current "
+              "ssh_authorized_keys and hostname at every boot: yes or no (default: the site's [Seed] MetadRefresh, "
+              "yes)", check_metad_refresh),
     Parameter("keep_instance_id", "Import only: keep the seed's instance-id when new NICs change its network "
               "configuration, so cloud-init does not redo its first boot: yes or no (default: the site's "
               "[Import] KeepInstanceId, no)", check_keep_instance_id),

@@ -110,6 +110,9 @@ SITE_SETTINGS = (
     Setting("Import", "KeepInstanceId", "import_keep_instance_id", parse_bool, False,
             "when an import rewrites the seed's network configuration for new NICs, keep its instance-id "
             "(the keep_instance_id parameter overrides this)"),
+    Setting("Seed", "MetadRefresh", "metad_refresh", parse_bool, True,
+            "cloud-init guests with the instance-communication NIC apply metad's ssh_authorized_keys and hostname "
+            "at every boot (the metad_refresh parameter overrides this)"),
     Setting("Disks", "WipedByGaneti", "disks_wiped", parse_bool, False,
             "new block devices read back zeros (gnt-cluster modify --prealloc-wipe-disks yes, or thin "
             "storage): zero blocks of an image are then skipped on a first install"),

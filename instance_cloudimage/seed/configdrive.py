@@ -4,12 +4,12 @@ Both ``openstack/latest`` and ``openstack/2012-08-10`` get the same files: flami
 2012-08-10 (its docs say latest), cloud-init takes the newest dated tree it knows and falls back
 to latest.
 
-Flamingo quirks handled here: it keys ``public_keys`` by Linux user name, reads a
-single user-data document that must start with exactly ``#cloud-config\\n`` or ``#! ``, gives
-cloud-config ``ssh_authorized_keys`` to root, runs ``runcmd`` lists directly, and decodes
-``meta`` as a string-to-string map.  So a flamingo drive gets ``public_keys: {<user>: "k1\\nk2"}``
-and one cloud-config document; a user script becomes that document's last ``runcmd`` entry,
-run from a private temporary file so its own ``#!`` line picks the interpreter.
+For flamingo variants the drive is written in the form flamingo's code reads: ``public_keys``
+keyed by Linux user name, one user-data document starting with exactly ``#cloud-config\\n``,
+``meta`` a string-to-string map; a user script becomes that document's last ``runcmd`` entry, run
+from a private temporary file so its own ``#!`` line picks the interpreter.  Flamingo as released
+never reads the drive (seed/flamingo.py: the host applies all of it instead); the drive is for
+cloudbase-init-style tools and the administrator, and tells them what the host applied.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def flamingo_config(inp: SeedInput) -> dict[str, Any]:
     cfg: dict[str, Any] = {}
     user = inp.default_user or "root"
     if inp.ssh_keys and user == "root":
-        # Repeats meta_data's public_keys: if flamingo cannot decode meta_data.json
-        # it still reads user_data.  Both land in root's authorized_keys.
+        # Repeats meta_data's public_keys in the cloud-config, where a reader of the drive that
+        # takes only user_data (flamingo's code gives these keys to root) finds them too.
         cfg["ssh_authorized_keys"] = [k.line for k in inp.ssh_keys]
     if inp.password_hash:
         cfg["runcmd"] = [["usermod", "-p", inp.password_hash, user]]

@@ -27,10 +27,12 @@ import yaml
 from instance_cloudimage.ganeti.env import GanetiEnv, Instance
 from instance_cloudimage.ganeti.variants import SEEDS, Variant
 from instance_cloudimage.runtime.errors import ParameterError, SeedError
+from instance_cloudimage.runtime.siteconfig import SiteConfig
+from instance_cloudimage.seed.flamingoconfig import parse_flamingo_user_data
+from instance_cloudimage.seed.metad import has_metad, metad_cloud_config, refresh_requested
 from instance_cloudimage.seed.network import NETWORK_MODES, NetworkPlan, plan_network, render_v1, render_v2
 from instance_cloudimage.seed.sshkeys import PublicKey, parse_authorized_keys
 from instance_cloudimage.seed.userdata import (
-    Kind,
     UserData,
     assemble_for_cloud_init,
     decode_user_data,
@@ -44,10 +46,6 @@ from instance_cloudimage.seed.values import (
     parse_password_hash,
     parse_search,
 )
-
-# Flamingo reads one user-data document: cloud-config or a script (which it turns into a
-# runcmd entry); anything else is refused at create time.
-FLAMINGO_USER_DATA = (Kind.CLOUD_CONFIG, Kind.SCRIPT)
 
 
 @dataclass(frozen=True)
@@ -67,6 +65,7 @@ class SeedInput:
     network: str = "auto"
     seed: str = "auto"
     default_user: str | None = None
+    metad_refresh: bool = False  # install the guest unit that applies metad's parameters (seed/metad.py)
 
     @property
     def agent(self) -> str:
@@ -130,9 +129,9 @@ def _check_against_variant(variant: Variant, password: bool, user_data: UserData
     if password and not _default_user(variant):
         raise SeedError(f"variant {variant.name} does not name its image's default user, so password_hash "
                         "cannot be applied", "set DefaultUser in the variant's [Variant] section")
-    if variant.agent == "flamingo" and user_data is not None and user_data.kind not in FLAMINGO_USER_DATA:
-        raise ParameterError(f"user_data is {user_data.kind.value}, which flamingo does not read",
-                             "flamingo takes only #cloud-config or a script")
+    if variant.agent == "flamingo":
+        # The keys the host applies for flamingo, and one line naming any other (seed/flamingoconfig.py).
+        parse_flamingo_user_data(user_data)
 
 
 def check_variant_parameters(params: Mapping[str, str], variant: Variant) -> list[str]:
@@ -146,8 +145,10 @@ def check_variant_parameters(params: Mapping[str, str], variant: Variant) -> lis
     return []
 
 
-def seed_input(genv: GanetiEnv, variant: Variant, *, nonce: str | None = None) -> SeedInput:
-    """Validate and gather the seed's input.  Raises ParameterError or SeedError."""
+def seed_input(genv: GanetiEnv, variant: Variant, *, nonce: str | None = None,
+               site: SiteConfig | None = None) -> SeedInput:
+    """Validate and gather the seed's input; ``site`` gives the site's defaults (built-in ones
+    without it).  Raises ParameterError or SeedError."""
     instance = genv.require_instance()
     p = genv.params
     keys = parse_authorized_keys(p["ssh_authorized_keys"]) if p.get("ssh_authorized_keys", "").strip() else ()
@@ -171,6 +172,8 @@ def seed_input(genv: GanetiEnv, variant: Variant, *, nonce: str | None = None) -
         network=network,
         seed=seed,
         default_user=default_user,
+        metad_refresh=variant.agent == "cloud-init" and has_metad(instance)
+        and refresh_requested(p, bool(site.get("metad_refresh")) if site is not None else True),
     )
 
 
@@ -189,6 +192,8 @@ def cloud_init_config(inp: SeedInput) -> dict[str, Any]:
         # which cloud-init 22.4 takes for a hash only for $1/$2a/$2y/$5/$6), and lock_passwd
         # must be off or cloud-init locks the account right after setting it.
         cfg["user"] = {"name": inp.default_user, "hashed_passwd": inp.password_hash, "lock_passwd": False}
+    if inp.metad_refresh:
+        cfg.update(metad_cloud_config(inp.default_user, inp.hostname.full, [k.line for k in inp.ssh_keys]))
     return cfg
 
 

@@ -10,7 +10,7 @@ decides where it goes:
 
 The ``seed`` OS parameter chooses, else the variant's ``Seed``, else ``auto``: cloud-init gets
 ``nocloud-fs`` (``nocloud-disk`` when the image has no Linux filesystem we can mount and disk 1 is
-free), flamingo gets ``configdrive-disk`` plus its hostname and keys written into the guest (see
+free), flamingo gets ``configdrive-disk`` plus what it would apply written into the guest (see
 seed/flamingo.py for why), an agent ``none`` gets nothing.
 """
 
@@ -29,6 +29,7 @@ from instance_cloudimage.disk.partitions import GuestLayout, find_guest_layout
 from instance_cloudimage.ganeti.env import Disk, GanetiEnv, Instance
 from instance_cloudimage.ganeti.variants import Variant
 from instance_cloudimage.runtime.errors import SeedError, UnsafeImage
+from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.seed.configdrive import build_configdrive
 from instance_cloudimage.seed.content import build_nocloud, seed_input
 from instance_cloudimage.seed.drive import CIDATA, CONFIG_2, describe_disk_content, seed_label_of, write_seed_disk
@@ -58,7 +59,7 @@ def nocloud_dir(root: str | os.PathLike[str], *, create: bool = False) -> Iterat
 class SeedPlan:
     delivery: str  # nocloud-fs | nocloud-disk | configdrive-disk | none
     seed_disk: Disk | None = None
-    flamingo: bool = False  # also write hostname, keys and an fstab entry into the guest
+    flamingo: bool = False  # also apply hostname, keys and user-data in the guest (seed/flamingo.py)
     reason: str = ""
     layout: GuestLayout | None = None  # nocloud-fs chosen by probing the guest: what was found
 
@@ -159,7 +160,7 @@ def write_nocloud_dir(root: Path, files: Mapping[str, bytes]) -> None:
 
 
 def deliver_seed(genv: GanetiEnv, variant: Variant, disk_path: str, arch: str, stack: ExitStack,
-                 local: LocalDisk | None = None) -> SeedPlan:
+                 local: LocalDisk | None = None, site: SiteConfig | None = None) -> SeedPlan:
     """Write the seed for ``genv``'s instance after the image is on disk 0 (``disk_path``); return what was done.
 
     ``local`` gives a URI-only disk a local file (the create's staging), copied in when the seed
@@ -174,7 +175,7 @@ def deliver_seed(genv: GanetiEnv, variant: Variant, disk_path: str, arch: str, s
     if plan.delivery == "none" and not plan.flamingo:
         return plan
     # One input for everything written: on reinstall each call would draw a new instance-id.
-    inp = seed_input(genv, variant)
+    inp = seed_input(genv, variant, site=site)
     nocloud = dict(build_nocloud(inp).files) if plan.delivery.startswith("nocloud") else {}
     configdrive = dict(build_configdrive(inp).files) if plan.delivery == "configdrive-disk" or plan.flamingo else {}
     if plan.seed_disk is not None:
@@ -193,5 +194,5 @@ def deliver_seed(genv: GanetiEnv, variant: Variant, disk_path: str, arch: str, s
                 write_nocloud_dir(mounted.path, nocloud)
                 log.info("wrote the NoCloud seed into %s", mounted.root.describe())
             if plan.flamingo:
-                apply_flamingo_settings(mounted.path, configdrive, fstab=plan.delivery == "configdrive-disk")
+                apply_flamingo_settings(mounted.path, configdrive, inp)
     return plan

@@ -10,7 +10,8 @@ the disk as it was, byte for byte.
 
 Ganeti runs the import of every disk of an instance at the same time, so each import looks only
 at its own disk: disk 0's guest filesystem for a NoCloud directory, any disk for a seed label.
-Flamingo's files in the guest (host name, keys, an fstab line) do not depend on the NICs; its host
+Flamingo's files in the guest (host name, keys, accounts, the first-boot unit and its instance-id) do not
+depend on the NICs, so its user-data commands do not run again after an import; its host
 name follows the instance through rename, which Ganeti runs after an import.
 
 Nothing here fails the import: the disk's data is complete, and Ganeti would report a failed import
@@ -171,7 +172,7 @@ def reseed_disk(genv: GanetiEnv, site: SiteConfig, index: int, path: str) -> Non
                  "imported", index, found.where)
         return
     variant = load_variant(genv.variant, site.paths)
-    inp = seed_input(genv, variant)
+    inp = seed_input(genv, variant, site=site)
     keep = keep_instance_id(genv.params, site)
     plan = plan_nocloud if found.kind == "nocloud" else plan_configdrive
     update = plan(found.files, inp, keep=keep)

@@ -138,14 +138,15 @@ def _decode_bytes(value: str) -> bytes:
         raise ParameterError(f"{PARAM} starts with base64: but the rest is not valid base64") from None
 
 
-def _gunzip(data: bytes) -> bytes:
+def gunzip_bounded(data: bytes, what: str = PARAM) -> bytes:
+    """gzip ``data`` decompressed, at most MAX_DECODED bytes (a gzip bomb stops there)."""
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
             out = f.read(MAX_DECODED + 1)
     except (OSError, EOFError, zlib.error):
-        raise ParameterError(f"{PARAM} is gzip data that does not decompress") from None
+        raise ParameterError(f"{what} is gzip data that does not decompress") from None
     if len(out) > MAX_DECODED:
-        raise ParameterError(f"{PARAM} decompresses to more than {MAX_DECODED // 1024} KiB")
+        raise ParameterError(f"{what} decompresses to more than {MAX_DECODED // 1024} KiB")
     return out
 
 
@@ -271,7 +272,7 @@ def decode_user_data(value: str) -> UserData | None:
         return None
     data = _decode_bytes(value)
     if data[:2] == b"\x1f\x8b":
-        data = _gunzip(data)
+        data = gunzip_bounded(data)
     if len(data) > MAX_DECODED:
         raise ParameterError(f"{PARAM} is larger than {MAX_DECODED // 1024} KiB")
     try:

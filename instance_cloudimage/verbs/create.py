@@ -78,7 +78,7 @@ def prepare(genv: GanetiEnv, site: SiteConfig) -> CreateContext:
         # seed.deliver below: they bring PyYAML, which a create without a seed never needs.
         from instance_cloudimage.seed.content import seed_input
 
-        seed_input(genv, variant)
+        seed_input(genv, variant, site=site)
     return CreateContext(genv, site, instance, variant, arch, disk)
 
 
@@ -191,7 +191,7 @@ def run_phases(ctx: CreateContext, plan: HookPlan, facts: HookFacts, stack: Exit
             # A URI-only seed disk is copied into a staging file when the seed needs it.
             local = functools.partial(ctx.staged.local, copy_in=True) if ctx.staged is not None else None
             # deliver_seed mounts and unmounts the guest itself, if it needs to.
-            deliver_seed(ctx.genv, ctx.variant, ctx.disk.path or "", ctx.arch, stack, local)
+            deliver_seed(ctx.genv, ctx.variant, ctx.disk.path or "", ctx.arch, stack, local, site)
     # Its own stack, so that the guest is unmounted before the post hooks run.
     with ExitStack() as guest:
         if plan.for_phase(Phase.POST_WRITE):

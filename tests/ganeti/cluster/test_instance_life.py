@@ -150,7 +150,9 @@ def test_seed_carries_identity_keys_password_and_user_data(ganeti_cluster: Ganet
     assert seed["calls"]["chpasswd"] == []
     # The secret user-data, merged with ours.
     assert seed["merged"]["packages"] == ["htop", "tmux"]
-    assert seed["merged"]["runcmd"] == [["touch", f"/root/{USER_DATA_TOKEN}"]]
+    # With the communication NIC, our metad refresh unit's enable comes first (test_metad.py).
+    ours = [] if created.communication else [["systemctl", "enable", "cloudimage-metad.service"]]
+    assert seed["merged"]["runcmd"] == [*ours, ["touch", f"/root/{USER_DATA_TOKEN}"]]
     assert seed["modes"] == {n: (0o600, 0) for n in ("meta-data", "user-data", "network-config")}
 
 
@@ -239,7 +241,9 @@ def test_reinstall_writes_a_seed_with_a_new_instance_id(ganeti_cluster: GanetiCl
     seed = read_seed(cluster.disk_path_of(NAME))
     assert seed["instance_id"] != created.uuid and uuid.UUID(seed["instance_id"])
     assert seed["fqdn"] == cluster.fqdn(NAME) and seed["public_keys"] == [ED, ED2]
-    assert seed["merged"]["runcmd"] == [["touch", f"/root/{USER_DATA_TOKEN}"]]
+    # With the communication NIC, our metad refresh unit's enable comes first (test_metad.py).
+    ours = [] if created.communication else [["systemctl", "enable", "cloudimage-metad.service"]]
+    assert seed["merged"]["runcmd"] == [*ours, ["touch", f"/root/{USER_DATA_TOKEN}"]]
     assert seed["network_config"] == created.seed["network_config"]
 
 
@@ -304,7 +308,9 @@ def test_export_remove_import_rename(ganeti_cluster: GanetiCluster, created: Cre
     assert f"MACAddress={new_macs[0]}" in networkd(seed, 0) and "DHCP=ipv4" in networkd(seed, 0)
     assert seed["instance_id"] == new_uuid != exported["instance_id"]
     assert seed["seed_files"]["user-data"] == exported["seed_files"]["user-data"]
-    assert seed["merged"]["runcmd"] == [["touch", f"/root/{USER_DATA_TOKEN}"]]
+    # With the communication NIC, our metad refresh unit's enable comes first (test_metad.py).
+    ours = [] if created.communication else [["systemctl", "enable", "cloudimage-metad.service"]]
+    assert seed["merged"]["runcmd"] == [*ours, ["touch", f"/root/{USER_DATA_TOKEN}"]]
     assert seed["public_keys"] == [ED, ED2] and seed["fqdn"] == cluster.fqdn(NAME)
     assert seed["modes"] == exported["modes"]
     import_log = cluster.read_os_logs("import", NAME)
