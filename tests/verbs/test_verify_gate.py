@@ -34,6 +34,7 @@ VALID = {
     "network": "dhcp",
     "seed": "auto",
     "keep_instance_id": "no",
+    "metad_refresh": "yes",
 }
 CONTROLS = [chr(c) for c in (*range(0x20), *range(0x7F, 0xA0))] + ["\u2028", "\u2029"]
 ALLOWED = {Text.LINE: "", Text.LINES: "\n\r", Text.ANY: "".join(CONTROLS)}
