@@ -39,7 +39,7 @@ from instance_cloudimage.disk.guestfiles import (
     stat_guest_entry,
     write_guest_file,
 )
-from instance_cloudimage.runtime.errors import SeedError
+from instance_cloudimage.runtime.errors import SeedError, UnsafeImage
 from instance_cloudimage.seed.accounts import Accounts, home_mode, is_number, parse_login_defs
 from instance_cloudimage.seed.content import SeedInput
 from instance_cloudimage.seed.firstboot import install_first_boot
@@ -201,9 +201,19 @@ def write_user_files(root_fd: int, cfg: FlamingoConfig, accounts: Accounts) -> N
             raise SeedError(f"user_data: write_files[{i}].owner is not a user and group of the image",
                             "create them in users/groups of the same user-data")
         parts = split_guest_path(f.path)
-        with guest_dir(root_fd, "/".join(parts[:-1]), create=True, mode=0o755) as d:
-            old = read_guest_file(d, parts[-1], limit=MAX_DECODED, shown=f.path) if f.append else None
-            write_guest_file(d, parts[-1], (old or b"") + f.content, mode=f.mode, uid=owner[0], gid=gid)
+        try:
+            with guest_dir(root_fd, "/".join(parts[:-1]), create=True, mode=0o755) as d:
+                old = read_guest_file(d, parts[-1], limit=MAX_DECODED, shown=f.path) if f.append else None
+                write_guest_file(d, parts[-1], (old or b"") + f.content, mode=f.mode, uid=owner[0], gid=gid)
+        except UnsafeImage:
+            # Security: the guest_files messages name the path, which is part of the secret user_data.
+            raise UnsafeImage(f"user_data: write_files[{i}].path leads through a symbolic link or a "
+                              "non-directory in the image; refusing to follow it",
+                              "write below a real directory (on a merged-/usr image, /usr/lib rather than "
+                              "/lib)") from None
+        except SeedError:
+            raise SeedError(f"user_data: write_files[{i}] cannot be written into the image",
+                            "check its path against the image's directories") from None
 
 
 def apply_user_config(root_fd: int, inp: SeedInput, metadata: Mapping[str, Any]) -> str:
