@@ -404,7 +404,9 @@ def test_configdrive_for_cloud_init(variants: Callable[[str], Variant],
     eni = files_of(out, "etc/network/interfaces")
     assert eni.count("gateway ") == 1 and "metric 1001" in eni and "metric 10000" in eni
     assert "dns-search example.test" in eni
-    assert out["network"]["dns_nameservers"] == ["192.0.2.53"]
+    # On eth0's subnet only: a global entry (Nova's dns services) would reach every NIC.
+    assert out["network"]["dns_nameservers"] == [] and eth0["dns_nameservers"] == ["192.0.2.53"]
+    assert "dns-nameservers 192.0.2.53" in eni
 
 
 def test_configdrive_opaque_user_data_uses_vendor_data(variants: Callable[[str], Variant],

@@ -151,6 +151,10 @@ def test_every_network_combination_is_what_cloud_init_applies(tmp_path: Path) ->
     refused = 0
     for combo in combos:
         delivered = outcome[combo.id]
+        # The one rule (seed/network.py check_dns_parameters): search domains need a server.
+        must_refuse = combo.network != "none" and combo.search != "none" and combo.nameservers == "none"
+        if isinstance(delivered, str) != must_refuse:
+            problems.setdefault(combo.id, []).append(f"refused: {delivered if isinstance(delivered, str) else 'no'}")
         if isinstance(delivered, str):
             refused += 1
             continue

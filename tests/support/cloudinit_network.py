@@ -146,7 +146,7 @@ def run_case(init, case, work, recorder, rendered):
     result = {"id": case["id"], "error": None, "warnings": [], "network_config": None, "files": {}}
     try:
         netcfg = read_network_config(init, case["kind"], case["seed"])
-    except Exception as e:  # noqa: BLE001 - any exception is the finding
+    except Exception as e:  # any exception is the finding
         result["error"] = f"{type(e).__name__}: {e}"
         result["warnings"] = list(recorder.records)
         return result
@@ -162,7 +162,7 @@ def run_case(init, case, work, recorder, rendered):
             error, files = None, {}
             try:
                 files = render(netcfg, root)
-            except Exception as e:  # noqa: BLE001 - any exception is the finding
+            except Exception as e:  # any exception is the finding
                 error = f"{type(e).__name__}: {e}"
             rendered[key] = (error, list(recorder.records), files)
         result["error"], render_warnings, result["files"] = rendered[key]
