@@ -156,12 +156,35 @@ def plan_network(nics: Sequence[Nic], mode: str, nameservers: Sequence[str] = ()
     dns_nic = primary4 or (regular[0] if regular else None)
     if dns_nic is None and (nameservers or search):
         log.warning("dns_nameservers/dns_search are not used: the instance's only NIC is the communication NIC")
+    nameservers, search = _reachable_dns(dns_nic, nameservers, search)
     out = []
     for p in planned:
         is4, is6 = p is primary4, p is primary6
         out.append(replace(p, gateway4=p.gateway4 if is4 else None, gateway6=p.gateway6 if is6 else None,
                            default_route4=is4 and p.dhcp4, dns=p is dns_nic and bool(nameservers or search)))
     return NetworkPlan(tuple(out), tuple(nameservers), tuple(search))
+
+
+def _reachable_dns(nic: NicPlan | None, nameservers: Sequence[str],
+                   search: Sequence[str]) -> tuple[Sequence[str], Sequence[str]]:
+    """The servers of the families ``nic`` is configured for (IPv4: DHCP or a static address;
+    IPv6: a static address).  NetworkManager refuses a whole connection whose ipv4 or ipv6
+    section lists DNS with method=disabled, which is what cloud-init 22.4 writes for a server of
+    the other family; nor could the NIC reach it.  Without any server left, the search domains
+    go too (cloud-init rejects them alone: check_dns_parameters)."""
+    if nic is None:
+        return (), ()
+    families = {4} if nic.dhcp4 or nic.address4 is not None else set()
+    families |= {6} if nic.address6 is not None else set()
+    kept = [a for a in nameservers if ipaddress.ip_address(a).version in families]
+    if len(kept) < len(nameservers):
+        dropped = [str(i) for i, a in enumerate(nameservers, 1) if a not in kept]
+        log.warning("dns_nameservers entries %s are not used: %s has no address of their IP version",
+                    ", ".join(dropped), nic.name)
+    if not kept and search:
+        log.warning("dns_search is not used: no server in dns_nameservers is reachable over %s", nic.name)
+        return (), ()
+    return kept, search
 
 
 # --- renderings --------------------------------------------------------------------------------

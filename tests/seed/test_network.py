@@ -211,6 +211,17 @@ def test_dns_on_a_dhcp_only_nic_is_also_global_in_v1_and_network_data() -> None:
     assert [c["type"] for c in render_v1(static)["config"]] == ["physical"]
 
 
+def test_dns_servers_of_an_ip_version_the_dns_nic_lacks_are_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    v4_only = _plan([nic(0, "192.0.2.10", PUB)], nameservers=["2001:db8::53", "192.0.2.53"], search=["ex"])
+    assert v4_only.nameservers == ("192.0.2.53",) and v4_only.search == ("ex",)
+    assert "entries 1 are not used: eth0" in caplog.text and "2001:db8" not in caplog.text  # no values logged
+    v6_only = _plan([nic(0, "2001:db8:2::42", V6ONLY)], nameservers=["192.0.2.53"], search=["ex"])
+    assert (v6_only.nameservers, v6_only.search) == ((), ())
+    assert not any(p.dns for p in v6_only.nics) and "nameservers" not in render_v2(v6_only)["ethernets"]["eth0"]
+    dual = _plan([nic(0, "198.51.100.7", DUAL)], nameservers=["2001:db8::53", "192.0.2.53"])
+    assert dual.nameservers == ("2001:db8::53", "192.0.2.53")
+
+
 @pytest.mark.parametrize("mode", ["auto", "dhcp"])
 def test_search_domains_without_a_server_are_refused(mode: str) -> None:
     with pytest.raises(ParameterError, match="dns_search needs dns_nameservers"):

@@ -5,15 +5,17 @@ environment gives them) × ``NetworkConfigVersion`` × seed delivery (NoCloud di
 cidata disk, config-2 disk) goes through verify's check and create's seed builder and delivery;
 every seed written is then read by cloud-init's own datasource, parsed by ``network_state`` without
 skipping broken commands, and rendered by ENI (Debian 12), netplan (Ubuntu; then ``netplan
-generate``), sysconfig and NetworkManager (RHEL family): tests/support/cloudinit_network.py, in one
-process for all of them.  Each rendering must put the expected addresses, gateways, DNS servers
-and search domains on the expected interface (tests/support/network_checks.py).  A combination
-verify refuses must be refused by create too, and the other way round.
+generate``), sysconfig and NetworkManager (RHEL family; libnm then loads each keyfile as the daemon
+would): tests/support/cloudinit_network.py, in one process for all of them.  Each rendering must
+put the expected addresses, gateways, DNS servers and search domains on the expected interface
+(tests/support/network_checks.py).  A combination verify refuses must be refused by create too,
+and the other way round.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import subprocess
@@ -112,11 +114,17 @@ def check(combo: Combination, result: dict[str, Any]) -> list[str]:
         return [] if result["network_config"] is None else ["a network config, want none"]
     if not result["files"]:
         return ["no network config"]
+    # The servers of the IP versions the DNS NIC has (seed/network.py _reachable_dns); none: no DNS.
+    dns = next((w for w in want if w.dns), None)
+    families = {4} if dns and (dns.dhcp4 or dns.v4) else set()
+    families |= {6} if dns and dns.v6 else set()
+    nameservers = tuple(a for a in combo.want_nameservers if ipaddress.ip_address(a).version in families)
+    search = combo.want_search if nameservers else ()
     problems = []
     form = "v2" if combo.version == 2 and combo.delivery != "config-2" else "v1"
     for renderer, read in nc.READERS.items():
         rendered = read(result["files"][renderer])
-        for p in nc.check_interfaces(rendered, want, combo.want_nameservers, combo.want_search,
+        for p in nc.check_interfaces(rendered, want, nameservers, search,
                                      drop_routes=form == "v2", limits=nc.LIMITS.get((renderer, form), set())):
             problems.append(f"{renderer}: {p}")
     return problems
@@ -125,11 +133,13 @@ def check(combo: Combination, result: dict[str, Any]) -> list[str]:
 @pytest.fixture(scope="module", autouse=True)
 def tools() -> None:
     need_tools("mkfs.vfat", "mcopy", "netplan")
-    if not Path(SYSTEM_PYTHON).exists() or subprocess.run(
-            [SYSTEM_PYTHON, "-c", "import cloudinit.net.network_state"], capture_output=True, check=False).returncode:
+    probe = "import cloudinit.net.network_state, gi; gi.require_version('NM', '1.0')"
+    if not Path(SYSTEM_PYTHON).exists() or subprocess.run([SYSTEM_PYTHON, "-c", probe], capture_output=True,
+                                                          check=False).returncode:
         if os.environ.get("CI"):
-            pytest.fail("CI needs Debian's cloud-init (apt-get install cloud-init)")
-        pytest.skip("Debian's cloud-init is not installed")
+            pytest.fail("CI needs Debian's cloud-init and libnm's introspection data "
+                        "(apt-get install cloud-init gir1.2-nm-1.0)")
+        pytest.skip("Debian's cloud-init or gir1.2-nm-1.0 is not installed")
 
 
 def test_every_network_combination_is_what_cloud_init_applies(tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ variant's distribution uses renders it into its own root under WORK_DIR:
 * ``eni``: Debian 12 (ifupdown), with Debian's renderer config;
 * ``netplan``: Ubuntu, parsed as the netplan renderer is given it (v2 passes through unchanged),
   then ``netplan generate --root-dir`` on the result, as Ubuntu's renderer runs it (postcmds);
-* ``sysconfig`` and ``networkmanager``: the RHEL family, with RHEL's renderer config.
+* ``sysconfig`` and ``networkmanager``: the RHEL family, with RHEL's renderer config; each
+  NetworkManager keyfile is then loaded and verified by libnm (gir1.2-nm-1.0), as the daemon would.
 
 Any WARNING or ERROR cloud-init logs while reading, parsing or rendering counts as a failure: in a
 guest, ``skip_broken=True`` turns a rejected command into a logged warning and a configuration
@@ -31,10 +32,14 @@ import re
 import subprocess
 import sys
 
+import gi
 from cloudinit import stages
 from cloudinit.distros import debian, rhel
 from cloudinit.net import eni, netplan, network_manager, network_state, sysconfig
 from cloudinit.sources import DataSourceConfigDrive, DataSourceNoCloud
+
+gi.require_version("NM", "1.0")
+from gi.repository import NM, GLib  # noqa: E402 - after require_version, as PyGObject needs
 
 # The generator 'netplan generate' runs, called directly: the Python wrapper costs 0.3 s a call.
 NETPLAN_GENERATE = ["/usr/lib/netplan/generate"] if os.path.exists("/usr/lib/netplan/generate") \
@@ -106,6 +111,18 @@ def collect(root):
     return files
 
 
+def verify_keyfile(path, text):
+    """What NetworkManager itself says of a keyfile (libnm's reader and verify(), as the daemon
+    loads a connection): a connection it refuses leaves the NIC unconfigured."""
+    keyfile = GLib.KeyFile()
+    keyfile.load_from_data(text, len(text.encode()), GLib.KeyFileFlags.NONE)
+    try:
+        NM.keyfile_read(keyfile, "/etc/NetworkManager/system-connections", NM.KeyfileHandlerFlags.NONE,
+                        None, None).verify()
+    except GLib.Error as e:
+        raise RuntimeError(f"NetworkManager refuses {os.path.basename(path)}: {e.message}") from None
+
+
 def render(netcfg, root):
     out = {}
     for name, renderer in (
@@ -118,6 +135,9 @@ def render(netcfg, root):
         # A fresh parse for each: a guest runs one renderer, and the ENI renderer edits the state.
         renderer.render_network_state(network_state.parse_net_config_data(netcfg, skip_broken=False), target=target)
         out[name] = collect(target)
+    for path, text in out["networkmanager"].items():
+        if path.endswith(".nmconnection"):
+            verify_keyfile(path, text)
     # Ubuntu: netplan is both the parser's renderer (v2 passes through) and the one that renders.
     # Its path must be relative: 22.4 joins it to the target, so the distro's absolute
     # /etc/netplan/50-cloud-init.yaml would land on this host.  postcmds would run 'netplan
