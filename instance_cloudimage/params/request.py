@@ -27,7 +27,7 @@ def check_request(params: Mapping[str, str], variant_name: str, site: SiteConfig
         return None, [*problems, str(e)]
     if problems:
         return variant, problems
-    if params.get("password_hash", "").strip() or params.get("user_data", "").strip():
+    if any(params.get(name, "").strip() for name in ("password_hash", "user_data", "dns_search")):
         # Imported here: it brings PyYAML, which a request without a seed never needs.
         from instance_cloudimage.seed.content import check_variant_parameters
 

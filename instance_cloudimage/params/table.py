@@ -172,7 +172,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               "base64:..., gzip allowed, at most 64 KiB", check_user_data, secret=True, text=Text.ANY),
     Parameter("dns_nameservers", "DNS server addresses for the guest, separated by spaces or commas",
               check_nameservers),
-    Parameter("dns_search", "DNS search domains for the guest, separated by spaces or commas", check_search),
+    Parameter("dns_search", "DNS search domains for the guest, separated by spaces or commas "
+              "(needs dns_nameservers)", check_search),
     Parameter("network", "Guest network: auto (static from the NIC's Ganeti network, else DHCP), dhcp or none",
               check_network),
     Parameter("seed", "Seed delivery: auto, nocloud-fs, nocloud-disk, configdrive-disk or none", check_seed),

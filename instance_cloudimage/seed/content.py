@@ -30,7 +30,14 @@ from instance_cloudimage.runtime.errors import ParameterError, SeedError
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.seed.flamingoconfig import parse_flamingo_user_data
 from instance_cloudimage.seed.metad import has_metad, metad_cloud_config, refresh_requested
-from instance_cloudimage.seed.network import NETWORK_MODES, NetworkPlan, plan_network, render_v1, render_v2
+from instance_cloudimage.seed.network import (
+    NETWORK_MODES,
+    NetworkPlan,
+    check_dns_parameters,
+    plan_network,
+    render_v1,
+    render_v2,
+)
 from instance_cloudimage.seed.sshkeys import PublicKey, parse_authorized_keys
 from instance_cloudimage.seed.userdata import (
     UserData,
@@ -140,6 +147,8 @@ def check_variant_parameters(params: Mapping[str, str], variant: Variant) -> lis
     try:
         user_data = decode_user_data(params.get("user_data", ""))
         _check_against_variant(variant, bool(params.get("password_hash", "").strip()), user_data)
+        check_dns_parameters(params.get("network") or "auto", parse_nameservers(params.get("dns_nameservers", "")),
+                             parse_search(params.get("dns_search", "")))
     except (ParameterError, SeedError) as e:
         return [str(e)]
     return []
@@ -158,6 +167,8 @@ def seed_input(genv: GanetiEnv, variant: Variant, *, nonce: str | None = None,
     default_user = _default_user(variant)
     network = parse_choice("network", p.get("network") or "auto", NETWORK_MODES)
     seed = parse_choice("seed", p.get("seed") or variant.seed, SEEDS)
+    nameservers, search = parse_nameservers(p.get("dns_nameservers", "")), parse_search(p.get("dns_search", ""))
+    check_dns_parameters(network, nameservers, search)
     return SeedInput(
         instance=instance,
         variant=variant,
@@ -167,8 +178,8 @@ def seed_input(genv: GanetiEnv, variant: Variant, *, nonce: str | None = None,
         ssh_keys=keys,
         password_hash=password,
         user_data=user_data,
-        dns_nameservers=parse_nameservers(p.get("dns_nameservers", "")),
-        dns_search=parse_search(p.get("dns_search", "")),
+        dns_nameservers=nameservers,
+        dns_search=search,
         network=network,
         seed=seed,
         default_user=default_user,

@@ -22,7 +22,10 @@ drive).  The rules, also in docs/seeding.md ("Network"):
 * Ganeti's instance-communication NIC (``ganeti:communication:*``) uses DHCP without routes or
   DNS (Ganeti's dnsmasq offers itself as router) and is optional at boot; metad at
   169.254.169.254 is on-link there.
-* DNS servers and search domains from the OS parameters go on the default-route NIC.
+* DNS servers and search domains from the OS parameters go on the default-route NIC, on its
+  first subnet in v1 and network_data.json; when that NIC has no static address, also in the
+  global form (v1 nameserver entry, Nova dns services), the only one sysconfig reads for it.
+  Search domains need a server (``check_dns_parameters``, shared by verify and create).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from instance_cloudimage.ganeti.env import Nic
+from instance_cloudimage.runtime.errors import ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +131,16 @@ def _plan_nic(nic: Nic, mode: str) -> NicPlan:
                    dhcp4=address4 is None and not v6_only)
 
 
+def check_dns_parameters(mode: str, nameservers: Sequence[str], search: Sequence[str]) -> None:
+    """The rule verify and create share: search domains need a name server.  cloud-init 22.4
+    rejects a v2 ``nameservers`` entry without addresses (network_state raises, and the guest
+    drops the entry with a warning), takes a global v1 one only with an address, and sysconfig
+    and netplan drop search domains a DHCP NIC's subnet carries.  Raises ParameterError."""
+    if mode != "none" and search and not nameservers:
+        raise ParameterError("dns_search needs dns_nameservers: cloud-init rejects search domains "
+                             "given without a name server", "add dns_nameservers, or leave dns_search out")
+
+
 def plan_network(nics: Sequence[Nic], mode: str, nameservers: Sequence[str] = (),
                  search: Sequence[str] = ()) -> NetworkPlan | None:
     """The plan for ``mode`` (auto, dhcp, none); None when nothing is to be written."""
@@ -140,12 +154,37 @@ def plan_network(nics: Sequence[Nic], mode: str, nameservers: Sequence[str] = ()
     primary4 = static_gw[0] if static_gw else next((p for p in regular if p.dhcp4), None)
     primary6 = next((p for p in regular if p.gateway6 is not None), None)
     dns_nic = primary4 or (regular[0] if regular else None)
+    if dns_nic is None and (nameservers or search):
+        log.warning("dns_nameservers/dns_search are not used: the instance's only NIC is the communication NIC")
+    nameservers, search = _reachable_dns(dns_nic, nameservers, search)
     out = []
     for p in planned:
         is4, is6 = p is primary4, p is primary6
         out.append(replace(p, gateway4=p.gateway4 if is4 else None, gateway6=p.gateway6 if is6 else None,
                            default_route4=is4 and p.dhcp4, dns=p is dns_nic and bool(nameservers or search)))
     return NetworkPlan(tuple(out), tuple(nameservers), tuple(search))
+
+
+def _reachable_dns(nic: NicPlan | None, nameservers: Sequence[str],
+                   search: Sequence[str]) -> tuple[Sequence[str], Sequence[str]]:
+    """The servers of the families ``nic`` is configured for (IPv4: DHCP or a static address;
+    IPv6: a static address).  NetworkManager refuses a whole connection whose ipv4 or ipv6
+    section lists DNS with method=disabled, which is what cloud-init 22.4 writes for a server of
+    the other family; nor could the NIC reach it.  Without any server left, the search domains
+    go too (cloud-init rejects them alone: check_dns_parameters)."""
+    if nic is None:
+        return (), ()
+    families = {4} if nic.dhcp4 or nic.address4 is not None else set()
+    families |= {6} if nic.address6 is not None else set()
+    kept = [a for a in nameservers if ipaddress.ip_address(a).version in families]
+    if len(kept) < len(nameservers):
+        dropped = [str(i) for i, a in enumerate(nameservers, 1) if a not in kept]
+        log.warning("dns_nameservers entries %s are not used: %s has no address of their IP version",
+                    ", ".join(dropped), nic.name)
+    if not kept and search:
+        log.warning("dns_search is not used: no server in dns_nameservers is reachable over %s", nic.name)
+        return (), ()
+    return kept, search
 
 
 # --- renderings --------------------------------------------------------------------------------
@@ -197,17 +236,37 @@ def render_v1(plan: NetworkPlan) -> dict[str, Any]:
                 static["gateway"] = str(gw)
             subnets.append(static)
         if p.dns and subnets:
-            # On the subnet rather than a global nameserver entry, which networkd would put on
-            # every link, the communication NIC's included.
-            if plan.nameservers:
-                subnets[0]["dns_nameservers"] = list(plan.nameservers)
-            if plan.search:
-                subnets[0]["dns_search"] = list(plan.search)
+            # On the subnet rather than only a global nameserver entry, which networkd would put
+            # on every link, the communication NIC's included, and NetworkManager ignores.
+            subnets[0].update(_dns_keys(plan))
         phy: dict[str, Any] = {"type": "physical", "name": p.name, "mac_address": p.mac, "subnets": subnets}
         if p.gateway6 is not None:
             phy["accept-ra"] = False
         config.append(phy)
+    if _dns_on_dhcp_only(plan):
+        # sysconfig and netplan take DNS from a static subnet only; for a DHCP NIC sysconfig
+        # writes the global entry into resolv.conf (and ENI onto lo, beside the subnet's lines).
+        config.append({"type": "nameserver", "address": list(plan.nameservers), **_search_key(plan)})
     return {"version": 1, "config": config}
+
+
+def _search_key(plan: NetworkPlan) -> dict[str, Any]:
+    return {"search": list(plan.search)} if plan.search else {}
+
+
+def _dns_keys(plan: NetworkPlan) -> dict[str, Any]:
+    keys: dict[str, Any] = {}
+    if plan.nameservers:
+        keys["dns_nameservers"] = list(plan.nameservers)
+    if plan.search:
+        keys["dns_search"] = list(plan.search)
+    return keys
+
+
+def _dns_on_dhcp_only(plan: NetworkPlan) -> bool:
+    """The DNS NIC has no static address, so a renderer that reads DNS only from static
+    subnets needs the global form too (cloud-init 22.4 accepts that form only with a server)."""
+    return bool(plan.nameservers) and any(p.dns and p.address4 is None and p.address6 is None for p in plan.nics)
 
 
 def render_network_data(plan: NetworkPlan) -> dict[str, Any]:
@@ -231,9 +290,14 @@ def render_network_data(plan: NetworkPlan) -> dict[str, Any]:
             if gw is not None:
                 entry["gateway"] = str(gw)
             entries.append(entry)
-        if p.dns and plan.search and entries:
-            entries[0]["dns_search"] = list(plan.search)
+        if p.dns and entries:
+            # On the network (cloud-init takes both keys into its subnet), so that they reach
+            # this NIC only; Nova's dns services, below, are global.
+            entries[0].update(_dns_keys(plan))
         for entry in entries:
             networks.append({"id": f"network{len(networks)}", "link": p.name, **entry})
-    services = [{"type": "dns", "address": a} for a in plan.nameservers]
+    services: list[dict[str, Any]] = []
+    if _dns_on_dhcp_only(plan):
+        services = [{"type": "dns", "address": a} for a in plan.nameservers]
+        services[0].update(_search_key(plan))  # cloud-init passes a service's keys on as they are
     return {"links": links, "networks": networks, "services": services}

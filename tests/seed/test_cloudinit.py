@@ -161,14 +161,15 @@ def test_nocloud_one_static_nic_with_keys_password_and_merged_cloud_config(
     assert iface["name"] == "eth0" and iface["mac_address"] == _mac(0)
     (subnet,) = iface["subnets"]
     assert (subnet["address"], subnet["prefix"], subnet["gateway"]) == ("192.0.2.10", 24, "192.0.2.1")
-    assert out["network"]["dns_nameservers"] == ["192.0.2.53", "2001:db8::53"]
+    # The IPv6 server is left out: eth0 has no IPv6 (NetworkManager would refuse the connection).
+    assert out["network"]["dns_nameservers"] == ["192.0.2.53"]
     assert out["network"]["dns_searchdomains"] == ["example.test"]
     eni = files_of(out, "etc/network/interfaces")
     assert "iface eth0 inet static" in eni and "address 192.0.2.10/24" in eni and "gateway 192.0.2.1" in eni
     assert "route add" not in eni  # the gateway is native ifupdown, not a net-tools post-up line
     networkd = files_of(out, "10-cloud-init-eth0.network")
     assert "MACAddress=aa:00:00:00:00:01" in networkd and "Address=192.0.2.10/24" in networkd
-    assert "Gateway=192.0.2.1" in networkd and "DNS=192.0.2.53 2001:db8::53" in networkd
+    assert "Gateway=192.0.2.1" in networkd and "DNS=192.0.2.53\n" in networkd
     assert 'ATTR{address}=="aa:00:00:00:00:01", NAME="eth0"' in files_of(out, "70-persistent-net.rules")
     sysconfig = files_of(out, "ifcfg-eth0")
     for line in ("IPADDR=192.0.2.10", "GATEWAY=192.0.2.1", "HWADDR=aa:00:00:00:00:01", "NETMASK=255.255.255.0"):
@@ -404,7 +405,9 @@ def test_configdrive_for_cloud_init(variants: Callable[[str], Variant],
     eni = files_of(out, "etc/network/interfaces")
     assert eni.count("gateway ") == 1 and "metric 1001" in eni and "metric 10000" in eni
     assert "dns-search example.test" in eni
-    assert out["network"]["dns_nameservers"] == ["192.0.2.53"]
+    # On eth0's subnet only: a global entry (Nova's dns services) would reach every NIC.
+    assert out["network"]["dns_nameservers"] == [] and eth0["dns_nameservers"] == ["192.0.2.53"]
+    assert "dns-nameservers 192.0.2.53" in eni
 
 
 def test_configdrive_opaque_user_data_uses_vendor_data(variants: Callable[[str], Variant],

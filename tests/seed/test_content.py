@@ -201,6 +201,20 @@ def test_verify_checks_parameters_against_the_variant(variants: Callable[[str], 
     run_verify(GanetiEnv(20, "cloudimage", "flamingo-test", 0, {"user_data": "#!/bin/sh\n"}), paths, ["parameters"])
 
 
+def test_verify_and_create_refuse_search_domains_without_a_server(variants: Callable[[str], Variant],
+                                                                   tmp_path: Path) -> None:
+    from instance_cloudimage.verbs.verify import run_verify
+
+    params = {"dns_search": "example.test"}
+    paths = Paths(tmp_path / "etc", tmp_path / "cache")
+    with pytest.raises(ParameterError, match="dns_search needs dns_nameservers"):
+        run_verify(GanetiEnv(20, "cloudimage", "debian-12", 0, params), paths, ["parameters"])
+    with pytest.raises(ParameterError, match="dns_search needs dns_nameservers"):
+        seed_input(genv(params), variants("debian-12"))
+    assert check_variant_parameters(params | {"network": "none"}, variants("debian-12")) == []
+    seed_input(genv(params | {"dns_nameservers": "192.0.2.53"}), variants("debian-12"))
+
+
 def test_configdrive_carries_the_instance_id(variants: Callable[[str], Variant]) -> None:
     inp = seed_input(genv(), variants("debian-12"))
     drive = build_configdrive(inp).files

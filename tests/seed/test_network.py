@@ -8,10 +8,12 @@ from typing import Any
 import pytest
 
 from instance_cloudimage.ganeti.env import Network, Nic
+from instance_cloudimage.runtime.errors import ParameterError
 from instance_cloudimage.seed.network import (
     COMMUNICATION_METRIC,
     SECONDARY_METRIC,
     NetworkPlan,
+    check_dns_parameters,
     eui64_address,
     plan_network,
     render_network_data,
@@ -188,7 +190,41 @@ def test_network_data_rendering() -> None:
         {"id": "eth1", "name": "eth1", "type": "phy", "ethernet_mac_address": "52:54:00:12:34:56"}]
     v4, v6, comm = nd["networks"]
     assert v4 == {"id": "network0", "link": "eth0", "type": "ipv4", "ip_address": "198.51.100.7",
-                  "netmask": "255.255.255.0", "gateway": "198.51.100.1", "dns_search": ["example.test"]}
+                  "netmask": "255.255.255.0", "gateway": "198.51.100.1", "dns_search": ["example.test"],
+                  "dns_nameservers": ["192.0.2.53", "2001:db8::53"]}
     assert v6["type"] == "ipv6" and v6["gateway"] == "2001:db8:1::1" and v6["netmask"] == "ffff:ffff:ffff:ffff::"
     assert comm == {"id": "network2", "link": "eth1", "type": "ipv4_dhcp", "metric": COMMUNICATION_METRIC}
-    assert nd["services"] == [{"type": "dns", "address": "192.0.2.53"}, {"type": "dns", "address": "2001:db8::53"}]
+    assert nd["services"] == []  # global: it would reach the communication NIC too
+
+
+def test_dns_on_a_dhcp_only_nic_is_also_global_in_v1_and_network_data() -> None:
+    """sysconfig and netplan read DNS from static subnets only; the global form (which cloud-init
+    22.4 accepts only with a server) reaches resolv.conf on RHEL."""
+    plan = _plan([nic(0), comm_nic(1)], nameservers=["192.0.2.53"], search=["example.test"])
+    cfg = render_v1(plan)["config"]
+    assert cfg[0]["subnets"] == [{"type": "dhcp4", "dns_nameservers": ["192.0.2.53"], "dns_search": ["example.test"]}]
+    assert cfg[-1] == {"type": "nameserver", "address": ["192.0.2.53"], "search": ["example.test"]}
+    nd = render_network_data(plan)
+    assert nd["networks"][0]["dns_nameservers"] == ["192.0.2.53"]
+    assert nd["services"] == [{"type": "dns", "address": "192.0.2.53", "search": ["example.test"]}]
+    static = _plan([nic(0, "192.0.2.10", PUB)], nameservers=["192.0.2.53"])
+    assert [c["type"] for c in render_v1(static)["config"]] == ["physical"]
+
+
+def test_dns_servers_of_an_ip_version_the_dns_nic_lacks_are_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    v4_only = _plan([nic(0, "192.0.2.10", PUB)], nameservers=["2001:db8::53", "192.0.2.53"], search=["ex"])
+    assert v4_only.nameservers == ("192.0.2.53",) and v4_only.search == ("ex",)
+    assert "entries 1 are not used: eth0" in caplog.text and "2001:db8" not in caplog.text  # no values logged
+    v6_only = _plan([nic(0, "2001:db8:2::42", V6ONLY)], nameservers=["192.0.2.53"], search=["ex"])
+    assert (v6_only.nameservers, v6_only.search) == ((), ())
+    assert not any(p.dns for p in v6_only.nics) and "nameservers" not in render_v2(v6_only)["ethernets"]["eth0"]
+    dual = _plan([nic(0, "198.51.100.7", DUAL)], nameservers=["2001:db8::53", "192.0.2.53"])
+    assert dual.nameservers == ("2001:db8::53", "192.0.2.53")
+
+
+@pytest.mark.parametrize("mode", ["auto", "dhcp"])
+def test_search_domains_without_a_server_are_refused(mode: str) -> None:
+    with pytest.raises(ParameterError, match="dns_search needs dns_nameservers"):
+        check_dns_parameters(mode, (), ("example.test",))
+    check_dns_parameters("none", (), ("example.test",))  # nothing is written
+    check_dns_parameters(mode, ("192.0.2.53",), ("example.test",))
