@@ -168,7 +168,8 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("dns_search", "DNS search domains for the guest, separated by spaces or commas", check_search),
     Parameter("network", "Guest network: auto (static from the NIC's Ganeti network, else DHCP), dhcp or none",
               check_network),
-    Parameter("seed", "Seed delivery: auto, nocloud-fs, nocloud-disk, configdrive-disk or none", check_seed),
+    Parameter("seed", "Seed delivery: auto, nocloud-fs, nocloud-disk, configdrive-disk, nocloud-partition, "
+              "configdrive-partition or none", check_seed),
     Parameter("keep_instance_id", "Import only: keep the seed's instance-id when new NICs change its network "
               "configuration, so cloud-init does not redo its first boot: yes or no (default: the site's "
               "[Import] KeepInstanceId, no)", check_keep_instance_id),
