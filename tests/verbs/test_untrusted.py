@@ -5,11 +5,9 @@ around by the real growpart, and updated by import (new MACs) and rename."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -91,28 +89,6 @@ def kernel_fs_use(log: Path) -> list[str]:
     return found
 
 
-def seed_partition(disk: Path) -> tuple[int, int, str]:
-    """(offset, size, label) of the FAT seed partition on ``disk``."""
-    table = json.loads(gi.sh("sfdisk", "--json", os.fspath(disk)))["partitiontable"]
-    for p in table["partitions"]:
-        probe = gi.sh("blkid", "-p", "-o", "export", "-O", str(p["start"] * 512), os.fspath(disk))
-        fields = dict(line.split("=", 1) for line in probe.splitlines() if "=" in line)
-        if fields.get("TYPE") == "vfat" and fields.get("LABEL") in ("CIDATA", "config-2"):
-            return p["start"] * 512, p["size"] * 512, fields["LABEL"]
-    raise AssertionError(f"no seed partition on {disk}: {table}")
-
-
-def read_partition(disk: Path, kind: str) -> dict[str, Any]:
-    """What Debian's cloud-init reads from the seed partition (its files copied out with mtools)."""
-    offset, _, _ = seed_partition(disk)
-    with tempfile.TemporaryDirectory() as tmp:
-        dest = Path(tmp) / "seed"
-        dest.mkdir()
-        gi.sh("mcopy", "-s", "-n", "-i", f"{disk}@@{offset}", "::/*", os.fspath(dest),
-              env={"MTOOLS_SKIP_CHECK": "1"})
-        return dh.run_reader(kind, dest)
-
-
 def create(os_dir: Path, tmp_path: Path, image: Path, disks: list[Path], **params: str) -> tuple[int, str, list[str]]:
     env = dh.environ(disks, params={"image": os.fspath(image), "ssh_authorized_keys": dh.KEY,
                                     "user_data": USER_DATA, **params}, nics=1)
@@ -132,10 +108,10 @@ def test_untrusted_create_import_and_rename_never_mount(tmp_path: Path, site: tu
     assert used == [], "\n".join(used)
     assert "image trust: untrusted (named by the image parameter); its filesystems are never mounted" in err
     assert "seed delivery: nocloud-partition" in err
-    offset, size, fs_label = seed_partition(disk)
+    offset, size, fs_label = dh.seed_partition_of(disk)
     assert fs_label == "CIDATA" and offset + size <= 320 * M and 320 * M - (offset + size) < 2 * M
 
-    seen = read_partition(disk, "nocloud")
+    seen = dh.read_seed_partition(disk, "nocloud")
     assert seen["claimed"] and seen["fqdn"] == "vm1.example.org" and seen["hostname"] == "vm1"
     assert seen["public_keys"] == [dh.KEY]
     assert seen["merged"]["runcmd"] == [["touch", "/root/untrusted-ok"]]
@@ -155,7 +131,7 @@ def test_untrusted_create_import_and_rename_never_mount(tmp_path: Path, site: tu
     assert proc.returncode == 0, proc.stderr
     assert kernel_fs_use(tmp_path / "import.strace") == []
     assert f"network configuration now for MAC {NEW_MAC}" in proc.stderr
-    after = read_partition(imported, "nocloud")
+    after = dh.read_seed_partition(imported, "nocloud")
     assert [i["mac_address"] for i in after["network"]["interfaces"]] == [NEW_MAC]
     assert after["instance_id"] == NEW_UUID and after["public_keys"] == [dh.KEY]
     assert after["userdata_raw"] == seen["userdata_raw"]
@@ -169,14 +145,14 @@ def test_untrusted_create_import_and_rename_never_mount(tmp_path: Path, site: tu
     proc = traced([os.fspath(os_dir / "rename")], env, tmp_path / "rename.strace", os_dir)
     assert proc.returncode == 0, proc.stderr
     assert kernel_fs_use(tmp_path / "rename.strace") == []
-    renamed = read_partition(imported, "nocloud")
+    renamed = dh.read_seed_partition(imported, "nocloud")
     assert renamed["fqdn"] == "vm2.example.org" and renamed["instance_id"] == NEW_UUID
     assert "disk 0: 1 seed file(s) now carry the name vm2.example.org" in proc.stderr
 
     # cloud-init's growpart at first boot: the root grows right up to the seed partition.
     gi.sh("growpart", os.fspath(imported), "1")
     root = gi.partition_offsets(imported)[1]
-    assert root[0] + root[1] == seed_partition(imported)[0]
+    assert root[0] + root[1] == dh.seed_partition_of(imported)[0]
 
 
 def test_config_drive_partition_is_read_by_cloud_init(tmp_path: Path, site: tuple[Path, Path, Path]) -> None:
@@ -185,8 +161,8 @@ def test_config_drive_partition_is_read_by_cloud_init(tmp_path: Path, site: tupl
     disk = gi.blank(tmp_path / "disk0.img", 256)
     rc, err, used = create(os_dir, tmp_path, image, [disk], seed="configdrive-partition")
     assert rc == 0 and used == [], err
-    assert seed_partition(disk)[2] == "config-2"
-    seen = read_partition(disk, "configdrive")
+    assert dh.seed_partition_of(disk)[2] == "config-2"
+    seen = dh.read_seed_partition(disk, "configdrive")
     assert seen["claimed"] and seen["dsname"] == "ConfigDrive" and seen["fqdn"] == "vm1.example.org"
     assert seen["public_keys"] == [dh.KEY]
     assert seen["merged"]["runcmd"] == [["touch", "/root/untrusted-ok"]]
