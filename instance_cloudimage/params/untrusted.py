@@ -2,8 +2,9 @@
 
 verify and create refuse them with one line each, before anything is fetched (docs/images.md,
 "Image trust"): a flamingo variant (configured inside the guest filesystem), ``seed=nocloud-fs``
-and ``grow_root=yes`` given as parameters.  A variant's own ``GrowRoot = yes`` is not refused:
-create then leaves the growth to cloud-init at first boot.
+and ``grow_root=yes`` given as parameters.  A variant's own ``GrowRoot = yes`` or ``Seed =
+nocloud-fs`` is not refused: create leaves the growth to cloud-init at first boot and seeds as
+``auto`` does for an untrusted image.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from instance_cloudimage.ganeti.variants import Variant
 from instance_cloudimage.runtime.errors import ParameterError
 from instance_cloudimage.runtime.settings import parse_bool
 from instance_cloudimage.runtime.siteconfig import SiteConfig
-from instance_cloudimage.seed.values import requested_delivery, unseeded_reason
+from instance_cloudimage.seed.values import unseeded_reason
 from instance_cloudimage.sources.trust import trust_of_parameters
 
 SITE_HINT = ("or have the site trust the image ([Images] TrustedDirectories) or allow mounting it "
@@ -30,11 +31,7 @@ def untrusted_problems(params: Mapping[str, str], variant: Variant, site: SiteCo
         problems.append(f"variant {variant.name} uses flamingo, which can only be configured inside the image's "
                         "filesystem, and this node never mounts an image named by the image parameter; use a "
                         f"cloud-init variant, {SITE_HINT}")
-    try:
-        seed = requested_delivery(params, variant)
-    except ParameterError:
-        seed = "auto"  # the parameter check reports it
-    if seed == "nocloud-fs":
+    if (params.get("seed") or "").strip() == "nocloud-fs":  # a variant's Seed = nocloud-fs becomes auto
         problems.append("seed=nocloud-fs writes into the image's filesystem, which this node never mounts for an "
                         f"image named by the image parameter; use seed=auto (a seed partition or disk 1), {SITE_HINT}")
     try:

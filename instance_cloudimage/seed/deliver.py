@@ -145,6 +145,8 @@ def plan_delivery(instance: Instance, variant: Variant, params: Mapping[str, str
 
     ``may_mount``: whether the node may mount the image's filesystems (sources/trust.py)."""
     requested = requested_delivery(params, variant)
+    if requested == "nocloud-fs" and not may_mount and not (params.get("seed") or "").strip():
+        requested = "auto"  # the variant's default; only a seed=nocloud-fs parameter is refused
     flamingo = variant.agent == "flamingo"
     second = _second_disk(instance)
     reinstall = instance.reinstall

@@ -84,6 +84,8 @@ def test_untrusted_refuses_what_writes_into_the_guest(tmp_path: Path, no_probe: 
         plan(tmp_path, 2, agent="flamingo", may_mount=False)
     assert plan(tmp_path, 1, may_mount=False, seed="configdrive-partition").delivery == "configdrive-partition"
     assert plan(tmp_path, 1, may_mount=False, seed="none").delivery == "none"
+    # A variant's Seed = nocloud-fs is its default for trusted images, not a request: auto.
+    assert plan(tmp_path, 1, may_mount=False, vseed="nocloud-fs").delivery == "nocloud-partition"
 
 
 def test_auto_cloud_init_seeds_the_guest_fs(tmp_path: Path, seams: dict[str, object]) -> None:
