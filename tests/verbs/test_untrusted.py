@@ -235,3 +235,21 @@ def test_a_trusted_directory_keeps_todays_behaviour(tmp_path: Path, site: tuple[
     assert "seed delivery: nocloud-fs (cloud-init agent)" in proc.stderr
     assert dh.read_nocloud_in_guest(disk)["fqdn"] == "vm1.example.org"
     assert len(gi.partition_offsets(disk)) == 1
+
+
+def test_mount_untrusted_gives_back_todays_behaviour(tmp_path: Path, site: tuple[Path, Path, Path]) -> None:
+    etc, os_dir, images = site
+    conf = etc / "defaults.conf"
+    saved = conf.read_text()
+    conf.write_text(saved + "MountUntrusted = yes\n")
+    try:
+        image = make_image(images, "dos", "ext4")
+        disk = gi.blank(tmp_path / "disk0.img", 256)
+        env = dh.environ([disk], params={"image": os.fspath(image)}, nics=1)
+        proc = subprocess.run([os_dir / "create"], env=env, cwd=os_dir, capture_output=True, text=True, check=False)
+    finally:
+        conf.write_text(saved)
+    assert proc.returncode == 0, proc.stderr
+    assert "image trust: untrusted (named by the image parameter); mounted all the same" in proc.stderr
+    assert "seed delivery: nocloud-fs (cloud-init agent)" in proc.stderr
+    assert dh.read_nocloud_in_guest(disk)["fqdn"] == "vm1.example.org"
