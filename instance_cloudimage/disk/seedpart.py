@@ -134,10 +134,11 @@ def gpt_problems(disk_path: str) -> str | None:
     text = proc.stdout.decode(errors="replace")
     if proc.returncode == 0 and "No problems found" in text:
         return None
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(("Warning", "and the",
-                                                                                          "This is", "but is",
-                                                                                          "Using"))]
-    return lines[0] if lines else f"sgdisk -v exited with {proc.returncode}"
+    # Its report: paragraphs starting "Problem:" (warnings and cautions are no problems), then a
+    # count; a table it cannot read at all only exits non-zero.
+    lines = [ln.strip() for ln in text.splitlines()]
+    found = [ln for ln in lines if ln.startswith("Problem:")] or [ln for ln in lines if "problem" in ln.lower()]
+    return found[0] if found else f"sgdisk -v exited with {proc.returncode}"
 
 
 def add_seed_partition(disk_path: str, size: int = SEED_PARTITION_SIZE) -> Partition:
