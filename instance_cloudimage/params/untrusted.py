@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from instance_cloudimage.ganeti.variants import Variant
-from instance_cloudimage.runtime.errors import ParameterError
 from instance_cloudimage.runtime.settings import parse_bool
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.seed.values import unseeded_reason
