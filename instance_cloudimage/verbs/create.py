@@ -34,7 +34,7 @@ from instance_cloudimage.runtime.log import complete_step, format_size
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.seed.values import guest_mount_reason, unseeded_reason
 from instance_cloudimage.sources.fetch import ImageRef, open_image, resolve_image
-from instance_cloudimage.sources.trust import ImageTrust, decide_trust
+from instance_cloudimage.sources.trust import ImageTrust, decide_trust, trust_of_parameters
 
 # seeddata and seed are imported where used: they bring PyYAML, which a create without a seed
 # never needs.
@@ -129,10 +129,14 @@ def check_privileges(ctx: CreateContext, plan: HookPlan) -> None:
     """
     if os.geteuid() == 0:
         return
-    reasons = [why] if (why := guest_mount_reason(ctx.genv.params, ctx.variant)) else []
-    if grow_requested(ctx.genv.params, ctx.variant):
+    # An untrusted image is never mounted: its seed goes into a partition or onto disk 1, which
+    # needs no root, it is not grown here, and post-write hooks get no TARGET.
+    mounts = trust_of_parameters(ctx.genv.params, ctx.site).may_mount
+    why = guest_mount_reason(ctx.genv.params, ctx.variant) if mounts else None
+    reasons = [why] if why else []
+    if mounts and grow_requested(ctx.genv.params, ctx.variant):
         reasons.append("grow_root grows the root filesystem")
-    if plan.for_phase(Phase.POST_WRITE):
+    if mounts and plan.for_phase(Phase.POST_WRITE):
         reasons.append("the post-write hooks get the guest's filesystem mounted")
     if reasons:
         raise EnvironmentError_(f"not running as root, and this create mounts the guest's filesystem "
