@@ -157,7 +157,11 @@ def find_seed(path: str, index: int, arch: str, *, may_mount: bool = True) -> Fo
         return FoundSeed(kind, f"the {label} filesystem", files, label=label)
     if index != 0:
         return None
-    part = find_partition_seed(path)
+    try:
+        part = find_partition_seed(path)
+    except SeedError as e:  # an unreadable table: no seed of ours either, as below
+        log.debug("disk 0 has no seed partition to look into: %s", e)
+        part = None
     if part is not None:
         return read_partition_seed(path, part)
     if not may_mount:
