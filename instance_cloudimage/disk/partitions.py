@@ -13,6 +13,7 @@ bounds-checked against the disk's size and only describes byte ranges of that di
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ NOT_ROOT_TYPES = {ESP, XBOOTLDR, BIOS_BOOT, VAR, VAR_TMP, HOME, SRV, SWAP, LVM}
 MBR_LINUX = "83"
 MBR_EXTENDED = {"5", "f", "85"}
 MBR_NOT_ROOT = {"ef", "82", "8e"}
+GPT_ENTRIES = 128  # the table length sfdisk does not name
 
 LINUX_FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs", "btrfs")
 # Labels that distribution cloud images give their root filesystem.
@@ -92,6 +94,8 @@ class PartitionTable:
     disk_size: int
     partitions: tuple[Partition, ...]
     last_lba: int | None = None  # GPT: last usable sector as the table records it
+    first_lba: int | None = None  # GPT: first usable sector
+    table_length: int | None = None  # GPT: entries the table holds (sfdisk names it only when not 128)
 
     def get(self, number: int) -> Partition:
         for p in self.partitions:
@@ -155,8 +159,10 @@ def _parse_sfdisk(data: dict[str, Any], disk_size: int) -> PartitionTable:
                                type=str(raw.get("type", "")).upper() if pt.get("label") == "gpt"
                                else str(raw.get("type", "")).lower()))
     last_lba = int(pt["lastlba"]) if "lastlba" in pt else None
+    first_lba = int(pt["firstlba"]) if "firstlba" in pt else None
+    length = int(pt.get("table-length", GPT_ENTRIES)) if pt.get("label") == "gpt" else None
     return PartitionTable(label=str(pt.get("label", "")), sector_size=sector, disk_size=disk_size,
-                          partitions=tuple(parts), last_lba=last_lba)
+                          partitions=tuple(parts), last_lba=last_lba, first_lba=first_lba, table_length=length)
 
 
 def read_partition_table(path: str) -> PartitionTable:
@@ -184,7 +190,7 @@ def read_partition_table(path: str) -> PartitionTable:
             continue
         fs = probe_filesystem(path, p.start, p.size)
         probed.append(Partition(p.number, p.start, p.size, p.type, fs.get("TYPE"), fs.get("LABEL")))
-    return PartitionTable(table.label, table.sector_size, disk_size, tuple(probed), table.last_lba)
+    return dataclasses.replace(table, partitions=tuple(probed))
 
 
 def _is_linux_fs(p: Partition) -> bool:

@@ -32,7 +32,8 @@ from instance_cloudimage.runtime.siteconfig import Paths
 VARIANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 CHECKSUM_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 AGENTS = ("cloud-init", "flamingo", "none")
-SEEDS = ("auto", "nocloud-fs", "nocloud-disk", "configdrive-disk", "none")
+SEEDS = ("auto", "nocloud-fs", "nocloud-disk", "configdrive-disk", "nocloud-partition", "configdrive-partition",
+         "none")
 
 
 def parse_checksum(value: str) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from instance_cloudimage.ganeti.variants import Variant, host_architecture, load_variant
 from instance_cloudimage.params.table import validate_parameters
+from instance_cloudimage.params.untrusted import untrusted_problems
 from instance_cloudimage.runtime.errors import UserError
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.sources.urlpolicy import check_plain_http
@@ -40,7 +41,7 @@ def check_request(params: Mapping[str, str], variant_name: str, site: SiteConfig
             variant.image_for(request_architecture(params))
     except UserError as e:
         problems.append(str(e))
-    return variant, problems
+    return variant, problems + untrusted_problems(params, variant, site)
 
 
 def request_architecture(params: Mapping[str, str]) -> str:

@@ -176,7 +176,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               "(needs dns_nameservers)", check_search),
     Parameter("network", "Guest network: auto (static from the NIC's Ganeti network, else DHCP), dhcp or none",
               check_network),
-    Parameter("seed", "Seed delivery: auto, nocloud-fs, nocloud-disk, configdrive-disk or none", check_seed),
+    Parameter("seed", "Seed delivery: auto, nocloud-fs, nocloud-disk, configdrive-disk, nocloud-partition, "
+              "configdrive-partition or none", check_seed),
     Parameter("metad_refresh", "cloud-init guests with the instance-communication NIC apply metad's current "
               "ssh_authorized_keys and hostname at every boot: yes or no (default: the site's [Seed] MetadRefresh, "
               "yes)", check_metad_refresh),

@@ -83,6 +83,15 @@ SITE_SETTINGS = (
             "address ranges the image parameter may reach, e.g. 10.1.0.0/16"),
     Setting("Images", "AllowPlainHTTP", "allow_plain_http", parse_bool, False,
             "accept http:// in the image parameter without an image_checksum"),
+    Setting("Images", "TrustedDirectories", "trusted_dirs", parse_list, (),
+            "local image files inside these directories are trusted even when the image parameter names "
+            "them (they must also be inside AllowedDirectories)"),
+    Setting("Images", "TrustImageParameter", "trust_image_parameter", parse_bool, False,
+            "trust every image the image parameter names (only where everyone who may add instances is an "
+            "administrator)"),
+    Setting("Images", "MountUntrusted", "mount_untrusted", parse_bool, False,
+            "let the node's kernel mount untrusted images' filesystems (nocloud-fs, host growth, TARGET for "
+            "post-write hooks, flamingo, re-seeding in the guest)"),
     Setting("Images", "MaxDownloadSize", "max_download_size", parse_size, 64 * 1024**3,
             "largest image file that is downloaded"),
     Setting("HTTP", "CABundle", "ca_bundle", parse_str, None, "extra CA bundle for TLS verification"),

@@ -97,11 +97,14 @@ def dispatch(script: Script, genv: GanetiEnv, paths: Paths, argv: Sequence[str])
         run_export(genv, site)
     elif script is Script.IMPORT:
         from instance_cloudimage.seed.reseed import reseed_imported_disk
+        from instance_cloudimage.sources.trust import trust_of_parameters
         from instance_cloudimage.verbs.import_disk import run_import
 
         # Only once the disk's data is complete, and before a URI-only disk's staging file is
-        # copied out, so the new seed reaches that disk too.
-        run_import(genv, site, after_write=lambda path: reseed_imported_disk(genv, site, path))
+        # copied out, so the new seed reaches that disk too.  An untrusted image's filesystem is
+        # never mounted: only a seed partition or seed disk is rewritten.
+        may_mount = trust_of_parameters(genv.params, site).may_mount
+        run_import(genv, site, after_write=lambda path: reseed_imported_disk(genv, site, path, may_mount=may_mount))
     elif script is Script.RENAME:
         from instance_cloudimage.verbs.rename import run_rename
 

@@ -6,12 +6,17 @@ decides where it goes:
 - ``nocloud-fs``: ``/var/lib/cloud/seed/nocloud/`` inside the guest's root (or /var) filesystem;
 - ``nocloud-disk``: a vfat ``cidata`` filesystem on disk 1, the guest's filesystem untouched;
 - ``configdrive-disk``: a vfat ``config-2`` drive on disk 1 with ``latest`` and ``2012-08-10``;
+- ``nocloud-partition`` / ``configdrive-partition``: the same filesystem, labelled ``CIDATA`` or
+  ``config-2``, in a small partition added at the end of disk 0 (disk/seedpart.py), built in
+  userspace: what an untrusted image gets, since its filesystems are never mounted;
 - ``none``.
 
 The ``seed`` OS parameter chooses, else the variant's ``Seed``, else ``auto``: cloud-init gets
 ``nocloud-fs`` (``nocloud-disk`` when the image has no Linux filesystem we can mount and disk 1 is
 free), flamingo gets ``configdrive-disk`` plus what it would apply written into the guest (see
-seed/flamingo.py for why), an agent ``none`` gets nothing.
+seed/flamingo.py for why), an agent ``none`` gets nothing.  For an image the node may not mount
+(sources/trust.py) cloud-init gets ``nocloud-disk`` when disk 1 is free, else ``nocloud-partition``;
+anything that writes into the guest filesystem is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from instance_cloudimage.seed.configdrive import build_configdrive
 from instance_cloudimage.seed.content import build_nocloud, seed_input
 from instance_cloudimage.seed.drive import CIDATA, CONFIG_2, describe_disk_content, seed_label_of, write_seed_disk
 from instance_cloudimage.seed.flamingo import apply_flamingo_settings
+from instance_cloudimage.seed.partition import write_seed_partition
 from instance_cloudimage.seed.values import requested_delivery, unseeded_reason
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,12 @@ log = logging.getLogger(__name__)
 NOCLOUD_PARENT = "var/lib"  # exists in any image; created 0755 if not
 NOCLOUD_SUBDIR = "cloud/seed/nocloud"  # ours: created 0700, root
 NOCLOUD_NAMES = ("meta-data", "user-data", "network-config", "vendor-data")
+PARTITION_DELIVERIES = ("nocloud-partition", "configdrive-partition")
+CIDATA_PARTITION = CIDATA.upper()  # a FAT label as FAT keeps it; cloud-init looks for both spellings
+FLAMINGO_HINT = ("use a cloud-init variant for this image, or have the site trust the image ([Images] "
+                 "TrustedDirectories) or allow mounting it ([Images] MountUntrusted)")
+UNTRUSTED_HINT = ("seed=auto puts the seed into a partition at the end of disk 0 or onto disk 1; or the site "
+                  "trusts the image ([Images] TrustedDirectories) or allows mounting it ([Images] MountUntrusted)")
 # Gives a URI-only disk a local path (staging.StagedDisks.local); called only for a disk the seed may use.
 LocalDisk = Callable[[Disk], Disk]
 
@@ -57,7 +69,7 @@ def nocloud_dir(root: str | os.PathLike[str], *, create: bool = False) -> Iterat
 
 @dataclass(frozen=True)
 class SeedPlan:
-    delivery: str  # nocloud-fs | nocloud-disk | configdrive-disk | none
+    delivery: str  # nocloud-fs | nocloud-disk | configdrive-disk | nocloud-partition | configdrive-partition | none
     seed_disk: Disk | None = None
     flamingo: bool = False  # also apply hostname, keys and user-data in the guest (seed/flamingo.py)
     reason: str = ""
@@ -104,22 +116,55 @@ def probe_layout(disk_path: str, arch: str) -> GuestLayout | SeedError:
         return e
 
 
+def check_mountable(variant: Variant, requested: str, may_mount: bool) -> None:
+    """Refuse a delivery that writes into the guest filesystem of an image the node may not mount."""
+    if may_mount:
+        return
+    if variant.agent == "flamingo":
+        raise SeedError("a flamingo variant is configured inside the image's filesystem, which this node never "
+                        "mounts for an untrusted image", FLAMINGO_HINT)
+    if requested == "nocloud-fs":
+        raise SeedError("seed=nocloud-fs writes into the image's filesystem, which this node never mounts for an "
+                        "untrusted image", UNTRUSTED_HINT)
+
+
+def plan_untrusted(second: Disk | None, reinstall: bool, local: LocalDisk | None) -> SeedPlan:
+    """``auto`` for cloud-init on an image the node may not mount: a free disk 1, else a seed partition."""
+    if second is not None:
+        try:
+            disk = check_seed_disk(second, "nocloud-disk", explicit=False, reinstall=reinstall, local=local)
+        except SeedError as e:
+            log.info("disk 1 cannot hold the seed (%s); using a seed partition on disk 0", e.message)
+        else:
+            return SeedPlan("nocloud-disk", disk, reason="untrusted image, disk 1 is free")
+    return SeedPlan("nocloud-partition", reason="untrusted image: its filesystem is not mounted")
+
+
 def plan_delivery(instance: Instance, variant: Variant, params: Mapping[str, str], disk_path: str,
-                  arch: str, local: LocalDisk | None = None) -> SeedPlan:
-    """Resolve ``auto`` and check that the chosen delivery can work.  Raises SeedError/ParameterError."""
+                  arch: str, local: LocalDisk | None = None, *, may_mount: bool = True) -> SeedPlan:
+    """Resolve ``auto`` and check that the chosen delivery can work.  Raises SeedError/ParameterError.
+
+    ``may_mount``: whether the node may mount the image's filesystems (sources/trust.py)."""
     requested = requested_delivery(params, variant)
+    if requested == "nocloud-fs" and not may_mount and not (params.get("seed") or "").strip():
+        requested = "auto"  # the variant's default; only a seed=nocloud-fs parameter is refused
     flamingo = variant.agent == "flamingo"
     second = _second_disk(instance)
     reinstall = instance.reinstall
     unseeded = unseeded_reason(params, variant)
     if unseeded is not None:
         return SeedPlan("none", reason=unseeded)
+    check_mountable(variant, requested, may_mount)
     if requested in ("nocloud-disk", "configdrive-disk"):
         return SeedPlan(requested, check_seed_disk(second, requested, explicit=True, reinstall=reinstall,
                                                    local=local),
                         flamingo, reason="asked for")
+    if requested in PARTITION_DELIVERIES:
+        return SeedPlan(requested, None, flamingo, reason="asked for")
     if requested == "nocloud-fs":
         return SeedPlan("nocloud-fs", None, flamingo, reason="asked for")
+    if not may_mount:
+        return plan_untrusted(second, reinstall, local)
     # auto
     if flamingo:
         try:
@@ -160,7 +205,8 @@ def write_nocloud_dir(root: Path, files: Mapping[str, bytes]) -> None:
 
 
 def deliver_seed(genv: GanetiEnv, variant: Variant, disk_path: str, arch: str, stack: ExitStack,
-                 local: LocalDisk | None = None, site: SiteConfig | None = None) -> SeedPlan:
+                 local: LocalDisk | None = None, site: SiteConfig | None = None, *,
+                 may_mount: bool = True) -> SeedPlan:
     """Write the seed for ``genv``'s instance after the image is on disk 0 (``disk_path``); return what was done.
 
     ``local`` gives a URI-only disk a local file (the create's staging), copied in when the seed
@@ -170,19 +216,25 @@ def deliver_seed(genv: GanetiEnv, variant: Variant, disk_path: str, arch: str, s
     next step mounts it again: two mounts of one ext4 through two loop devices would corrupt it).
     Raises SeedError, UnsafeImage or ParameterError.
     """
-    plan = plan_delivery(genv.require_instance(), variant, genv.params, disk_path, arch, local)
+    plan = plan_delivery(genv.require_instance(), variant, genv.params, disk_path, arch, local,
+                         may_mount=may_mount)
     log.info("seed delivery: %s (%s)", plan.delivery, plan.reason)
     if plan.delivery == "none" and not plan.flamingo:
         return plan
     # One input for everything written: on reinstall each call would draw a new instance-id.
     inp = seed_input(genv, variant, site=site)
     nocloud = dict(build_nocloud(inp).files) if plan.delivery.startswith("nocloud") else {}
-    configdrive = dict(build_configdrive(inp).files) if plan.delivery == "configdrive-disk" or plan.flamingo else {}
+    configdrive = dict(build_configdrive(inp).files) if plan.delivery.startswith("configdrive") or plan.flamingo \
+        else {}
     if plan.seed_disk is not None:
         if plan.delivery == "nocloud-disk":
             write_seed_disk(plan.seed_disk, CIDATA, nocloud)
         else:
             write_seed_disk(plan.seed_disk, CONFIG_2, configdrive)
+    elif plan.delivery == "nocloud-partition":
+        write_seed_partition(disk_path, CIDATA_PARTITION, nocloud)
+    elif plan.delivery == "configdrive-partition":
+        write_seed_partition(disk_path, CONFIG_2, configdrive)
     if plan.delivery == "nocloud-fs" or plan.flamingo:
         with ExitStack() as mounts:
             try:

@@ -102,6 +102,20 @@ def write_seed_disk(disk: Disk, label: str, files: Mapping[str, bytes]) -> None:
     log.info("wrote a %s seed (%d files) onto disk %d", label, len(files), disk.index)
 
 
+def make_fat_file(path: str, label: str, files: Mapping[str, bytes], size: int) -> None:
+    """Build a FAT filesystem of ``size`` bytes labelled ``label`` in the new file ``path``, holding
+    ``files``: mkfs.vfat and mtools only, in userspace (a seed partition's bytes)."""
+    if needed_size(files) > size:
+        raise SeedError(f"the seed needs {format_size(needed_size(files))}, more than the "
+                        f"{format_size(size)} seed partition holds")
+    try:
+        # -C: make the file; the size is counted in KiB blocks.
+        run(["mkfs.vfat", "-C", "-n", label, path, str(size // 1024)])
+    except CommandError as e:
+        raise SeedError(f"cannot make the {label} filesystem: {e}") from None
+    copy_into_fat(path, files)
+
+
 def copy_into_fat(image: str, files: Mapping[str, bytes]) -> None:
     """Copy ``files`` into the FAT on ``image`` with mtools, replacing existing ones."""
     # Security: seed files hold password hashes and user-data; stage them privately.

@@ -6,7 +6,8 @@ values equal to the old name change: ``local-hostname``/``hostname`` in meta-dat
 ``name`` in meta_data.json, top-level ``hostname:``/``fqdn:`` in cloud-config user-data (plain or
 inside MIME parts), and a guest ``/etc/hostname`` holding exactly the old name (flamingo images).
 Nothing here fails the job: Ganeti treats a failed rename as a warning anyway, and a hostname is
-cosmetic next to the instance's data.
+cosmetic next to the instance's data.  A seed partition on disk 0 is edited through a private copy
+(seed/partition.py); the guest filesystem of an image the node may not mount is left alone.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import yaml
 
 from instance_cloudimage.disk.guestfiles import guest_dir, read_guest_file, write_guest_file
 from instance_cloudimage.disk.mount import mount_guest_root
-from instance_cloudimage.disk.partitions import GuestLayout, find_guest_layout
+from instance_cloudimage.disk.partitions import GuestLayout, Partition, find_guest_layout
 from instance_cloudimage.ganeti.env import GanetiEnv
 from instance_cloudimage.ganeti.variants import host_architecture
 from instance_cloudimage.runtime.errors import CloudImageError
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.seed.deliver import NOCLOUD_NAMES, nocloud_dir
 from instance_cloudimage.seed.drive import copy_into_fat, read_from_fat, seed_label_of
+from instance_cloudimage.seed.partition import edit_partition, find_partition_seed
 from instance_cloudimage.seed.userdata import cloud_config_parts, load_guest_mapping
 
 log = logging.getLogger(__name__)
@@ -202,8 +204,31 @@ def rename_guest(disk_path: str, arch: str, rename: Renamer, *, edit_hostname: b
     return count
 
 
-def rename_seeds(genv: GanetiEnv, site: SiteConfig | None = None) -> None:
-    """Put the new instance name into every seed found; warn (never raise) on a disk's problem."""
+def rename_partition_seed(disk_path: str, part: Partition, rename: Renamer) -> int:
+    counts: list[int] = []
+
+    def edit(image: str) -> bool:
+        counts.append(rename_seed_disk(image, part.label or "", rename))
+        return counts[0] > 0
+
+    edit_partition(disk_path, part, edit)
+    return counts[0]
+
+
+def rename_disk0(disk_path: str, arch: str, rename: Renamer, *, may_mount: bool) -> int:
+    """Rename in disk 0's seed partition, and in its guest filesystem when the node may mount it."""
+    part = find_partition_seed(disk_path)
+    count = 0 if part is None else rename_partition_seed(disk_path, part, rename)
+    if may_mount:
+        count += rename_guest(disk_path, arch, rename)
+    elif part is None:
+        log.info("disk 0 has no seed partition, and the guest filesystem of an untrusted image is never mounted")
+    return count
+
+
+def rename_seeds(genv: GanetiEnv, site: SiteConfig | None = None, *, may_mount: bool = True) -> None:
+    """Put the new instance name into every seed found; warn (never raise) on a disk's problem.
+    ``may_mount``: whether the node may mount the instance's image (sources/trust.py)."""
     instance = genv.require_instance()
     old, new = genv.old_instance_name or "", instance.name
     if genv.params.get("hostname"):
@@ -224,7 +249,7 @@ def rename_seeds(genv: GanetiEnv, site: SiteConfig | None = None) -> None:
             continue
         try:
             if disk.index == 0:
-                n = rename_guest(disk.path, arch, rename)
+                n = rename_disk0(disk.path, arch, rename, may_mount=may_mount)
             elif (label := seed_label_of(disk.path)) is not None:
                 n = rename_seed_disk(disk.path, label, rename)
             else:

@@ -6,7 +6,9 @@ The seed create wrote (seed/deliver.py) travels with the export: a NoCloud direc
 NIC count, IPs and networks.  Once import has written a disk completely, this step finds the seed
 on it, lets seed/reseedplan.py decide what changes, and writes that: the guest filesystem is looked at
 read-only and mounted read-write only when something changes, so a seed that is still right leaves
-the disk as it was, byte for byte.
+the disk as it was, byte for byte.  A seed partition on disk 0 (seed/partition.py) is read and
+rewritten through a private copy, never mounted; the guest filesystem of an image the node may not
+mount (sources/trust.py) is never looked into.
 
 Ganeti runs the import of every disk of an instance at the same time, so each import looks only
 at its own disk: disk 0's guest filesystem for a NoCloud directory, any disk for a seed label.
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from instance_cloudimage.disk.guestfiles import read_guest_file, remove_guest_file, write_guest_file
 from instance_cloudimage.disk.mount import mount_guest_root
-from instance_cloudimage.disk.partitions import GuestLayout, find_guest_layout
+from instance_cloudimage.disk.partitions import GuestLayout, Partition, find_guest_layout
 from instance_cloudimage.ganeti.env import GanetiEnv
 from instance_cloudimage.ganeti.variants import host_architecture, load_variant
 from instance_cloudimage.runtime.errors import CloudImageError, CommandError, SeedError
@@ -46,6 +48,7 @@ from instance_cloudimage.seed.drive import (
     read_from_fat,
     seed_label_of,
 )
+from instance_cloudimage.seed.partition import edit_partition, find_partition_seed
 from instance_cloudimage.seed.reseedplan import (
     CD_META,
     CD_NET,
@@ -129,17 +132,41 @@ class FoundSeed:
     kind: str  # nocloud | configdrive
     where: str  # for messages
     files: Mapping[str, bytes]
-    label: str | None = None  # a seed disk's label; None: the NoCloud directory in the guest
+    label: str | None = None  # a seed disk's or partition's label; None: the NoCloud directory in the guest
     layout: GuestLayout | None = None
+    partition: Partition | None = None  # the seed partition of disk 0
 
 
-def find_seed(path: str, index: int, arch: str) -> FoundSeed | None:
-    """The seed of ours on disk ``index``, or None.  Only the disk itself is read."""
+def read_partition_seed(path: str, part: Partition) -> FoundSeed:
+    found: list[tuple[str, dict[str, bytes]]] = []
+
+    def read(image: str) -> bool:
+        found.append(read_fat_seed(image, part.label or ""))
+        return False
+
+    edit_partition(path, part, read)
+    kind, files = found[0]
+    return FoundSeed(kind, f"the {part.label} partition {part.number}", files, label=part.label, partition=part)
+
+
+def find_seed(path: str, index: int, arch: str, *, may_mount: bool = True) -> FoundSeed | None:
+    """The seed of ours on disk ``index``, or None.  Only the disk itself is read; its guest
+    filesystem only when ``may_mount``."""
     label = seed_label_of(path)
     if label is not None:
         kind, files = read_fat_seed(path, label)
         return FoundSeed(kind, f"the {label} filesystem", files, label=label)
     if index != 0:
+        return None
+    try:
+        part = find_partition_seed(path)
+    except SeedError as e:  # an unreadable table: no seed of ours either, as below
+        log.debug("disk 0 has no seed partition to look into: %s", e)
+        part = None
+    if part is not None:
+        return read_partition_seed(path, part)
+    if not may_mount:
+        log.info("disk 0: no seed partition, and the guest filesystem of an untrusted image is never looked into")
         return None
     try:
         layout = find_guest_layout(path, arch)
@@ -158,10 +185,16 @@ def has_network_config(found: FoundSeed) -> bool:
     return any(f"{t}/{CD_NET}" in found.files for t in CD_TREES)
 
 
-def reseed_disk(genv: GanetiEnv, site: SiteConfig, index: int, path: str) -> None:
+def write_fat_update(image: str, update: SeedUpdate) -> bool:
+    delete_from_fat(image, update.remove)
+    copy_into_fat(image, update.write)
+    return True
+
+
+def reseed_disk(genv: GanetiEnv, site: SiteConfig, index: int, path: str, *, may_mount: bool = True) -> None:
     """Re-seed disk ``index`` (at ``path``) for the instance in ``genv``.  Raises CloudImageError."""
     arch = genv.params.get("arch") or host_architecture()
-    found = find_seed(path, index, arch)
+    found = find_seed(path, index, arch, may_mount=may_mount)
     if found is None:
         log.info("disk %d: no seed on it (a data disk, or an image from another provider); left as imported",
                  index)
@@ -181,9 +214,10 @@ def reseed_disk(genv: GanetiEnv, site: SiteConfig, index: int, path: str) -> Non
         return
     if found.layout is not None:
         write_guest_seed(path, arch, found.layout, update)
+    elif found.partition is not None:
+        edit_partition(path, found.partition, lambda image: write_fat_update(image, update))
     else:
-        delete_from_fat(path, update.remove)
-        copy_into_fat(path, update.write)
+        write_fat_update(path, update)
     log.info("disk %d: updated %s for the imported instance: %s", index, found.where, describe_update(update))
     if update.network_changed and update.id_reason == KEPT:
         log.warning("warning: disk %d: keep_instance_id is set, so the guest applies the new network configuration "
@@ -194,10 +228,12 @@ STALE = ("its seed may still name the NICs it was exported with, and the guest t
          "network: give the NICs their old MACs (gnt-instance modify --net N:modify,mac=MAC) or fix the seed")
 
 
-def reseed_imported_disk(genv: GanetiEnv, site: SiteConfig, local_path: str | None = None) -> None:
+def reseed_imported_disk(genv: GanetiEnv, site: SiteConfig, local_path: str | None = None, *,
+                         may_mount: bool = True) -> None:
     """After import wrote disk IMPORT_INDEX completely: re-seed it.  Never raises for the disk's sake.
 
-    ``local_path``: where the data is (a URI-only disk's staging file); else IMPORT_DEVICE."""
+    ``local_path``: where the data is (a URI-only disk's staging file); else IMPORT_DEVICE.
+    ``may_mount``: whether the node may mount the instance's image (sources/trust.py)."""
     t = genv.transfer
     if t is None:
         return
@@ -211,7 +247,7 @@ def reseed_imported_disk(genv: GanetiEnv, site: SiteConfig, local_path: str | No
                     t.index, STALE)
         return
     try:
-        reseed_disk(genv, site, t.index, device)
+        reseed_disk(genv, site, t.index, device, may_mount=may_mount)
     except (CloudImageError, OSError, ValueError) as e:
         log.warning("warning: disk %d: the seed could not be updated for the imported instance (%s); %s",
                     t.index, e, STALE)

@@ -34,6 +34,7 @@ from instance_cloudimage.runtime.log import complete_step, format_size
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.seed.values import guest_mount_reason, unseeded_reason
 from instance_cloudimage.sources.fetch import ImageRef, open_image, resolve_image
+from instance_cloudimage.sources.trust import ImageTrust, decide_trust, trust_of_parameters
 
 # seeddata and seed are imported where used: they bring PyYAML, which a create without a seed
 # never needs.
@@ -101,12 +102,16 @@ def write_image(ctx: CreateContext, ref: ImageRef, stack: ExitStack,
     return done.detected
 
 
-def mount_guest_for_hooks(ctx: CreateContext, facts: HookFacts, stack: ExitStack) -> HookFacts:
+def mount_guest_for_hooks(ctx: CreateContext, facts: HookFacts, stack: ExitStack, trust: ImageTrust) -> HookFacts:
     """Mount the guest's root filesystem read-write for the post-write hooks (TARGET).
 
-    Without a mountable root (no Linux root in the image) the hooks still run, with TARGET unset
-    and a warning.
+    Without a mountable root (no Linux root in the image), and for an image the node may not
+    mount, the hooks still run, with TARGET unset and a warning.
     """
+    if not trust.may_mount:
+        log.warning("post-write hooks run without the guest filesystem (TARGET is unset): the image is untrusted "
+                    "and this node never mounts it ([Images] MountUntrusted)")
+        return facts
     try:
         root = mount_guest_root(ctx.disk.path or "", stack, arch=ctx.arch)
     except UserError as e:
@@ -124,10 +129,14 @@ def check_privileges(ctx: CreateContext, plan: HookPlan) -> None:
     """
     if os.geteuid() == 0:
         return
-    reasons = [why] if (why := guest_mount_reason(ctx.genv.params, ctx.variant)) else []
-    if grow_requested(ctx.genv.params, ctx.variant):
+    # An untrusted image is never mounted: its seed goes into a partition or onto disk 1, which
+    # needs no root, it is not grown here, and post-write hooks get no TARGET.
+    mounts = trust_of_parameters(ctx.genv.params, ctx.site).may_mount
+    why = guest_mount_reason(ctx.genv.params, ctx.variant) if mounts else None
+    reasons = [why] if why else []
+    if mounts and grow_requested(ctx.genv.params, ctx.variant):
         reasons.append("grow_root grows the root filesystem")
-    if plan.for_phase(Phase.POST_WRITE):
+    if mounts and plan.for_phase(Phase.POST_WRITE):
         reasons.append("the post-write hooks get the guest's filesystem mounted")
     if reasons:
         raise EnvironmentError_(f"not running as root, and this create mounts the guest's filesystem "
@@ -170,6 +179,8 @@ def run_phases(ctx: CreateContext, plan: HookPlan, facts: HookFacts, stack: Exit
     site = ctx.site
     ref = run_hooks(plan, Phase.PRE_FETCH, facts, site)
     facts = dataclasses.replace(facts, image=ref)
+    trust = decide_trust(ref.location if ref.from_parameter else None, site)
+    log.info("image trust: %s", trust.describe())
 
     def pre_write(detected: DetectedImage, image_path: Path | None) -> None:
         nonlocal facts
@@ -178,7 +189,9 @@ def run_phases(ctx: CreateContext, plan: HookPlan, facts: HookFacts, stack: Exit
         run_hooks(plan, Phase.PRE_WRITE, facts, site)
 
     write_image(ctx, ref, stack, before_write=pre_write)
-    if grow_requested(ctx.genv.params, ctx.variant):
+    if grow_requested(ctx.genv.params, ctx.variant) and not trust.may_mount:
+        log.info("the root filesystem is not grown on this node (untrusted image); cloud-init grows it at first boot")
+    elif grow_requested(ctx.genv.params, ctx.variant):
         with complete_step("growing the root filesystem to the end of the disk"):
             grow_root(ctx.disk.path or "", ctx.arch, stack)
     with complete_step("seeding the guest agent"):
@@ -191,11 +204,12 @@ def run_phases(ctx: CreateContext, plan: HookPlan, facts: HookFacts, stack: Exit
             # A URI-only seed disk is copied into a staging file when the seed needs it.
             local = functools.partial(ctx.staged.local, copy_in=True) if ctx.staged is not None else None
             # deliver_seed mounts and unmounts the guest itself, if it needs to.
-            deliver_seed(ctx.genv, ctx.variant, ctx.disk.path or "", ctx.arch, stack, local, site)
+            deliver_seed(ctx.genv, ctx.variant, ctx.disk.path or "", ctx.arch, stack, local, site,
+                         may_mount=trust.may_mount)
     # Its own stack, so that the guest is unmounted before the post hooks run.
     with ExitStack() as guest:
         if plan.for_phase(Phase.POST_WRITE):
-            run_hooks(plan, Phase.POST_WRITE, mount_guest_for_hooks(ctx, facts, guest), site)
+            run_hooks(plan, Phase.POST_WRITE, mount_guest_for_hooks(ctx, facts, guest, trust), site)
     if ctx.staged is not None:
         ctx.staged.write_back()
     return facts

@@ -12,14 +12,22 @@ from instance_cloudimage.ganeti.env import GanetiEnv
 from instance_cloudimage.runtime.errors import CommandError, UserError
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.seed.rename import rename_seeds
+from instance_cloudimage.sources.trust import trust_of_parameters
 
 log = logging.getLogger(__name__)
 
 
 RenameStep = Callable[[GanetiEnv, SiteConfig], None]
+
+
+def rename_seed(genv: GanetiEnv, site: SiteConfig) -> None:
+    """The seeds, without mounting the guest filesystem of an untrusted image."""
+    rename_seeds(genv, site, may_mount=trust_of_parameters(genv.params, site).may_mount)
+
+
 # Steps that change the disk for a new name.
 RENAME_STEPS: Sequence[tuple[str, RenameStep]] = (
-    ("put the new name into the seed", rename_seeds),
+    ("put the new name into the seed", rename_seed),
 )
 
 

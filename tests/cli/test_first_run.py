@@ -213,3 +213,18 @@ def test_the_os_script_refuses_a_create_without_root_too(shared: Path) -> None:
         f"cloudimage create: error: {NOT_ROOT} (loop devices and mount need root): seed=auto writes the "
         "cloud-init seed into the guest's filesystem (run it as root, or set seed=none)")
     assert disk.read_bytes() == bytes(64 * 1024 * 1024)  # Ganeti's disk: untouched, and kept
+
+
+def test_not_root_with_an_untrusted_image_seeds_a_partition(shared: Path) -> None:
+    """An untrusted image is never mounted, so its seed partition needs no root either."""
+    need_tools("qemu-img", "sfdisk", "sgdisk", "mkfs.vfat", "mcopy", "mke2fs")
+    from instance_cloudimage.sources.demo import build_demo_image
+
+    image = shared / "untrusted.qcow2"
+    shutil.copyfile(build_demo_image("demo", shared / "build"), image)
+    image.chmod(0o644)
+    disk = shared / "disk.img"
+    r = cli_unprivileged("create", "--disk", os.fspath(disk), "--disk-size", "256M", "-O", f"image={image}",
+                         *unprivileged_site(shared))
+    assert r.returncode == 0, r.stderr
+    assert "image trust: untrusted" in r.stderr and "seed delivery: nocloud-partition" in r.stderr

@@ -45,11 +45,47 @@ def seams(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
 
 
 def plan(tmp_path: Path, ndisks: int = 1, agent: str = "cloud-init", vseed: str = "auto",
-         reinstall: bool = False, **params: str) -> seed.SeedPlan:
+         reinstall: bool = False, may_mount: bool = True, **params: str) -> seed.SeedPlan:
     genv = dh.ganeti_env(disks(tmp_path, ndisks), params=params, reinstall=reinstall)
     variant = dh.make_variant(tmp_path / "etc", agent=agent, seed=vseed)
     inst = genv.require_instance()
-    return seed.plan_delivery(inst, variant, genv.params, inst.disks[0].path or "", "x86_64")
+    return seed.plan_delivery(inst, variant, genv.params, inst.disks[0].path or "", "x86_64", may_mount=may_mount)
+
+
+@pytest.fixture()
+def no_probe(monkeypatch: pytest.MonkeyPatch, seams: dict[str, object]) -> dict[str, object]:
+    """An untrusted image's plan must not even read the guest's table and filesystems."""
+    def refuse(path: str, arch: str) -> GuestLayout:
+        raise AssertionError("the guest layout was probed for an untrusted image")
+
+    monkeypatch.setattr(seed, "find_guest_layout", refuse)
+    return seams
+
+
+def test_untrusted_auto_uses_a_seed_partition_without_disk_1(tmp_path: Path, no_probe: dict[str, object]) -> None:
+    assert plan(tmp_path, 1, may_mount=False).delivery == "nocloud-partition"
+
+
+def test_untrusted_auto_prefers_a_free_disk_1(tmp_path: Path, no_probe: dict[str, object]) -> None:
+    p = plan(tmp_path, 2, may_mount=False)
+    assert (p.delivery, p.seed_disk and p.seed_disk.index) == ("nocloud-disk", 1)
+
+
+def test_untrusted_auto_leaves_data_on_disk_1_alone(tmp_path: Path, no_probe: dict[str, object]) -> None:
+    no_probe["content"] = "a ext4 filesystem"
+    assert plan(tmp_path, 2, may_mount=False).delivery == "nocloud-partition"
+
+
+def test_untrusted_refuses_what_writes_into_the_guest(tmp_path: Path, no_probe: dict[str, object]) -> None:
+    with pytest.raises(SeedError, match="seed=nocloud-fs writes into the image's filesystem") as e:
+        plan(tmp_path, 1, may_mount=False, seed="nocloud-fs")
+    assert "MountUntrusted" in str(e.value)
+    with pytest.raises(SeedError, match="a flamingo variant is configured inside the image's filesystem"):
+        plan(tmp_path, 2, agent="flamingo", may_mount=False)
+    assert plan(tmp_path, 1, may_mount=False, seed="configdrive-partition").delivery == "configdrive-partition"
+    assert plan(tmp_path, 1, may_mount=False, seed="none").delivery == "none"
+    # A variant's Seed = nocloud-fs is its default for trusted images, not a request: auto.
+    assert plan(tmp_path, 1, may_mount=False, vseed="nocloud-fs").delivery == "nocloud-partition"
 
 
 def test_auto_cloud_init_seeds_the_guest_fs(tmp_path: Path, seams: dict[str, object]) -> None:

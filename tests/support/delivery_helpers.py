@@ -121,3 +121,24 @@ def variant_loader(tmp_path: Path, old_ci_user: str) -> Callable[[str], Variant]
     paths = Paths(tmp_path / "etc", tmp_path / "cache")
     return lambda name: load_variant(name, paths)
 
+
+def seed_partition_of(disk: Path) -> tuple[int, int, str]:
+    """(offset, size, label) of the FAT seed partition (CIDATA or config-2) on ``disk``."""
+    table = json.loads(gi.sh("sfdisk", "--json", os.fspath(disk)))["partitiontable"]
+    for p in table["partitions"]:
+        probe = gi.sh("blkid", "-p", "-o", "export", "-O", str(p["start"] * 512), os.fspath(disk))
+        fields = dict(line.split("=", 1) for line in probe.splitlines() if "=" in line)
+        if fields.get("TYPE") == "vfat" and fields.get("LABEL") in ("CIDATA", "config-2"):
+            return p["start"] * 512, p["size"] * 512, fields["LABEL"]
+    raise AssertionError(f"no seed partition on {disk}: {table}")
+
+
+def read_seed_partition(disk: Path, kind: str) -> dict[str, Any]:
+    """What Debian's cloud-init reads from the seed partition (its files copied out with mtools)."""
+    offset, _, _ = seed_partition_of(disk)
+    with tempfile.TemporaryDirectory() as tmp:
+        dest = Path(tmp) / "seed"
+        dest.mkdir()
+        gi.sh("mcopy", "-s", "-n", "-i", f"{disk}@@{offset}", "::/*", os.fspath(dest),
+              env={"MTOOLS_SKIP_CHECK": "1"})
+        return run_reader(kind, dest)

@@ -30,7 +30,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def os_dir(tmp_path: Path, cache_dir: Path) -> Path:
     config = tmp_path / "etc"
     dh.make_variant(config, agent="cloud-init")
-    (config / "defaults.conf").write_text(f"[Images]\nAllowedDirectories = {tmp_path / 'images'}\n")
+    # Trusted: the hostile image below is to reach nocloud-fs, which only a trusted image gets.
+    (config / "defaults.conf").write_text(f"[Images]\nAllowedDirectories = {tmp_path / 'images'}\n"
+                                          f"TrustedDirectories = {tmp_path / 'images'}\n")
     (tmp_path / "images").mkdir()
     install_os(tmp_path / "os", Paths(config, cache_dir), python=sys.executable)
     return tmp_path / "os"

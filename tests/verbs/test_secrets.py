@@ -55,8 +55,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     etc, cache, images = base / "etc", base / "cache", base / "images"
     for d in (etc / "variants", images):
         d.mkdir(parents=True)
+    # TrustedDirectories: the hostile local image is to reach nocloud-fs, which only a trusted image gets.
     (etc / "defaults.conf").write_text(
-        f"[Images]\nAllowedDirectories = {images}\nAllowedURLNetworks = 127.0.0.0/8\nAllowPlainHTTP = yes\n"
+        f"[Images]\nAllowedDirectories = {images}\nTrustedDirectories = {images}\n"
+        "AllowedURLNetworks = 127.0.0.0/8\nAllowPlainHTTP = yes\n"
         "[HTTP]\nRetries = 0\nConnectTimeout = 5\n")
     for name in ("test", "hooked", "hookfails"):
         (etc / "variants" / f"{name}.conf").write_text(

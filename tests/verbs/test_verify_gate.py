@@ -24,7 +24,7 @@ VALID = {
     "image": "https://images.example.org/disk.qcow2",
     "image_checksum": "sha256:" + "ab" * 32,
     "arch": host_architecture(),
-    "grow_root": "yes",
+    "grow_root": "no",  # yes is refused for the untrusted image above (below)
     "hostname": "vm1.example.org",
     "ssh_authorized_keys": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIM2ziK4RM0utYUnNU57yaVLln5aVvIYlUM/oaMR+Tcc1 a@b",
     "password_hash": "$y$j9T$F31F/jItUvvjOv6IBFNea/$SFRtZtCIUWcnypijZA5cTGTLcjo306tI.KLnmc0noD1",
@@ -84,6 +84,12 @@ def test_every_parameter_has_a_valid_value_here() -> None:
 
 def test_the_valid_values_pass_both(site: Site, tmp_path: Path) -> None:
     assert verdicts(site, tmp_path, "debian-12", VALID) == (None, None)
+
+
+def test_a_choice_an_untrusted_image_cannot_have_gets_the_same_line(site: Site, tmp_path: Path) -> None:
+    said = verdicts(site, tmp_path, "debian-12", {**VALID, "grow_root": "yes"})
+    assert said[0] == said[1] and said[0] is not None
+    assert said[0].startswith("grow_root=yes grows the image's filesystem on this node")
 
 
 def test_every_hostile_value_gets_the_same_line_from_verify_and_create(site: Site, tmp_path: Path) -> None:
