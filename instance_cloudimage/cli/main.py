@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from instance_cloudimage import __version__
-from instance_cloudimage.cli.install import install_os, remove_old_worker
+from instance_cloudimage.cli.install import DEFAULT_OS_DIR, install_os, remove_old_worker
 from instance_cloudimage.disk.convert import target_size
 from instance_cloudimage.ganeti.env import (
     Script,
@@ -145,10 +145,12 @@ def cmd_create(args: argparse.Namespace) -> None:
 
 def cmd_install(args: argparse.Namespace) -> None:
     paths = Paths(Path(args.config_dir), Path(args.cache_dir))
-    variants = install_os(Path(args.os_dir), paths)
-    log.info("installed OS %s in %s with %d variants: %s", Path(args.os_dir).name, args.os_dir,
-             len(variants), " ".join(variants))
-    remove_old_worker()
+    destdir = Path(args.destdir) if args.destdir else None
+    variants = install_os(Path(args.os_dir), paths, destdir=destdir)
+    log.info("installed OS %s in %s offering %d variants (%s): %s", Path(args.os_dir).name, args.os_dir,
+             len(variants), paths.variants_list, " ".join(variants))
+    if destdir is None:
+        remove_old_worker()
 
 
 def cmd_variants(args: argparse.Namespace) -> None:
@@ -212,9 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_create)
 
     p = sub.add_parser("install", help="install the Ganeti OS definition on this node")
-    p.add_argument("--os-dir", default="/srv/ganeti/os/cloudimage",
+    p.add_argument("--os-dir", default=os.fspath(DEFAULT_OS_DIR),
                    help="OS definition directory; its name is the OS name (default: %(default)s)")
     add_site_options(p)
+    p.add_argument("--destdir", help="write below this staging directory, for a package build")
     p.set_defaults(func=cmd_install)
 
     p = sub.add_parser("cache", help="list, prune or prefetch the image cache",

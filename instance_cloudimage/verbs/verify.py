@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from instance_cloudimage.ganeti.env import GanetiEnv
-from instance_cloudimage.ganeti.variants import load_variant
+from instance_cloudimage.ganeti.variants import check_offered, load_variant
 from instance_cloudimage.params.table import validate_parameters
 from instance_cloudimage.runtime.errors import ParameterError, UserError
 from instance_cloudimage.runtime.siteconfig import Paths, load_site_config
@@ -20,6 +20,7 @@ def run_verify(genv: GanetiEnv, paths: Paths, argv: Sequence[str]) -> None:
     site = load_site_config(paths)
     problems = validate_parameters(genv.params, site)
     try:
+        check_offered(genv.variant, paths)
         variant = load_variant(genv.variant, paths)
     except UserError as e:
         problems.append(str(e))
