@@ -20,8 +20,8 @@ def run_verify(genv: GanetiEnv, paths: Paths, argv: Sequence[str]) -> None:
     site = load_site_config(paths)
     problems = validate_parameters(genv.params, site)
     try:
+        variant = load_variant(genv.variant, paths)  # an unknown name is unknown before it is not offered
         check_offered(genv.variant, paths)
-        variant = load_variant(genv.variant, paths)
     except UserError as e:
         problems.append(str(e))
     else:
