@@ -35,6 +35,11 @@ from instance_cloudimage.runtime.siteconfig import INSTALL_INFO, Paths
 log = logging.getLogger(__name__)
 
 DEFAULT_OS_DIR = Path("/srv/ganeti/os/cloudimage")
+# Where the Debian package has it (debian/rules' OS_DIR), and Ganeti's search path as Debian's
+# ganeti package builds it: the same OS name in two of these is two entries, one shadowing the other.
+PACKAGE_OS_DIR = Path("/usr/share/ganeti/os/cloudimage")
+OS_SEARCH_PATH = tuple(Path(d) for d in ("/srv/ganeti/os", "/usr/local/lib/ganeti/os", "/usr/lib/ganeti/os",
+                                         "/usr/share/ganeti/os"))
 SCRIPTS = (Script.CREATE, Script.IMPORT, Script.EXPORT, Script.RENAME, Script.VERIFY)
 
 # The warm worker of earlier versions: 'install --systemd-dir DIR' wrote these two units (the
@@ -132,6 +137,15 @@ def install_os(os_dir: Path, paths: Paths, python: str | None = None, destdir: P
         why = "a parent is not a directory" if isinstance(e, FileExistsError) else e.strerror
         raise ConfigError(f"cannot install the OS definition into {target}: {why}") from None
     return offered
+
+
+def warn_if_shadowing(os_dir: Path) -> None:
+    """Say so when this install and the package's are both in Ganeti's search path."""
+    os_dir = Path(os.path.abspath(os_dir))
+    if os_dir != PACKAGE_OS_DIR and os_dir.parent in OS_SEARCH_PATH and (PACKAGE_OS_DIR / "create").exists():
+        log.warning("warning: the package ganeti-instance-cloudimage has this OS in %s too; Ganeti uses the "
+                    "first in its search path, and Ganeti 3.0's gnt-os diagnose fails on a shadowed OS "
+                    "(remove %s, or the package)", PACKAGE_OS_DIR, os_dir)
 
 
 def listen_paths(socket_unit: Path) -> list[Path]:

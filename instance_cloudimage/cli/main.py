@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from instance_cloudimage import __version__
-from instance_cloudimage.cli.install import DEFAULT_OS_DIR, install_os, remove_old_worker
+from instance_cloudimage.cli.install import DEFAULT_OS_DIR, install_os, remove_old_worker, warn_if_shadowing
 from instance_cloudimage.disk.convert import target_size
 from instance_cloudimage.ganeti.env import (
     Script,
@@ -150,6 +150,7 @@ def cmd_install(args: argparse.Namespace) -> None:
     log.info("installed OS %s in %s offering %d variants (%s): %s", Path(args.os_dir).name, args.os_dir,
              len(variants), paths.variants_list, " ".join(variants))
     if destdir is None:
+        warn_if_shadowing(Path(args.os_dir))
         remove_old_worker()
 
 

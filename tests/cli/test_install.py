@@ -99,6 +99,28 @@ def test_a_new_variants_list_offers_the_sites_variants_too(site: Site, tmp_path:
     assert offered is not None and "mysite" in offered and "demo" not in offered
 
 
+def test_install_warns_when_it_shadows_the_package(site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    package_os = tmp_path / "usr-share" / "cloudimage"
+    package_os.mkdir(parents=True)
+    (package_os / "create").write_text("")
+    monkeypatch.setattr(install, "PACKAGE_OS_DIR", package_os)
+    monkeypatch.setattr(install, "OS_SEARCH_PATH", (tmp_path / "srv", package_os.parent))
+    with caplog.at_level(logging.WARNING):
+        install.warn_if_shadowing(tmp_path / "elsewhere" / "cloudimage")
+        assert not caplog.records
+        install.warn_if_shadowing(tmp_path / "srv" / "cloudimage")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: the package ganeti-instance-cloudimage has this OS in {package_os} too; Ganeti uses the first "
+        "in its search path, and Ganeti 3.0's gnt-os diagnose fails on a shadowed OS (remove "
+        f"{tmp_path / 'srv' / 'cloudimage'}, or the package)"]
+
+
+def test_the_package_build_installs_into_package_os_dir() -> None:
+    rules = (Path(__file__).resolve().parents[2] / "debian" / "rules").read_text()
+    assert f"\nOS_DIR := {install.PACKAGE_OS_DIR}\n" in rules
+
+
 def test_install_into_a_package_build_tree(site: Site, tmp_path: Path) -> None:
     """--destdir: files under the staging tree, the installed paths baked in, and the build
     machine's own site variants left out."""

@@ -41,7 +41,6 @@ from ganeti_cluster import (
     NBD_RUN_DIR,
     OS_DIR,
     OS_LOG_DIR,
-    PACKAGE_OS_DIR,
     SITE_VARIANT,
     SITE_VARIANT_USER,
     GanetiCluster,
@@ -50,6 +49,7 @@ from ganeti_cluster import (
     run_logged,
 )
 
+from instance_cloudimage.cli.install import PACKAGE_OS_DIR
 from instance_cloudimage.ganeti.variants import default_offered, render_variants_list
 from instance_cloudimage.runtime.siteconfig import Paths, installed_paths
 

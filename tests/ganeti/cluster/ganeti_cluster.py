@@ -26,7 +26,6 @@ CLUSTER_SH = HERE / "cluster.sh"
 GNT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 OS_NAME = "cloudimage"
 OS_DIR = Path("/srv/ganeti/os") / OS_NAME  # where the venv's 'instance-cloudimage install' puts it
-PACKAGE_OS_DIR = Path("/usr/share/ganeti/os") / OS_NAME  # the Debian package's (debian/rules)
 OS_LOG_DIR = Path("/var/log/ganeti/os")
 FILE_STORAGE_DIR = Path("/srv/ganeti/file-storage")
 LOOP_IMG_DIR = Path("/srv/ganeti/loop-images")
