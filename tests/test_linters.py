@@ -53,7 +53,8 @@ def test_mypy(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 def test_shellcheck() -> None:
-    scripts = [ROOT / ".ci" / "setup", ROOT / ".ci" / "run", *sorted(ROOT.glob("tests/**/*.sh")),
+    scripts = [*(ROOT / ".ci" / name for name in ("setup", "run", "build-deb", "check-package")),
+               ROOT / "debian" / "ganeti-instance-cloudimage.postrm", *sorted(ROOT.glob("tests/**/*.sh")),
                ROOT / "fuzz" / "run.sh"]
     check(tool("shellcheck"), *map(os.fspath, scripts))
 

@@ -19,7 +19,13 @@ from contextlib import suppress
 from pathlib import Path
 
 from instance_cloudimage.ganeti.env import Script
-from instance_cloudimage.ganeti.variants import list_variants, load_variant
+from instance_cloudimage.ganeti.variants import (
+    default_offered,
+    list_variants,
+    load_variant,
+    read_offered,
+    render_variants_list,
+)
 from instance_cloudimage.params.table import render_parameters_list
 from instance_cloudimage.runtime.errors import ConfigError
 from instance_cloudimage.runtime.process import run
@@ -29,6 +35,11 @@ from instance_cloudimage.runtime.siteconfig import INSTALL_INFO, Paths
 log = logging.getLogger(__name__)
 
 DEFAULT_OS_DIR = Path("/srv/ganeti/os/cloudimage")
+# Where the Debian package has it (debian/rules' OS_DIR), and Ganeti's search path as Debian's
+# ganeti package builds it: the same OS name in two of these is two entries, one shadowing the other.
+PACKAGE_OS_DIR = Path("/usr/share/ganeti/os/cloudimage")
+OS_SEARCH_PATH = tuple(Path(d) for d in ("/srv/ganeti/os", "/usr/local/lib/ganeti/os", "/usr/lib/ganeti/os",
+                                         "/usr/share/ganeti/os"))
 SCRIPTS = (Script.CREATE, Script.IMPORT, Script.EXPORT, Script.RENAME, Script.VERIFY)
 
 # The warm worker of earlier versions: 'install --systemd-dir DIR' wrote these two units (the
@@ -61,29 +72,80 @@ def render_script(verb: str, python: str) -> str:
     return f"#!{python} -I\n{body}"
 
 
-def install_os(os_dir: Path, paths: Paths, python: str | None = None) -> list[str]:
-    """Write the OS definition into ``os_dir``; return the variants it lists."""
-    python = python or sys.executable
-    variants = list_variants(paths)
+def staged(path: Path, destdir: Path | None) -> Path:
+    """``path`` inside the staging tree of a package build, or ``path`` itself."""
+    return destdir / path.relative_to(path.anchor) if destdir else path
+
+
+def _symlink_atomic(path: Path, target: Path) -> None:
+    tmp = path.parent / f".{path.name}.new"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, path)
+
+
+def prepare_variants_list(paths: Paths, read_paths: Paths) -> list[str]:
+    """The variants the node offers: ``<config-dir>/variants.list`` as the administrator left it,
+    or, the first time, a new one with every variant but the demo.  Raises ConfigError."""
+    variants = list_variants(read_paths)
     for name in variants:
-        load_variant(name, paths)  # refuse to install a definition with a broken variant
+        load_variant(name, read_paths)  # refuse to install a definition with a broken variant
     if not variants:
         raise ConfigError("no variants found; nothing to install")
+    offered = read_offered(read_paths)
+    if offered is not None:
+        unknown = [n for n in offered if n not in variants]
+        if unknown:
+            raise ConfigError(f"{read_paths.variants_list} lists unknown variants: {' '.join(unknown)}",
+                              "remove them, or add their files to the variants directory")
+        return offered
+    offered = default_offered(read_paths)
     try:
-        os_dir.mkdir(parents=True, exist_ok=True)
+        read_paths.config_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(read_paths.variants_list, render_variants_list(offered, paths.variants_list), 0o644)
+    except OSError as e:
+        raise ConfigError(f"cannot write {read_paths.variants_list}: {e.strerror}") from None
+    return offered
+
+
+def install_os(os_dir: Path, paths: Paths, python: str | None = None, destdir: Path | None = None) -> list[str]:
+    """Write the OS definition into ``os_dir``; return the variants it offers.
+
+    With ``destdir`` (a package build) every file goes below it, while what is baked in (the
+    interpreter, the directories, the variants.list link) names the installed paths, and the
+    build machine's own site variants stay out.  The OS definition's variants.list is a link to
+    ``<config-dir>/variants.list``, the list the administrator edits (instance-debootstrap's way).
+    """
+    python = python or sys.executable
+    os_dir = Path(os.path.abspath(os_dir))
+    paths = Paths(Path(os.path.abspath(paths.config_dir)), Path(os.path.abspath(paths.cache_dir)))
+    read_paths = Paths(staged(paths.config_dir, destdir), paths.cache_dir)
+    offered = prepare_variants_list(paths, read_paths)
+    target = staged(os_dir, destdir)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
         for verb in SCRIPTS:
-            _write_atomic(os_dir / verb.value, render_script(verb.value, python), 0o755)
-        _write_atomic(os_dir / "ganeti_api_version", "20\n", 0o644)
-        _write_atomic(os_dir / "variants.list", "".join(f"{v}\n" for v in variants), 0o644)
-        _write_atomic(os_dir / "parameters.list", render_parameters_list(), 0o644)
+            _write_atomic(target / verb.value, render_script(verb.value, python), 0o755)
+        _write_atomic(target / "ganeti_api_version", "20\n", 0o644)
+        _symlink_atomic(target / "variants.list", paths.variants_list)
+        _write_atomic(target / "parameters.list", render_parameters_list(), 0o644)
         info = {"config_dir": os.fspath(paths.config_dir), "cache_dir": os.fspath(paths.cache_dir)}
-        _write_atomic(os_dir / INSTALL_INFO, json.dumps(info, indent=2) + "\n", 0o644)
+        _write_atomic(target / INSTALL_INFO, json.dumps(info, indent=2) + "\n", 0o644)
         # A create_untrusted would make Ganeti run the helper-VM path, which needs an install image.
-        (os_dir / "create_untrusted").unlink(missing_ok=True)
+        (target / "create_untrusted").unlink(missing_ok=True)
     except OSError as e:
         why = "a parent is not a directory" if isinstance(e, FileExistsError) else e.strerror
-        raise ConfigError(f"cannot install the OS definition into {os_dir}: {why}") from None
-    return variants
+        raise ConfigError(f"cannot install the OS definition into {target}: {why}") from None
+    return offered
+
+
+def warn_if_shadowing(os_dir: Path) -> None:
+    """Say so when this install and the package's are both in Ganeti's search path."""
+    os_dir = Path(os.path.abspath(os_dir))
+    if os_dir != PACKAGE_OS_DIR and os_dir.parent in OS_SEARCH_PATH and (PACKAGE_OS_DIR / "create").exists():
+        log.warning("warning: the package ganeti-instance-cloudimage has this OS in %s too; Ganeti uses the "
+                    "first in its search path, and Ganeti 3.0's gnt-os diagnose fails on a shadowed OS "
+                    "(remove %s, or the package)", PACKAGE_OS_DIR, os_dir)
 
 
 def listen_paths(socket_unit: Path) -> list[Path]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from instance_cloudimage import __version__
-from instance_cloudimage.cli.install import install_os, remove_old_worker
+from instance_cloudimage.cli.install import DEFAULT_OS_DIR, install_os, remove_old_worker, warn_if_shadowing
 from instance_cloudimage.disk.convert import target_size
 from instance_cloudimage.ganeti.env import (
     Script,
@@ -182,10 +182,13 @@ def cmd_create(args: argparse.Namespace) -> None:
 
 def cmd_install(args: argparse.Namespace) -> None:
     paths = Paths(Path(args.config_dir), Path(args.cache_dir))
-    variants = install_os(Path(args.os_dir), paths)
-    log.info("installed OS %s in %s with %d variants: %s", Path(args.os_dir).name, args.os_dir,
-             len(variants), " ".join(variants))
-    remove_old_worker()
+    destdir = Path(args.destdir) if args.destdir else None
+    variants = install_os(Path(args.os_dir), paths, destdir=destdir)
+    log.info("installed OS %s in %s offering %d variants (%s): %s", Path(args.os_dir).name, args.os_dir,
+             len(variants), paths.variants_list, " ".join(variants))
+    if destdir is None:
+        warn_if_shadowing(Path(args.os_dir))
+        remove_old_worker()
 
 
 def cmd_variants(args: argparse.Namespace) -> None:
@@ -303,14 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_subcommand(
         sub, "install", "install the Ganeti OS definition on this node",
-        "Write the Ganeti OS definition (the scripts, variants.list, parameters.list and the "
-        "directories baked in) into --os-dir, whose name is the OS name. Run it on every node.",
+        "Write the Ganeti OS definition (the scripts, parameters.list, the directories baked in, "
+        "and variants.list, a link to <config-dir>/variants.list, written once) into --os-dir, "
+        "whose name is the OS name. Run it on every node.",
         "  instance-cloudimage install\n"
         "  instance-cloudimage install --os-dir /srv/ganeti/os/cloudimage --cache-dir /srv/cache/cloudimage\n"
         "  gnt-cluster command /opt/instance-cloudimage/bin/instance-cloudimage install", debug)
-    p.add_argument("--os-dir", default="/srv/ganeti/os/cloudimage",
+    p.add_argument("--os-dir", default=os.fspath(DEFAULT_OS_DIR),
                    help="OS definition directory; its name is the OS name (default: %(default)s)")
     add_site_options(p)
+    p.add_argument("--destdir", help="write below this staging directory, for a package build")
     p.set_defaults(func=cmd_install)
 
     p = add_subcommand(

@@ -176,6 +176,46 @@ def unknown_variant_hint(name: str, known: Iterable[str]) -> str:
     return f"did you mean {close[0]}? {listing}" if close else listing
 
 
+# Shipped for trying the provider and for tests, not for production instances: install leaves it
+# out of the variants.list it writes.
+NOT_OFFERED_BY_DEFAULT = frozenset({"demo"})
+VARIANTS_LIST_HEADER = """\
+# The variants of instance-cloudimage this node offers to Ganeti, one name a line.
+# Ganeti reads this file through <os-dir>/variants.list; a variant not listed here is refused.
+# Keep it the same on every node: gnt-cluster copyfile {path}
+"""
+
+
+def default_offered(paths: Paths) -> list[str]:
+    """What a new variants.list offers: every variant (the site's too) but the demo."""
+    return [n for n in list_variants(paths) if n not in NOT_OFFERED_BY_DEFAULT]
+
+
+def render_variants_list(names: list[str], path: Path) -> str:
+    return VARIANTS_LIST_HEADER.format(path=path) + "".join(f"{n}\n" for n in names)
+
+
+def read_offered(paths: Paths) -> list[str] | None:
+    """The names in ``<config-dir>/variants.list``, read as Ganeti reads it (blank lines and lines
+    starting with '#' skipped), or None if there is none (then every variant is offered: the local
+    create and a config directory made by hand).  Raises ConfigError."""
+    try:
+        text = paths.variants_list.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {paths.variants_list}: {getattr(e, 'strerror', None) or e}") from None
+    return [s for line in text.splitlines() if (s := line.strip()) and not s.startswith("#")]
+
+
+def check_offered(name: str, paths: Paths) -> None:
+    """Refuse a variant the node's variants.list does not list.  Raises ParameterError."""
+    offered = read_offered(paths)
+    if offered is not None and name not in offered:
+        raise ParameterError(f"variant {name!r} is not offered on this node",
+                             f"an administrator adds it to {paths.variants_list} on every node")
+
+
 def load_variant(name: str, paths: Paths) -> Variant:
     """Parse a variant by name.  Raises ParameterError (unknown) or ConfigError (bad file)."""
     if not VARIANT_NAME_RE.match(name):

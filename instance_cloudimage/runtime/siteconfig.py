@@ -71,6 +71,11 @@ class Paths:
     def site_hooks(self) -> Path:
         return self.config_dir / "hooks.d"
 
+    @property
+    def variants_list(self) -> Path:
+        """The variants this node offers; the OS definition's variants.list links to it."""
+        return self.config_dir / "variants.list"
+
 
 SITE_SETTINGS = (
     Setting("Images", "AllowedDirectories", "allowed_dirs", parse_list, (DEFAULT_IMAGE_DIR,),

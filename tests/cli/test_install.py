@@ -17,7 +17,7 @@ from instance_cloudimage.cli import install
 from instance_cloudimage.cli.install import install_os
 from instance_cloudimage.cli.main import main
 from instance_cloudimage.ganeti.simulate import simulated_core_environment
-from instance_cloudimage.ganeti.variants import list_variants
+from instance_cloudimage.ganeti.variants import list_variants, read_offered
 from instance_cloudimage.params.table import PARAMETERS
 from tests.conftest import Site, cli
 
@@ -32,8 +32,10 @@ def test_install_writes_a_valid_os_definition(site: Site, tmp_path: Path) -> Non
         assert (os_dir / verb).read_text().startswith("#!/")
     assert not (os_dir / "create_untrusted").exists()
     assert (os_dir / "ganeti_api_version").read_text() == "20\n"
-    variants = (os_dir / "variants.list").read_text().splitlines()
-    assert variants == list_variants(site_paths(site)) and "demo" in variants
+    # Ganeti reads the list the administrator edits, through a link; the demo is not offered.
+    assert (os_dir / "variants.list").readlink() == site.config_dir / "variants.list"
+    offered = read_offered(site_paths(site))
+    assert offered == [v for v in list_variants(site_paths(site)) if v != "demo"] and "debian-12" in offered
     names = [line.split(" ", 1)[0] for line in (os_dir / "parameters.list").read_text().splitlines()]
     assert names == [p.name for p in PARAMETERS]
     info = json.loads((os_dir / "instance-cloudimage.json").read_text())
@@ -50,13 +52,92 @@ def test_installed_verify_runs_with_ganetis_reset_environment(site: Site, tmp_pa
     os_dir = tmp_path / "os" / "cloudimage"
     install_os(os_dir, site_paths(site))
     # Exactly what Ganeti passes verify: no HOME, no LANG, cwd = the OS dir.
-    env = simulated_core_environment("demo", params={"arch": "x86_64"})
+    env = simulated_core_environment("debian-12", params={"arch": "x86_64"})
     r = subprocess.run([str(os_dir / "verify"), "parameters"], env=env, cwd=os_dir,
                        capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([str(os_dir / "verify"), "parameters"], env={**env, "OSP_NOPE": "1"}, cwd=os_dir,
                        capture_output=True, text=True, check=False)
     assert r.returncode == 1 and "unknown OS parameter 'nope'" in r.stderr
+
+
+def test_installed_verify_refuses_a_variant_the_node_does_not_offer(site: Site, tmp_path: Path) -> None:
+    os_dir = tmp_path / "os" / "cloudimage"
+    install_os(os_dir, site_paths(site))
+    env = simulated_core_environment("demo", params={"arch": "x86_64"})
+    r = subprocess.run([str(os_dir / "verify"), "parameters"], env=env, cwd=os_dir,
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"cloudimage verify: error: variant 'demo' is not offered on this node (an administrator adds it to "
+        f"{site.config_dir / 'variants.list'} on every node)"]
+    # Listed, it is offered: the list is what the administrator edits.
+    with open(site.config_dir / "variants.list", "a") as f:
+        f.write("demo\n")
+    r = subprocess.run([str(os_dir / "verify"), "parameters"], env=env, cwd=os_dir,
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+
+
+def test_install_keeps_the_administrators_variants_list(site: Site, tmp_path: Path) -> None:
+    os_dir = tmp_path / "os" / "cloudimage"
+    listed = "# only these\n\ndebian-12\n  demo  \n"
+    (site.config_dir / "variants.list").write_text(listed)
+    assert install_os(os_dir, site_paths(site)) == ["debian-12", "demo"]
+    assert (site.config_dir / "variants.list").read_text() == listed
+    (site.config_dir / "variants.list").write_text("debian-12\nnope-1\n")
+    r = cli("install", "--os-dir", str(os_dir), *site.cli_args())
+    assert r.returncode == 2
+    assert "variants.list lists unknown variants: nope-1" in r.stderr
+
+
+def test_a_new_variants_list_offers_the_sites_variants_too(site: Site, tmp_path: Path) -> None:
+    (site.config_dir / "variants").mkdir()
+    (site.config_dir / "variants" / "mysite.conf").write_text("[Image]\nURL = https://example.org/i.qcow2\n")
+    install_os(tmp_path / "os" / "cloudimage", site_paths(site))
+    offered = read_offered(site_paths(site))
+    assert offered is not None and "mysite" in offered and "demo" not in offered
+
+
+def test_install_warns_when_it_shadows_the_package(site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    package_os = tmp_path / "usr-share" / "cloudimage"
+    package_os.mkdir(parents=True)
+    (package_os / "create").write_text("")
+    monkeypatch.setattr(install, "PACKAGE_OS_DIR", package_os)
+    monkeypatch.setattr(install, "OS_SEARCH_PATH", (tmp_path / "srv", package_os.parent))
+    with caplog.at_level(logging.WARNING):
+        install.warn_if_shadowing(tmp_path / "elsewhere" / "cloudimage")
+        assert not caplog.records
+        install.warn_if_shadowing(tmp_path / "srv" / "cloudimage")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: the package ganeti-instance-cloudimage has this OS in {package_os} too; Ganeti uses the first "
+        "in its search path, and Ganeti 3.0's gnt-os diagnose fails on a shadowed OS (remove "
+        f"{tmp_path / 'srv' / 'cloudimage'}, or the package)"]
+
+
+def test_the_package_build_installs_into_package_os_dir() -> None:
+    rules = (Path(__file__).resolve().parents[2] / "debian" / "rules").read_text()
+    assert f"\nOS_DIR := {install.PACKAGE_OS_DIR}\n" in rules
+
+
+def test_install_into_a_package_build_tree(site: Site, tmp_path: Path) -> None:
+    """--destdir: files under the staging tree, the installed paths baked in, and the build
+    machine's own site variants left out."""
+    (site.config_dir / "variants").mkdir()
+    (site.config_dir / "variants" / "buildhost.conf").write_text("[Image]\nURL = https://example.org/i.qcow2\n")
+    stage = tmp_path / "stage"
+    os_dir = tmp_path / "usr" / "share" / "ganeti" / "os" / "cloudimage"
+    r = cli("install", "--os-dir", str(os_dir), "--destdir", str(stage), *site.cli_args())
+    assert r.returncode == 0, r.stderr
+    staged_os = stage / os_dir.relative_to("/")
+    assert not os_dir.exists() and not (site.config_dir / "variants.list").exists()
+    assert (staged_os / "variants.list").readlink() == site.config_dir / "variants.list"
+    staged_list = stage / site.config_dir.relative_to("/") / "variants.list"
+    names = [n for n in staged_list.read_text().splitlines() if not n.startswith("#")]
+    assert "debian-12" in names and "buildhost" not in names and "demo" not in names
+    info = json.loads((staged_os / "instance-cloudimage.json").read_text())
+    assert info == {"config_dir": str(site.config_dir), "cache_dir": str(site.cache_dir)}
 
 
 def test_install_refuses_a_broken_site_variant(site: Site, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 from instance_cloudimage.ganeti.simulate import simulated_core_environment
 from instance_cloudimage.params.table import PARAMETERS, Parameter, Text, render_parameters_list, validate_parameters
-from instance_cloudimage.runtime.siteconfig import Paths, SiteConfig, load_site_config
+from instance_cloudimage.runtime.siteconfig import INSTALL_INFO, Paths, SiteConfig, load_site_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,18 +92,31 @@ def test_paths_escaping_the_allowed_directory_are_refused(site: SiteConfig) -> N
         assert problems and why in problems[0], (bad, problems)
 
 
-def run_verify(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_verify(env: dict[str, str], os_dir: Path) -> subprocess.CompletedProcess[str]:
+    """scripts/verify as installed in ``os_dir``, so it reads the config directory recorded there
+    rather than this machine's /etc/ganeti/instance-cloudimage."""
     return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "verify"), "parameters"],
+        [sys.executable, str(os_dir / "verify"), "parameters"],
         env=env, capture_output=True, text=True, check=False,
     )
 
 
-def test_verify_script_reports_each_problem_and_fails() -> None:
-    ok = run_verify(simulated_core_environment("demo", params={"arch": "x86_64"}))
+@pytest.fixture
+def verify_os_dir(tmp_path: Path) -> Path:
+    os_dir = tmp_path / "os"
+    os_dir.mkdir()
+    (os_dir / "verify").write_text((REPO / "scripts" / "verify").read_text())
+    (os_dir / INSTALL_INFO).write_text(json.dumps({"config_dir": str(tmp_path / "etc"),
+                                                   "cache_dir": str(tmp_path / "cache")}))
+    return os_dir
+
+
+def test_verify_script_reports_each_problem_and_fails(verify_os_dir: Path) -> None:
+    ok = run_verify(simulated_core_environment("demo", params={"arch": "x86_64"}), verify_os_dir)
     assert ok.returncode == 0, ok.stderr
     secret = "md5:topsecretvalue"
-    bad = run_verify(simulated_core_environment("nosuch", params={"image_checksum": secret, "arch": "x 86"}))
+    bad = run_verify(simulated_core_environment("nosuch", params={"image_checksum": secret, "arch": "x 86"}),
+                     verify_os_dir)
     assert bad.returncode == 1
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 3, bad.stderr
@@ -171,10 +185,10 @@ def test_white_space_around_a_one_line_value_is_refused(param: Parameter, pad: s
     assert problems == [f"{param.name} must not start or end with white space"]
 
 
-def test_the_verify_script_refuses_a_line_separator(tmp_path: Path) -> None:
+def test_the_verify_script_refuses_a_line_separator(verify_os_dir: Path) -> None:
     """Ganeti runs verify before create: both call validate_parameters, which refuses this."""
     env = simulated_core_environment("demo", params={"hostname": "vm1\u2028evil"})
-    result = run_verify(env)
+    result = run_verify(env, verify_os_dir)
     assert result.returncode != 0
     assert "hostname contains a control character or a Unicode line separator" in result.stderr
     assert "evil" not in result.stderr

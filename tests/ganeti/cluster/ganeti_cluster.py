@@ -25,7 +25,7 @@ CLUSTER_SH = HERE / "cluster.sh"
 
 GNT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 OS_NAME = "cloudimage"
-OS_DIR = Path("/srv/ganeti/os") / OS_NAME
+OS_DIR = Path("/srv/ganeti/os") / OS_NAME  # where the venv's 'instance-cloudimage install' puts it
 OS_LOG_DIR = Path("/var/log/ganeti/os")
 FILE_STORAGE_DIR = Path("/srv/ganeti/file-storage")
 LOOP_IMG_DIR = Path("/srv/ganeti/loop-images")
@@ -156,6 +156,7 @@ class GanetiCluster:
     cache_dir: Path  # --cache-dir baked into the installed OS
     image_dir: Path  # allowed directory ([Images] AllowedDirectories) for the image parameter
     work_dir: Path
+    os_dir: Path = OS_DIR  # the OS definition Ganeti runs: the venv's install or the package's
     logs_before: frozenset[Path] = field(default_factory=frozenset)
 
     # --- commands ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ its own, here and in test_instance_life.py.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import subprocess
@@ -20,10 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ganeti_cluster import OS_DIR, OS_NAME, GanetiCluster
+from ganeti_cluster import OS_NAME, GanetiCluster
 from guest_disk import read_seed
 
-from instance_cloudimage.ganeti.variants import list_variants
+from instance_cloudimage.ganeti.variants import read_offered
 from instance_cloudimage.params.table import parameter_names
 from instance_cloudimage.runtime.siteconfig import Paths
 from instance_cloudimage.sources.demo import build_demo_image
@@ -70,6 +71,12 @@ def sfdisk_dump(disk: Path) -> str:
     return "\n".join(line.replace(os.fspath(disk), "DISK") for line in out.splitlines())
 
 
+def offered(cluster: GanetiCluster) -> list[str]:
+    names = read_offered(Paths(cluster.config_dir, cluster.cache_dir))
+    assert names is not None, f"no variants.list in {cluster.config_dir}"
+    return names
+
+
 def add_log(cluster: GanetiCluster, name: str) -> str:
     text = cluster.read_os_logs("add", name)
     assert text, f"no OS log for {name} in /var/log/ganeti/os"
@@ -81,7 +88,7 @@ def add_log(cluster: GanetiCluster, name: str) -> str:
 def test_os_diagnose_shows_cloudimage_valid(ganeti_cluster: GanetiCluster) -> None:
     out = ganeti_cluster.gnt("gnt-os", "diagnose").stdout
     assert f"OS: {OS_NAME} [global status: valid]" in out
-    assert f"status: valid (path: {OS_DIR})" in out
+    assert f"status: valid (path: {ganeti_cluster.os_dir})" in out
     assert "[trusted]" in out
 
 
@@ -90,7 +97,7 @@ def test_os_info_lists_variants_and_parameters(ganeti_cluster: GanetiCluster) ->
     assert "- valid: True" in out
     variants = out.split("- variants:")[1].split("- parameters:")[0]
     assert sorted(line.strip(" -") for line in variants.strip().splitlines()) == \
-        list_variants(Paths(ganeti_cluster.config_dir, ganeti_cluster.cache_dir))
+        sorted(offered(ganeti_cluster))
     params = out.split("- parameters:")[1].split("- trusted:")[0]
     declared = sorted(line.strip(" -").split(":")[0] for line in params.strip().splitlines())
     assert declared == sorted(parameter_names())
@@ -112,6 +119,39 @@ def test_cluster_verify_finds_nothing_wrong_with_the_os(ganeti_cluster: GanetiCl
 def test_os_list_offers_the_demo_variant(ganeti_cluster: GanetiCluster) -> None:
     out = ganeti_cluster.gnt("gnt-os", "list", "--no-headers").stdout.split()
     assert f"{OS_NAME}+demo" in out
+
+
+def test_an_edit_of_variants_list_takes_effect_without_a_reinstall(ganeti_cluster: GanetiCluster) -> None:
+    """The administrator's list is what Ganeti offers: a variant taken out is refused at once."""
+    cluster = ganeti_cluster
+    listed = Paths(cluster.config_dir, cluster.cache_dir).variants_list
+    before = listed.read_text()
+    listed.write_text("".join(f"{n}\n" for n in offered(cluster) if n != "demo"))
+    try:
+        assert f"{OS_NAME}+demo" not in cluster.gnt("gnt-os", "list", "--no-headers").stdout.split()
+        result = cluster.add_instance("off1", variant="demo", check=False)
+        assert result.returncode != 0
+        assert "does not support variant 'demo'" in result.output, result.describe()
+    finally:
+        listed.write_text(before)
+    assert f"{OS_NAME}+demo" in cluster.gnt("gnt-os", "list", "--no-headers").stdout.split()
+
+
+def test_a_site_file_points_a_distribution_variant_at_a_local_image(ganeti_cluster: GanetiCluster,
+                                                                    image_only: dict[str, str]) -> None:
+    """debian-12, the variant a package install offers, with its image where a site file says."""
+    cluster = ganeti_cluster
+    image = cluster.image_dir / "debian-12-local.qcow2"
+    image.write_bytes(demo_image(cluster).read_bytes())
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    site_file = cluster.config_dir / "variants" / "debian-12.conf"
+    site_file.write_text(f"[Image]\nURL = {image}\nChecksum = sha256:{digest}\n")
+    try:
+        cluster.add_instance("deb1", variant="debian-12", params=image_only)
+    finally:
+        site_file.unlink()
+    assert_same_content(image, "qcow2", cluster.disk_path_of("deb1"))
+    assert "error" not in add_log(cluster, "deb1").lower()
 
 
 # --- create ------------------------------------------------------------------------------------
