@@ -39,6 +39,7 @@ from cloudinit.net import eni, netplan, network_manager, network_state, sysconfi
 from cloudinit.sources import DataSourceConfigDrive, DataSourceNoCloud
 
 gi.require_version("NM", "1.0")
+from cloudinit_reader import base_config  # noqa: E402 - this directory is the script's sys.path[0]
 from gi.repository import NM, GLib  # noqa: E402 - after require_version, as PyGObject needs
 
 # The generator 'netplan generate' runs, called directly: the Python wrapper costs 0.3 s a call.
@@ -59,15 +60,7 @@ class Recorder(logging.Handler):
 
 
 def make_init(work):
-    cfg = stages.fetch_base_config()
-    cfg.setdefault("system_info", {})["paths"] = {
-        "cloud_dir": os.path.join(work, "cloud"),
-        "run_dir": os.path.join(work, "run"),
-        "templates_dir": "/etc/cloud/templates",
-    }
-    # Never probe the host's block devices for a cidata/config-2 label.
-    cfg["datasource"] = {"NoCloud": {"fs_label": None}, "ConfigDrive": {"dslist": []}}
-    cfg.pop("def_log_file", None)
+    cfg = base_config(work)
 
     class ReaderInit(stages.Init):
         def _read_cfg(self, extra_fns):
