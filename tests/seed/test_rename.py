@@ -179,6 +179,7 @@ def test_rename_to_the_same_name_leaves_every_disk_byte_for_byte(tmp_path: Path,
         assert dh.read_fat_seed(images[1], seed.split("-")[0])["fqdn"] == "old.example.org"
     before = sha256s(images)
     env = dh.ganeti_env(images, Script.RENAME, name="old.example.org", old_name="old.example.org")
+    caplog.clear()  # only the rename's lines
     with caplog.at_level(logging.DEBUG, logger="instance_cloudimage"):
         run_rename(env, SiteConfig())
     assert sha256s(images) == before
