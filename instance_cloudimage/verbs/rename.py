@@ -41,7 +41,7 @@ def run_rename(genv: GanetiEnv, site: SiteConfig, steps: Sequence[tuple[str, Ren
     if genv.old_instance_name == instance.name:
         # Ganeti runs rename after every import, with the same name: the disk stays exactly as the
         # import left it (no mount, no seed rewritten, the instance-id kept), at the cost of nothing.
-        log.info("rename: the name %s did not change; no disk was looked at or written", instance.name)
+        log.info("the name %s did not change; no disk was looked at or written", instance.name)
         return
     for what, step in RENAME_STEPS if steps is None else steps:
         try:

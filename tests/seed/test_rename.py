@@ -184,7 +184,7 @@ def test_rename_to_the_same_name_leaves_every_disk_byte_for_byte(tmp_path: Path,
         run_rename(env, SiteConfig())
     assert sha256s(images) == before
     assert [r.getMessage() for r in caplog.records] == [
-        "rename: the name old.example.org did not change; no disk was looked at or written"]
+        "the name old.example.org did not change; no disk was looked at or written"]
     assert gi.no_loops(img) and gi.our_mounts() == []
 
 
