@@ -39,6 +39,7 @@ from instance_cloudimage.runtime.siteconfig import (
 )
 from instance_cloudimage.scripts.main import guarded
 from instance_cloudimage.sources.cache import make_cache
+from instance_cloudimage.sources.cacheentry import export_entry, find_entry, import_entry
 from instance_cloudimage.sources.fetch import fetch_image, resolve_image
 from instance_cloudimage.verbs.create import run_create
 
@@ -213,7 +214,7 @@ def utc_time(timestamp: float) -> str:
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
-    """``cache list|prune|fetch``: what administrators run on each node (gnt-cluster command)."""
+    """``cache list|prune|fetch|export|import``: what administrators run on each node (gnt-cluster command)."""
     paths = Paths(Path(args.config_dir), Path(args.cache_dir))
     site = load_site_config(paths)
     cache = make_cache(site)
@@ -237,10 +238,20 @@ def cmd_cache(args: argparse.Namespace) -> None:
     elif args.action == "prune":
         removed, freed = cache.prune(everything=args.all)
         print(f"removed {removed} images, freed {format_size(freed)}")
+    elif args.action == "export":
+        if len(args.operands) != 2:
+            raise ParameterError("cache export needs a digest and a file name", "e.g. cache export sha256:HEX FILE")
+        manifest = export_entry(cache, find_entry(cache, args.operands[0]), Path(args.operands[1]))
+        print(f"exported sha256:{manifest.sha256} {format_size(manifest.size)} to {args.operands[1]}")
+    elif args.action == "import":
+        if len(args.operands) != 1:
+            raise ParameterError("cache import needs one file name")
+        manifest, new = import_entry(cache, Path(args.operands[0]), int(site.get("max_download_size")))
+        print(f"{'imported' if new else 'already cached:'} sha256:{manifest.sha256} {format_size(manifest.size)}")
     else:
-        if not args.variant:
+        if len(args.operands) != 1:
             raise ParameterError("cache fetch needs a variant name")
-        variant = load_variant(args.variant, paths)
+        variant = load_variant(args.operands[0], paths)
         arches = variant.architectures if args.arch == "all" else (args.arch or host_architecture(),)
         for arch in arches:
             ref = resolve_image(variant, {}, arch)
@@ -319,16 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_install)
 
     p = add_subcommand(
-        sub, "cache", "list, prune or prefetch the image cache",
+        sub, "cache", "list, prune, prefetch, export or import the image cache",
         "list: the cached images (--json: for scripts); prune: evict to [Cache] MaxSize (--all: "
-        "every image not in use); fetch VARIANT: download and verify a variant's image now (run "
-        "it on every node with gnt-cluster command before a rollout).",
+        "every image not in use); fetch VARIANT: download and verify a variant's image now; "
+        "export DIGEST FILE: write one cached image, with its digests, to FILE; import FILE: "
+        "verify such a file and add its image to this node's cache (one download per cluster: "
+        "fetch and export on the master, gnt-cluster copyfile, import with gnt-cluster command).",
         "  instance-cloudimage cache list\n"
         "  gnt-cluster command 'instance-cloudimage cache list --json'\n"
         "  instance-cloudimage cache fetch debian-12 --arch all\n"
+        "  instance-cloudimage cache export sha256:9c1a0e5b2f7d FILE\n"
+        "  gnt-cluster command 'instance-cloudimage cache import FILE'\n"
         "  instance-cloudimage cache prune --all", debug)
-    p.add_argument("action", choices=("list", "prune", "fetch"))
-    p.add_argument("variant", nargs="?", help="the variant to fetch")
+    p.add_argument("action", choices=("list", "prune", "fetch", "export", "import"))
+    p.add_argument("operands", nargs="*", metavar="ARG", help="fetch: VARIANT; export: DIGEST FILE; import: FILE")
     p.add_argument("--arch", help="machine architecture for fetch (default: this node's; 'all': every one)")
     p.add_argument("--all", action="store_true", help="prune: remove every image not in use")
     p.add_argument("--json", action="store_true", help="list: print JSON (keys: docs/images.md)")

@@ -234,8 +234,7 @@ def rename_seeds(genv: GanetiEnv, site: SiteConfig | None = None, *, may_mount: 
     if genv.params.get("hostname"):
         log.info("the hostname parameter is set; the seed keeps it")
         return
-    if not old or old == new:
-        log.info("instance name unchanged; nothing to update in the seed")
+    if not old or old == new:  # run_rename stops before this; equal values must not be rewritten
         return
     rename = make_renamer(old, new)
     arch = genv.params.get("arch") or host_architecture()

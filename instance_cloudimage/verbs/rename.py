@@ -1,6 +1,6 @@
 """rename: put the new name into the instance's seeds (seed/rename.py) (docs/lifecycle.md, "Rename").
 
-A rename never fails the job for a cosmetic reason.
+A rename never fails the job for a cosmetic reason, and one that keeps the name touches nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ def run_rename(genv: GanetiEnv, site: SiteConfig, steps: Sequence[tuple[str, Ren
     nothing a rename changes (hostname files) is worth that, so even a bug is only logged.
     """
     instance = genv.require_instance()
+    if genv.old_instance_name == instance.name:
+        # Ganeti runs rename after every import, with the same name: the disk stays exactly as the
+        # import left it (no mount, no seed rewritten, the instance-id kept), at the cost of nothing.
+        log.info("the name %s did not change; no disk was looked at or written", instance.name)
+        return
     for what, step in RENAME_STEPS if steps is None else steps:
         try:
             step(genv, site)

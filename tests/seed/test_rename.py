@@ -158,6 +158,36 @@ def test_rename_with_nothing_to_change_leaves_the_disk_byte_for_byte(tmp_path: P
     assert gi.no_loops(img) and gi.our_mounts() == []
 
 
+def sha256s(images: list[Path]) -> list[str]:
+    return [hashlib.sha256(img.read_bytes()).hexdigest() for img in images]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("seed", ["nocloud-fs", "nocloud-disk", "configdrive-disk", "nocloud-partition"])
+def test_rename_to_the_same_name_leaves_every_disk_byte_for_byte(tmp_path: Path, seed: str,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Ganeti runs rename after every import, usually with OLD_INSTANCE_NAME == INSTANCE_NAME: the
+    seed (and its instance-id) must stay exactly as the import wrote it, and the log say so once."""
+    img = gi.gpt_root_first(tmp_path / "disk0.img", root_mib=120)
+    images = [img] + ([gi.blank(tmp_path / "disk1.img", 16)] if seed.endswith("-disk") else [])
+    create(tmp_path, images, seed=seed)
+    if seed == "nocloud-fs":
+        assert dh.read_nocloud_in_guest(img)["fqdn"] == "old.example.org"
+    elif seed == "nocloud-partition":
+        assert dh.read_seed_partition(img, "nocloud")["fqdn"] == "old.example.org"
+    else:
+        assert dh.read_fat_seed(images[1], seed.split("-")[0])["fqdn"] == "old.example.org"
+    before = sha256s(images)
+    env = dh.ganeti_env(images, Script.RENAME, name="old.example.org", old_name="old.example.org")
+    caplog.clear()  # only the rename's lines
+    with caplog.at_level(logging.DEBUG, logger="instance_cloudimage"):
+        run_rename(env, SiteConfig())
+    assert sha256s(images) == before
+    assert [r.getMessage() for r in caplog.records] == [
+        "the name old.example.org did not change; no disk was looked at or written"]
+    assert gi.no_loops(img) and gi.our_mounts() == []
+
+
 @pytest.mark.integration
 def test_rename_keeps_an_explicit_hostname(tmp_path: Path) -> None:
     img = gi.gpt_root_first(tmp_path / "disk0.img")

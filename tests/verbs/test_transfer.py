@@ -377,6 +377,22 @@ def test_rename_exits_zero(tmp_path: Path, os_dirs: dict[str, Path]) -> None:
     assert "renamed old.example.test to inst1.example.test" in proc.stderr
 
 
+def test_rename_to_the_same_name_is_one_line_and_touches_nothing(tmp_path: Path, os_dirs: dict[str, Path]) -> None:
+    """What Ganeti runs after an import under the exported name, through the real script."""
+    disk = tmp_path / "disk0"
+    make_target(disk)
+    disk.write_bytes(os.urandom(64 * 1024) + disk.read_bytes()[64 * 1024:])
+    before = disk.read_bytes()
+    env = ganeti_env(os_dirs["plain"], os.fspath(disk), "rename", old_name="inst1.example.test")
+    proc = subprocess.run([os_dirs["plain"] / "rename"], env=env, cwd=os_dirs["plain"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "cloudimage rename: the name inst1.example.test did not change; "
+        "no disk was looked at or written"]
+    assert disk.read_bytes() == before
+
+
 def test_rename_survives_a_broken_site_config(tmp_path: Path, os_dirs: dict[str, Path]) -> None:
     import json
 

@@ -316,6 +316,10 @@ def test_export_remove_import_rename(ganeti_cluster: GanetiCluster, created: Cre
     import_log = cluster.read_os_logs("import", NAME)
     assert f"network configuration now for MAC {new_macs[0]}" in import_log, import_log
     assert "cloud-init runs its per-instance modules again" in import_log
+    # Ganeti ran rename with the exported instance's name, the same one: the disk was not looked at.
+    rename_log = cluster.read_os_logs("rename", NAME)
+    assert f"the name {cluster.fqdn(NAME)} did not change; no disk was looked at or written" in rename_log, \
+        rename_log
 
     cluster.rename(NAME, NEW_NAME)
     seed = read_seed(cluster.disk_path_of(NEW_NAME))
