@@ -161,13 +161,15 @@ def copy_hashed(src_fd: int, offset: int, size: int, dst_fd: int, what: str) -> 
 def import_entry(cache: Cache, src: Path, max_download: int) -> tuple[Manifest, bool]:
     """Import an exported entry; return its manifest and whether it was new (else already cached)."""
     try:
-        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO named by mistake would otherwise block the open forever.
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise ImageFetchError(f"cannot read {src}: {e.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise not_an_export(src, "not a regular file")
+        os.set_blocking(fd, True)
         manifest, offset = parse_manifest(src, os.pread(fd, MAX_MANIFEST, 0))
         check_size(src, manifest, st.st_size - offset, cache, max_download)
         existing = cache.open_entry(manifest.sha256, ["sha512"])

@@ -162,6 +162,16 @@ def test_import_refuses_anything_else_with_one_line(tmp_path: Path, state: Serve
     assert entries(node2) == [] and list((node2 / "tmp").iterdir()) == []
 
 
+def test_import_of_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    cfg = write_site(tmp_path / "etc")
+    fifo = tmp_path / "entry.fifo"
+    os.mkfifo(fifo)
+    imp = cache_cmd(cfg, tmp_path / "node2", "import", os.fspath(fifo))  # without O_NONBLOCK: a timeout
+    assert imp.returncode == 1
+    assert imp.stderr.splitlines()[0].startswith(f"instance-cloudimage: error: {fifo} is not an "
+                                                 "instance-cloudimage cache export (not a regular file)")
+
+
 def test_import_keeps_to_the_size_limits(tmp_path: Path, state: ServerState, image: bytes) -> None:
     cfg, out = exported(tmp_path, state, image)
     for section, key, name in (("Images", "MaxDownloadSize", "[Images] MaxDownloadSize"),
