@@ -23,26 +23,7 @@ from hypothesis import strategies as st
 from instance_cloudimage.image.tar import TarMember, parse_decimal
 from instance_cloudimage.runtime.errors import UnsafeImage, UserError
 from tests.conftest import need_tools
-
-
-class Source:
-    """A Readable over bytes that hands out at most ``step`` bytes a call (as a pipe may)."""
-
-    def __init__(self, data: bytes, step: int = 1 << 20) -> None:
-        self.data = memoryview(data)
-        self.pos = 0
-        self.step = step
-
-    def readinto(self, buf: bytearray | memoryview) -> int:
-        n = min(len(buf), self.step, len(self.data) - self.pos)
-        buf[:n] = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return n
-
-    def read(self, n: int = 1 << 20) -> bytes:
-        buf = bytearray(n)
-        return bytes(buf[:self.readinto(buf)])
-
+from tests.support.imagetools import Source
 
 MAX_CONTENT = 16 << 20  # holes are zeros to read, not work the parser does: keep the deadline honest
 
@@ -154,7 +135,7 @@ def test_a_pax_size_that_int_refuses_is_refused(value: str) -> None:
         info.size = 512
         tar.addfile(info, io.BytesIO(bytes(512)))
     with pytest.raises(UnsafeImage, match="malformed PAX header"):
-        TarMember(Source(buf.getvalue()))
+        TarMember(Source(buf.getvalue(), 1 << 20))
 
 
 def test_reading_one_byte_at_a_time_is_the_same() -> None:

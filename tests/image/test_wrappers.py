@@ -39,27 +39,9 @@ from instance_cloudimage.runtime.errors import (
     UnsupportedFormat,
 )
 from instance_cloudimage.runtime.process import Spawned, spawn
+from tests.support.imagetools import Source
 
 MiB = 1024 * 1024
-
-
-class Source:
-    """A Readable over bytes that hands out at most ``step`` bytes per call, like a pipe; raises
-    a download error once ``fail_at`` bytes were read."""
-
-    def __init__(self, data: bytes, step: int = 100_000, fail_at: int | None = None) -> None:
-        self.data = io.BytesIO(data)
-        self.step = step
-        self.fail_at = fail_at
-
-    def readinto(self, buf: bytearray | memoryview) -> int:
-        if self.fail_at is not None and self.data.tell() >= self.fail_at:
-            raise ImageFetchError("the download of the image failed: connection reset")
-        view = memoryview(buf)[:self.step]
-        return self.data.readinto(view)
-
-    def read(self, n: int = -1) -> bytes:
-        return self.data.read(min(n, self.step) if n >= 0 else self.step)
 
 
 def tar_bytes(members: dict[str, bytes], fmt: int = tarfile.GNU_FORMAT) -> bytes:

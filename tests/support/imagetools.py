@@ -4,6 +4,7 @@ implementing the ImageStream protocol over a file, and loop devices."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import subprocess
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from typing import Any
 
 from instance_cloudimage.disk.deploy import Deployed, deploy_image
 from instance_cloudimage.disk.write import open_disk
-from instance_cloudimage.runtime.errors import ChecksumMismatch
+from instance_cloudimage.runtime.errors import ChecksumMismatch, ImageFetchError
 
 MiB = 1024 * 1024
 SECRET = b"TOP-SECRET-HOST-DATA-0123456789"
@@ -150,3 +151,22 @@ def loop_device(backing: Path) -> Iterator[str]:
 
 def root() -> bool:
     return os.geteuid() == 0
+
+
+class Source:
+    """A Readable over bytes that hands out at most ``step`` bytes per call, like a pipe; raises
+    a download error once ``fail_at`` bytes were read."""
+
+    def __init__(self, data: bytes, step: int = 100_000, fail_at: int | None = None) -> None:
+        self.data = io.BytesIO(data)
+        self.step = step
+        self.fail_at = fail_at
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        if self.fail_at is not None and self.data.tell() >= self.fail_at:
+            raise ImageFetchError("the download of the image failed: connection reset")
+        view = memoryview(buf)[:self.step]
+        return self.data.readinto(view)
+
+    def read(self, n: int = -1) -> bytes:
+        return self.data.read(min(n, self.step) if n >= 0 else self.step)
