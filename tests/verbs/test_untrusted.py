@@ -218,18 +218,25 @@ def test_choices_that_need_a_mount_are_refused_in_one_line(tmp_path: Path, site:
     assert disk.read_bytes() == bytes(64 * M)  # refused before the disk was touched
 
 
-def test_a_trusted_directory_keeps_todays_behaviour(tmp_path: Path, site: tuple[Path, Path, Path]) -> None:
+def create_with_setting(tmp_path: Path, site: tuple[Path, Path, Path], setting: str,
+                        label: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """The OS create script on an image of the image parameter, with one more [Images] setting."""
     etc, os_dir, images = site
     conf = etc / "defaults.conf"
     saved = conf.read_text()
-    conf.write_text(saved + f"TrustedDirectories = {images}\n")
+    conf.write_text(saved + setting + "\n")
     try:
-        image = make_image(images, "gpt", "ext4")
+        image = make_image(images, label, "ext4")
         disk = gi.blank(tmp_path / "disk0.img", 256)
         env = dh.environ([disk], params={"image": os.fspath(image)}, nics=1)
         proc = subprocess.run([os_dir / "create"], env=env, cwd=os_dir, capture_output=True, text=True, check=False)
     finally:
         conf.write_text(saved)
+    return proc, disk
+
+
+def test_a_trusted_directory_keeps_todays_behaviour(tmp_path: Path, site: tuple[Path, Path, Path]) -> None:
+    proc, disk = create_with_setting(tmp_path, site, f"TrustedDirectories = {site[2]}", "gpt")
     assert proc.returncode == 0, proc.stderr
     assert "image trust: trusted (a local file in one of [Images] TrustedDirectories)" in proc.stderr
     assert "seed delivery: nocloud-fs (cloud-init agent)" in proc.stderr
@@ -238,17 +245,7 @@ def test_a_trusted_directory_keeps_todays_behaviour(tmp_path: Path, site: tuple[
 
 
 def test_mount_untrusted_gives_back_todays_behaviour(tmp_path: Path, site: tuple[Path, Path, Path]) -> None:
-    etc, os_dir, images = site
-    conf = etc / "defaults.conf"
-    saved = conf.read_text()
-    conf.write_text(saved + "MountUntrusted = yes\n")
-    try:
-        image = make_image(images, "dos", "ext4")
-        disk = gi.blank(tmp_path / "disk0.img", 256)
-        env = dh.environ([disk], params={"image": os.fspath(image)}, nics=1)
-        proc = subprocess.run([os_dir / "create"], env=env, cwd=os_dir, capture_output=True, text=True, check=False)
-    finally:
-        conf.write_text(saved)
+    proc, disk = create_with_setting(tmp_path, site, "MountUntrusted = yes", "dos")
     assert proc.returncode == 0, proc.stderr
     assert "image trust: untrusted (named by the image parameter); mounted all the same" in proc.stderr
     assert "seed delivery: nocloud-fs (cloud-init agent)" in proc.stderr
