@@ -159,10 +159,8 @@ def plan_delivery(instance: Instance, variant: Variant, params: Mapping[str, str
         return SeedPlan(requested, check_seed_disk(second, requested, explicit=True, reinstall=reinstall,
                                                    local=local),
                         flamingo, reason="asked for")
-    if requested in PARTITION_DELIVERIES:
+    if requested in (*PARTITION_DELIVERIES, "nocloud-fs"):
         return SeedPlan(requested, None, flamingo, reason="asked for")
-    if requested == "nocloud-fs":
-        return SeedPlan("nocloud-fs", None, flamingo, reason="asked for")
     if not may_mount:
         return plan_untrusted(second, reinstall, local)
     # auto

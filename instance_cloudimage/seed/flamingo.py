@@ -43,7 +43,7 @@ from instance_cloudimage.runtime.errors import SeedError, UnsafeImage
 from instance_cloudimage.seed.accounts import Accounts, home_mode, is_number, parse_login_defs
 from instance_cloudimage.seed.content import SeedInput
 from instance_cloudimage.seed.firstboot import install_first_boot
-from instance_cloudimage.seed.flamingoconfig import FlamingoConfig, parse_flamingo_user_data
+from instance_cloudimage.seed.flamingoconfig import MAX_ID, FlamingoConfig, parse_flamingo_user_data
 from instance_cloudimage.seed.userdata import MAX_DECODED
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,6 @@ def keys_by_user(metadata: Mapping[str, Any]) -> dict[str, list[str]]:
         if lines:
             out[str(user)] = lines
     return out
-
-
-MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown
 
 
 def parse_passwd(text: str) -> dict[str, tuple[int, int, str]]:
