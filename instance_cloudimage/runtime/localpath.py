@@ -38,6 +38,11 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def below(path: str, root: str) -> bool:
+    """Whether the resolved ``path`` lies inside the resolved directory ``root`` (not ``root`` itself)."""
+    return path != root and _inside(path, root)
+
+
 def resolve_local_image_path(raw: str, site: SiteConfig, *, what: str = "image") -> Path:
     """Return the resolved path, or raise ParameterError saying why it is refused."""
     return resolve_local_image(raw, site, what=what)[0]
@@ -70,7 +75,7 @@ def allowed_root(real: Path, site: SiteConfig, *, what: str = "image") -> Path:
             raise ParameterError(f"{what} path points into {root}, which is never read")
     for d in site.allowed_dirs:
         resolved = os.path.realpath(d)
-        if _inside(os.fspath(real), resolved) and os.fspath(real) != resolved:
+        if below(os.fspath(real), resolved):
             return Path(resolved)
     raise ParameterError(
         f"{what} path is outside the allowed image directories",
