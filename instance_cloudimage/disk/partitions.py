@@ -165,8 +165,9 @@ def _parse_sfdisk(data: dict[str, Any], disk_size: int) -> PartitionTable:
                           partitions=tuple(parts), last_lba=last_lba, first_lba=first_lba, table_length=length)
 
 
-def read_partition_table(path: str) -> PartitionTable:
-    """Read the table of a disk (block device or image file) and probe each partition's filesystem.
+def read_partition_table(path: str, *, probe: bool = True) -> PartitionTable:
+    """Read the table of a disk (block device or image file) and probe each partition's filesystem
+    (with ``probe`` false, only the table: no partition's fstype or label).
 
     A disk with no table but a filesystem at offset 0 yields one whole-disk partition; an empty
     disk yields no partitions.  Raises SeedError on a table sfdisk cannot read.
@@ -183,6 +184,8 @@ def read_partition_table(path: str) -> PartitionTable:
     except CommandError as e:
         raise SeedError(f"the partition table on {path} cannot be read: {e.stderr.strip() or e}") from None
     table = _parse_sfdisk(json.loads(out), disk_size)
+    if not probe:
+        return table
     probed = []
     for p in table.partitions:
         if table.label == "dos" and p.type in MBR_EXTENDED:

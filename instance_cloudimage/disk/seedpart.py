@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from instance_cloudimage.disk.partitions import (
+    GPT_ENTRIES,
     MBR_EXTENDED,
     Partition,
     PartitionTable,
@@ -97,7 +98,7 @@ def check_table(table: PartitionTable) -> None:
 def gpt_end(table: PartitionTable) -> int:
     """The first sector after the usable area once the backup GPT is at the disk's end: the backup
     header takes the last sector, its entries the ones before it."""
-    entry_sectors = -(-(table.table_length or 128) * 128 // table.sector_size)
+    entry_sectors = -(-(table.table_length or GPT_ENTRIES) * 128 // table.sector_size)
     return table.disk_size // table.sector_size - 1 - entry_sectors
 
 
@@ -108,7 +109,7 @@ def place_seed(table: PartitionTable, size: int, *, relocated: bool = False) -> 
     align = MIB // sector
     if table.label == "gpt":
         used = {p.number for p in table.partitions}
-        free = [n for n in range(1, (table.table_length or 128) + 1) if n not in used]
+        free = [n for n in range(1, (table.table_length or GPT_ENTRIES) + 1) if n not in used]
         if not free:
             raise SeedError(f"the image's GPT has no free entry (all {table.table_length} are used), so there "
                             "is no room for a seed partition", ALTERNATIVES)
@@ -172,8 +173,9 @@ def add_seed_partition(disk_path: str, size: int = SEED_PARTITION_SIZE) -> Parti
 
 
 def read_table(disk_path: str) -> PartitionTable:
+    """The table alone: placing the seed partition needs no partition's filesystem probed."""
     try:
-        return read_partition_table(disk_path)
+        return read_partition_table(disk_path, probe=False)
     except SeedError as e:
         raise UnsafeImage(e.message, ALTERNATIVES) from None
 

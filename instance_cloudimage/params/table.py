@@ -112,25 +112,16 @@ def check_arch(value: str, site: SiteConfig) -> None:
         raise ParameterError("arch must be a machine name such as x86_64 or aarch64")
 
 
-def check_grow_root(value: str, site: SiteConfig) -> None:
-    try:
-        parse_bool(value)
-    except ValueError:
-        raise ParameterError("grow_root must be yes or no") from None
+def yes_or_no(name: str) -> Check:
+    """The check of a yes/no parameter called ``name``."""
 
+    def check(value: str, site: SiteConfig) -> None:
+        try:
+            parse_bool(value)
+        except ValueError:
+            raise ParameterError(f"{name} must be yes or no") from None
 
-def check_keep_instance_id(value: str, site: SiteConfig) -> None:
-    try:
-        parse_bool(value)
-    except ValueError:
-        raise ParameterError("keep_instance_id must be yes or no") from None
-
-
-def check_metad_refresh(value: str, site: SiteConfig) -> None:
-    try:
-        parse_bool(value)
-    except ValueError:
-        raise ParameterError("metad_refresh must be yes or no") from None
+    return check
 
 
 def check_ssh_authorized_keys(value: str, site: SiteConfig) -> None:
@@ -161,7 +152,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("arch", "Machine architecture of the image to use (default: the node's, e.g. x86_64)",
               check_arch),
     Parameter("grow_root", "Grow the root partition and filesystem to the end of disk 0 on the node: yes or no "
-              "(default: the variant's GrowRoot; cloud-init grows on first boot by itself)", check_grow_root),
+              "(default: the variant's GrowRoot; cloud-init grows on first boot by itself)", yes_or_no("grow_root")),
     Parameter("hostname", "Guest host name, short or fully qualified (default: the instance name)",
               check_hostname),
     Parameter("ssh_authorized_keys", "OpenSSH public keys for the image's default user (root on flamingo), "
@@ -180,10 +171,10 @@ PARAMETERS: tuple[Parameter, ...] = (
               "configdrive-partition or none", check_seed),
     Parameter("metad_refresh", "cloud-init guests with the instance-communication NIC apply metad's current "
               "ssh_authorized_keys and hostname at every boot: yes or no (default: the site's [Seed] MetadRefresh, "
-              "yes)", check_metad_refresh),
+              "yes)", yes_or_no("metad_refresh")),
     Parameter("keep_instance_id", "Import only: keep the seed's instance-id when new NICs change its network "
               "configuration, so cloud-init does not redo its first boot: yes or no (default: the site's "
-              "[Import] KeepInstanceId, no)", check_keep_instance_id),
+              "[Import] KeepInstanceId, no)", yes_or_no("keep_instance_id")),
 )
 
 

@@ -38,8 +38,19 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def below(path: str, root: str) -> bool:
+    """Whether the resolved ``path`` lies inside the resolved directory ``root`` (not ``root`` itself)."""
+    return path != root and _inside(path, root)
+
+
 def resolve_local_image_path(raw: str, site: SiteConfig, *, what: str = "image") -> Path:
     """Return the resolved path, or raise ParameterError saying why it is refused."""
+    return resolve_local_image(raw, site, what=what)[0]
+
+
+def resolve_local_image(raw: str, site: SiteConfig, *, what: str = "image") -> tuple[Path, Path]:
+    """The resolved path and the allowed directory (``allowed_root``) that holds it, or
+    ParameterError saying why it is refused."""
     if not os.path.isabs(raw):
         raise ParameterError(f"{what} path must be absolute")
     if "\x00" in raw:
@@ -48,13 +59,13 @@ def resolve_local_image_path(raw: str, site: SiteConfig, *, what: str = "image")
         raise ParameterError(f"{what} path must not contain '..'")
     try:
         real = os.path.realpath(raw)
-        allowed_root(Path(real), site, what=what)
+        root = allowed_root(Path(real), site, what=what)
         st = os.stat(real)
     except OSError as e:
         raise ParameterError(f"{what} path cannot be read: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise ParameterError(f"{what} path is not a regular file")
-    return Path(real)
+    return Path(real), root
 
 
 def allowed_root(real: Path, site: SiteConfig, *, what: str = "image") -> Path:
@@ -64,7 +75,7 @@ def allowed_root(real: Path, site: SiteConfig, *, what: str = "image") -> Path:
             raise ParameterError(f"{what} path points into {root}, which is never read")
     for d in site.allowed_dirs:
         resolved = os.path.realpath(d)
-        if _inside(os.fspath(real), resolved) and os.fspath(real) != resolved:
+        if below(os.fspath(real), resolved):
             return Path(resolved)
     raise ParameterError(
         f"{what} path is outside the allowed image directories",

@@ -26,11 +26,10 @@ from urllib.parse import urlsplit
 from instance_cloudimage.ganeti.variants import Variant
 from instance_cloudimage.runtime.errors import ChecksumMismatch, ParameterError
 from instance_cloudimage.runtime.localpath import (
-    allowed_root,
     only_root_can_change,
     open_local_image,
     pinned_path,
-    resolve_local_image_path,
+    resolve_local_image,
 )
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 from instance_cloudimage.sources.cache import make_cache
@@ -182,8 +181,8 @@ def open_image(ref: ImageRef, site: SiteConfig, stack: ExitStack) -> ImageStream
         stream = open_local(demo, demo.parent, ref, site, stack)
     elif scheme in ("path", "file"):
         raw = urlsplit(ref.location).path if scheme == "file" else ref.location
-        path = resolve_local_image_path(raw, site, what="image")
-        stream = open_local(path, allowed_root(path, site), ref, site, stack)
+        path, root = resolve_local_image(raw, site, what="image")
+        stream = open_local(path, root, ref, site, stack)
     else:
         raise ParameterError(f"image URL scheme '{scheme}' is not supported",
                              "use https://, http://, file:// or an absolute path")

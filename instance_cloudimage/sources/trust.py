@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from instance_cloudimage.runtime.localpath import below
 from instance_cloudimage.runtime.siteconfig import SiteConfig
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,7 @@ def in_trusted_directory(location: str, site: SiteConfig) -> bool:
     if not os.path.isabs(path):
         return False
     real = os.path.realpath(path)
-    for d in site.get("trusted_dirs"):
-        root = os.path.realpath(d)
-        if real != root and real.startswith(root.rstrip("/") + "/"):
-            return True
-    return False
+    return any(below(real, os.path.realpath(d)) for d in site.get("trusted_dirs"))
 
 
 def decide_trust(image_parameter: str | None, site: SiteConfig) -> ImageTrust:

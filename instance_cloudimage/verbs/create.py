@@ -189,11 +189,13 @@ def run_phases(ctx: CreateContext, plan: HookPlan, facts: HookFacts, stack: Exit
         run_hooks(plan, Phase.PRE_WRITE, facts, site)
 
     write_image(ctx, ref, stack, before_write=pre_write)
-    if grow_requested(ctx.genv.params, ctx.variant) and not trust.may_mount:
-        log.info("the root filesystem is not grown on this node (untrusted image); cloud-init grows it at first boot")
-    elif grow_requested(ctx.genv.params, ctx.variant):
-        with complete_step("growing the root filesystem to the end of the disk"):
-            grow_root(ctx.disk.path or "", ctx.arch, stack)
+    if grow_requested(ctx.genv.params, ctx.variant):
+        if not trust.may_mount:
+            log.info("the root filesystem is not grown on this node (untrusted image); "
+                     "cloud-init grows it at first boot")
+        else:
+            with complete_step("growing the root filesystem to the end of the disk"):
+                grow_root(ctx.disk.path or "", ctx.arch, stack)
     with complete_step("seeding the guest agent"):
         unseeded = unseeded_reason(ctx.genv.params, ctx.variant)
         if unseeded is not None:
