@@ -1,8 +1,10 @@
 """A real single-node Ganeti cluster for the tests in this directory.
 
 The session-scoped ``ganeti_cluster`` fixture builds the cluster with cluster.sh, gives it our
-OS definition, and tears everything down at the end, also when tests fail: instances and exports
-removed, cluster destroyed, daemons stopped, bridge, /etc/hosts and file-storage-paths restored.
+OS definition, and tears everything down at the end (or earlier, when the two-node suite in
+tests/ganeti/twonode takes the machine: tests/support/ganeti_host.occupy), also when tests
+fail: instances and exports removed, cluster destroyed, daemons stopped, bridge, /etc/hosts and
+file-storage-paths restored.
 
 Which OS definition the cluster runs is chosen by INSTANCE_CLOUDIMAGE_CLUSTER_INSTALL:
 

@@ -139,16 +139,20 @@ def leftovers() -> list[str]:
 def installed(two_nodes: TwoNodes) -> Installed:
     """The OS definition on both nodes, by docs/install.md's recipe "A cluster on the venv route"."""
     nodes = two_nodes
-    wheel_dir = nodes.work_dir / "wheel"
-    # The docs' wheel: python3 -m pip wheel --no-deps -w dist . (here by the session's pip).
+    wheel_dir, source = nodes.work_dir / "wheel", nodes.work_dir / "source"
+    # The docs' wheel: python3 -m pip wheel --no-deps -w dist . (here by the session's pip), from
+    # a copy: setuptools builds in the tree, and a build/ left from earlier may hold stale modules.
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", os.fspath(wheel_dir),
-                    os.fspath(REPO)], check=True, capture_output=True)
+                    os.fspath(source)], check=True, capture_output=True)
     (wheel,) = wheel_dir.glob("*.whl")
     shutil.copy(wheel, nodes.host_path("node1", f"/root/{wheel.name}"))
     nodes.gnt("gnt-cluster", "copyfile", f"/root/{wheel.name}")
     nodes.gnt("gnt-cluster", "command",
               f"/usr/bin/python3 -m venv --system-site-packages {VENV} && "
-              f"{VENV}/bin/pip install -q --no-deps --no-index --disable-pip-version-check /root/{wheel.name}")
+              f"{VENV}/bin/pip install -q --no-deps --no-index --force-reinstall --disable-pip-version-check "
+              f"/root/{wheel.name}")
     nodes.gnt(COMMAND, "install")
     # The demo is not offered by default (docs/install.md): this cluster offers it.
     nodes.gnt("sh", "-c", f"echo demo >> {CONFIG_DIR}/variants.list")
