@@ -138,3 +138,14 @@ class DiskWriter:
             os.fsync(self.fd)
         finally:
             os.close(self.fd)
+
+
+def blank_ends(path: str, length: int = 1024 * 1024) -> None:
+    """Make the first and last ``length`` bytes of a disk read as zeros: its partition tables (the
+    GPT's backup is at the end) and boot code, so that nothing boots from what is left."""
+    with DiskWriter(path) as writer:
+        size = os.lseek(writer.fd, 0, os.SEEK_END)
+        head = min(length, size)
+        writer.zero(0, head)
+        tail = max(head, size - length)
+        writer.zero(tail, size - tail)

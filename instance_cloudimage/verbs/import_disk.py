@@ -18,7 +18,7 @@ from typing import BinaryIO
 from instance_cloudimage.disk import exportstream as ds
 from instance_cloudimage.disk import importstream as ims
 from instance_cloudimage.disk.convert import target_size
-from instance_cloudimage.disk.sparse import DiskWriter
+from instance_cloudimage.disk.sparse import DiskWriter, blank_ends
 from instance_cloudimage.disk.staging import staging_errors
 from instance_cloudimage.disk.uri import copy_to_uri
 from instance_cloudimage.ganeti.env import GanetiEnv
@@ -42,6 +42,18 @@ def write_staged(disk: TransferDisk, extent: int) -> None:
     with complete_step(f"writing the imported disk onto {redact_uri(disk.uri)}"):
         copy_to_uri(Path(disk.path), disk.uri)
 
+
+
+def blank_failed_import(path: str, name: str) -> None:
+    """Ganeti reports an import whose script failed as a success, with a warning only, and the
+    instance would boot whatever part of the disk was written: make it unbootable instead."""
+    try:
+        blank_ends(path)
+    except OSError as e:
+        log.warning("could not blank %s after the failed import (%s); do not start the instance", name, e.strerror)
+        return
+    log.warning("%s was left unbootable (its first and last MiB zeroed) because the import failed; Ganeti "
+                "still reports the import as done: remove the instance and import it again", name)
 
 
 def read_some(src: BinaryIO, n: int) -> bytes:
@@ -96,7 +108,12 @@ def run_import(genv: GanetiEnv, site: SiteConfig, source: BinaryIO | None = None
         disk = transfer_disk(genv, site, stack, "IMPORT")
         src = source or open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
         with staging_errors(site):
-            extent = import_stream(disk.path, disk.describe(), src)
+            try:
+                extent = import_stream(disk.path, disk.describe(), src)
+            except BaseException:
+                if disk.uri is None:  # a URI-only disk was not written at all
+                    blank_failed_import(disk.path, disk.describe())
+                raise
         if after_write is not None:
             after_write(disk.path)
         write_staged(disk, extent)

@@ -254,6 +254,15 @@ def assert_refused(ran: Ran, *phrases: str) -> None:
     assert "Traceback" not in ran.stderr
 
 
+def assert_blanked(target: Path, ran: Ran) -> None:
+    """Ganeti reports a failed import as a success (docs/lifecycle.md): the half-written disk must
+    not boot, so its first and last MiB read as zeros.  The target starts dirty (0xa5), so zeros
+    there were written by the failed import, not left from a fresh disk."""
+    data = target.read_bytes()
+    assert data[:MIB] == bytes(MIB) and data[-MIB:] == bytes(MIB)
+    assert "left unbootable (its first and last MiB zeroed) because the import failed" in ran.stderr
+
+
 @pytest.mark.parametrize("flavour", ["plain", "zstd"])
 @pytest.mark.parametrize("keep", [10, 30, 1000, 0.5, -40, -1])
 def test_truncated_stream(tmp_path: Path, os_dirs: dict[str, Path], streams: dict[str, bytes], flavour: str,
@@ -261,9 +270,10 @@ def test_truncated_stream(tmp_path: Path, os_dirs: dict[str, Path], streams: dic
     data = streams[flavour]
     cut = int(len(data) * keep) if isinstance(keep, float) else keep if keep > 0 else len(data) + keep
     target = tmp_path / "target"
-    make_target(target)
+    make_target(target, dirty=True)
     ran = import_(os_dirs["plain"], os.fspath(target), data[:cut])
     assert_refused(ran, "truncated")
+    assert_blanked(target, ran)
 
 
 @pytest.mark.parametrize("flavour", ["plain", "zstd"])
@@ -274,9 +284,10 @@ def test_corrupt_stream(tmp_path: Path, os_dirs: dict[str, Path], streams: dict[
     pos = int(len(data) * where) if where > 0 else len(data) + int(where)
     data[pos] ^= 0x40
     target = tmp_path / "target"
-    make_target(target)
+    make_target(target, dirty=True)
     ran = import_(os_dirs["plain"], os.fspath(target), bytes(data))
     assert_refused(ran, "corrupt", "checksum mismatch", "truncated")
+    assert_blanked(target, ran)
 
 
 def test_stream_for_a_larger_disk(tmp_path: Path, os_dirs: dict[str, Path], streams: dict[str, bytes]) -> None:
@@ -421,7 +432,8 @@ def test_empty_import_stream_is_refused(tmp_path: Path, os_dirs: dict[str, Path]
     make_target(target, dirty=True)
     ran = import_(os_dirs["plain"], os.fspath(target), b"")
     assert_refused(ran, "the import stream is empty")
-    assert target.read_bytes()[:MIB] == b"\xa5" * MIB  # untouched
+    assert_blanked(target, ran)  # whatever the reused device held does not boot either
+    assert target.read_bytes()[MIB:2 * MIB] == b"\xa5" * MIB  # only the ends are written
 
 
 @pytest.mark.parametrize("flavour", ["plain", "raw"])

@@ -1,8 +1,10 @@
 """A real single-node Ganeti cluster for the tests in this directory.
 
 The session-scoped ``ganeti_cluster`` fixture builds the cluster with cluster.sh, gives it our
-OS definition, and tears everything down at the end, also when tests fail: instances and exports
-removed, cluster destroyed, daemons stopped, bridge, /etc/hosts and file-storage-paths restored.
+OS definition, and tears everything down at the end (or earlier, when the two-node suite in
+tests/ganeti/twonode takes the machine: tests/support/ganeti_host.occupy), also when tests
+fail: instances and exports removed, cluster destroyed, daemons stopped, bridge, /etc/hosts and
+file-storage-paths restored.
 
 Which OS definition the cluster runs is chosen by INSTANCE_CLOUDIMAGE_CLUSTER_INSTALL:
 
@@ -23,12 +25,10 @@ the reason; under CI (``CI=true``) they fail instead, so CI can never pass by sk
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,13 +52,20 @@ from ganeti_cluster import (
 from instance_cloudimage.cli.install import PACKAGE_OS_DIR
 from instance_cloudimage.ganeti.variants import default_offered, render_variants_list
 from instance_cloudimage.runtime.siteconfig import Paths, installed_paths
+from tests.support.ganeti_host import (
+    occupy,
+    put_back,
+    require_owner,
+    set_aside,
+    skip_or_fail,
+    vacate,
+    why_no_cluster,
+)
 
 HOSTS = Path("/etc/hosts")
 INSTALL_VARIABLE = "INSTANCE_CLOUDIMAGE_CLUSTER_INSTALL"
 PACKAGE = "ganeti-instance-cloudimage"
-SET_ASIDE = ".before-cluster-tests"
-LOCK_FILE = Path("/run/lock/instance-cloudimage-ganeti-tests.lock")
-LOCK_TIMEOUT = 1800.0
+OWNER = "single-node"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -66,28 +73,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in Path(item.path).parents:
             item.add_marker(pytest.mark.ganeti)
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def why_no_cluster() -> str | None:
-    """Why this machine cannot run the cluster tests, or None."""
-    if sys.platform != "linux":
-        return "Ganeti tests need Linux"
-    if os.geteuid() != 0:
-        return "Ganeti tests need root (run: sudo .venv/bin/pytest)"
-    for tool in ("/usr/sbin/gnt-cluster", "/usr/lib/ganeti/daemon-util"):
-        if not os.path.exists(tool):
-            return f"Ganeti is not installed ({tool} missing; run: sudo .ci/setup)"
-    return None
-
-
-def skip_or_fail(reason: str) -> None:
-    if in_ci():
-        pytest.fail(f"{reason} (CI=true: Ganeti tests must run in CI)", pytrace=False)
-    pytest.skip(reason)
 
 
 def bridge_exists() -> bool:
@@ -111,22 +96,6 @@ def run_cluster_sh(action: str, log: Path) -> GntResult:
     return result
 
 
-def acquire_lock() -> int:
-    """One test session per machine owns the cluster; others wait for it."""
-    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    deadline = time.monotonic() + LOCK_TIMEOUT
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.close(fd)
-                pytest.fail(f"another test session has held {LOCK_FILE} for {LOCK_TIMEOUT:.0f}s")
-            time.sleep(2)
-
-
 def tested_install() -> str:
     value = os.environ.get(INSTALL_VARIABLE, "venv")
     if value not in ("venv", "package"):
@@ -140,27 +109,6 @@ def why_no_package() -> str | None:
         return (f"{INSTALL_VARIABLE}=package, but {PACKAGE} is not installed "
                 "(.ci/build-deb, then apt-get install ./build/deb/*.deb)")
     return None
-
-
-def saved_copy(directory: Path) -> Path:
-    """Where ``set_aside`` keeps ``directory``: a dot name, which Ganeti's OS search skips."""
-    return directory.with_name(f".{directory.name}{SET_ASIDE}")
-
-
-def set_aside(directory: Path) -> None:
-    """Move a directory the tests take over out of the way (after a killed session: put it back first)."""
-    saved = saved_copy(directory)
-    if saved.exists():
-        put_back(directory)
-    if directory.exists():
-        directory.rename(saved)
-
-
-def put_back(directory: Path) -> None:
-    saved = saved_copy(directory)
-    shutil.rmtree(directory, ignore_errors=True)
-    if saved.exists():
-        saved.rename(directory)
 
 
 def write_test_site(paths: Paths, image_dir: Path) -> None:
@@ -195,18 +143,21 @@ def ganeti_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GanetiC
     reason = why_no_cluster()
     if reason:
         skip_or_fail(reason)
-    lock_fd = acquire_lock()
-    work = tmp_path_factory.mktemp("ganeti")
+    cluster = _session(tmp_path_factory.mktemp("ganeti"))
+    occupy(OWNER, cluster.close)  # the two-node suite's cluster, if one runs, stops first
+    yield next(cluster)
+    vacate(OWNER)
+
+
+def _session(work: Path) -> Generator[GanetiCluster, None, None]:
+    """The cluster's whole life as a generator: its ``close()`` tears it down (``occupy``)."""
     log = work / "cluster.log"
-    try:
-        status = run_cluster_sh("status", log).returncode
-        if status == 2:
-            skip_or_fail("a Ganeti cluster not made by the tests is configured on this machine")
-        if status == 0:  # left over from a killed session
-            run_cluster_sh("teardown", log)
-        yield from _run_cluster(work, log)
-    finally:
-        os.close(lock_fd)
+    status = run_cluster_sh("status", log).returncode
+    if status == 2:
+        skip_or_fail("a Ganeti cluster not made by the tests is configured on this machine")
+    if status == 0:  # left over from a killed session
+        run_cluster_sh("teardown", log)
+    yield from _run_cluster(work, log)
 
 
 def _run_cluster(work: Path, log: Path) -> Iterator[GanetiCluster]:
@@ -276,6 +227,7 @@ def exports(cluster: GanetiCluster) -> set[str]:
 @pytest.fixture(autouse=True)
 def _remove_what_the_test_added(ganeti_cluster: GanetiCluster) -> Iterator[None]:
     """Each test starts from the same cluster: its new instances and exports go afterwards."""
+    require_owner(OWNER)
     instances_before, exports_before = set(ganeti_cluster.instances()), exports(ganeti_cluster)
     yield
     for name in sorted(set(ganeti_cluster.instances()) - instances_before):

@@ -11,14 +11,13 @@ from __future__ import annotations
 import ast
 import os
 import re
-import subprocess
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from instance_cloudimage.runtime.resources import shipped_dir
+from tests.support.ganeti_host import DEFAULT_TIMEOUT, GntError, GntResult, run_logged
 
 HERE = Path(__file__).resolve().parent
 CLUSTER_SH = HERE / "cluster.sh"
@@ -37,47 +36,9 @@ KVM_STUB = Path("/var/lib/ganeti-test-cluster/kvm")
 EXPORT_DIR = Path("/var/lib/ganeti/export")
 DOMAIN = "example.test"
 BRIDGE = "gntbr0"
-DEFAULT_TIMEOUT = 600.0
 # The site variant conftest.py puts into the installed OS (the demo image with a default user).
 SITE_VARIANT = "demo-site"
 SITE_VARIANT_USER = "cloud"
-
-
-@dataclass(frozen=True)
-class GntResult:
-    argv: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        """stdout and stderr together: Ganeti prints job errors on either."""
-        return self.stdout + self.stderr
-
-    def describe(self) -> str:
-        return f"$ {' '.join(self.argv)}\n(exit {self.returncode})\n{self.output}"
-
-
-class GntError(AssertionError):
-    """A Ganeti command failed where the test expected success."""
-
-    def __init__(self, result: GntResult) -> None:
-        super().__init__(result.describe())
-        self.result = result
-
-
-def run_logged(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-               timeout: float = DEFAULT_TIMEOUT, cwd: str | None = None) -> GntResult:
-    """Run ``argv`` with stdin closed and its output captured through files."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                              env=dict(env) if env is not None else None, timeout=timeout, cwd=cwd,
-                              check=False)
-        out.seek(0)
-        err.seek(0)
-        return GntResult(tuple(argv), proc.returncode, out.read().decode(errors="replace"),
-                         err.read().decode(errors="replace"))
 
 
 def gnt(*args: str, check: bool = True, timeout: float = DEFAULT_TIMEOUT) -> GntResult:

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 from ganeti_cluster import OS_NAME, GanetiCluster
-from guest_disk import read_seed
 
 from instance_cloudimage.ganeti.variants import read_offered
 from instance_cloudimage.params.table import parameter_names
 from instance_cloudimage.runtime.siteconfig import Paths
 from instance_cloudimage.sources.demo import build_demo_image
+from tests.support.guest_disk import read_seed
 
 pytestmark = pytest.mark.ganeti
 

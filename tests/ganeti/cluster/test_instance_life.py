@@ -20,7 +20,9 @@ from typing import Any
 
 import pytest
 from ganeti_cluster import SITE_VARIANT, SITE_VARIANT_USER, GanetiCluster
-from guest_disk import (
+
+from instance_cloudimage.seed.network import eui64_address
+from tests.support.guest_disk import (
     RootFilesystem,
     digest_outside_root,
     filesystem_manifest,
@@ -30,8 +32,6 @@ from guest_disk import (
     read_seed,
     sha256_of,
 )
-
-from instance_cloudimage.seed.network import eui64_address
 
 pytestmark = pytest.mark.ganeti
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 from ganeti_cluster import SITE_VARIANT, SITE_VARIANT_USER, GanetiCluster
-from guest_disk import read_seed
 
 from instance_cloudimage.seed.metad import CONFIG_PATH, SCRIPT_PATH
+from tests.support.guest_disk import read_seed
 
 pytestmark = pytest.mark.ganeti
 

@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 from ganeti_cluster import KVM_STUB, NBD_RUN_DIR, GanetiCluster
-from guest_disk import (
+
+from tests.support.guest_disk import (
     RootFilesystem,
     digest_outside_root,
     filesystem_manifest,

@@ -3,7 +3,7 @@
 The guest's root filesystem is found with the package's own partition code (by GPT type, never by
 number) and mounted read-only through a read-only loop device at the partition's offset, so that
 reading a disk never changes a byte of it.  Seeds are read back by Debian's real cloud-init with
-the project's reader (tests/cloudinit_reader.py, run under /usr/bin/python3).
+the project's reader (tests/support/cloudinit_reader.py, run under /usr/bin/python3).
 """
 
 from __future__ import annotations
