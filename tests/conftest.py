@@ -42,6 +42,31 @@ def need_root() -> None:
         pytest.skip("needs root")
 
 
+# Files of the host that no test may change: the suite runs as root, and a disk path that goes
+# astray lands on a host file (once, an import blanked /etc/shadow). Checked at the session's end.
+HOST_FILES = ("/etc/passwd", "/etc/shadow", "/etc/group", "/etc/gshadow", "/etc/fstab", "/etc/hostname",
+              "/etc/resolv.conf", "/etc/sudoers")
+
+
+def read_host_files() -> dict[str, bytes | None]:
+    found: dict[str, bytes | None] = {}
+    for name in HOST_FILES:
+        try:
+            found[name] = Path(name).read_bytes()
+        except OSError:  # missing, or not readable without root
+            found[name] = None
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _host_files_untouched() -> Iterator[None]:
+    before = read_host_files()
+    yield
+    changed = [name for name, data in read_host_files().items() if data != before[name]]
+    if changed:
+        pytest.fail(f"the tests changed host files: {', '.join(changed)}", pytrace=False)
+
+
 @dataclass
 class Site:
     root: Path

@@ -79,6 +79,7 @@ class DiskWriter:
         self._can_zeroout = True
         self._can_punch = True
         self.zeroed_by_writing = 0
+        self.touched = False  # whether anything was written or zeroed: the device is no longer as it was
 
     def __enter__(self) -> DiskWriter:
         return self
@@ -91,6 +92,7 @@ class DiskWriter:
             os.close(self.fd)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
+        self.touched = True
         write_all(self.fd, data, offset)
 
     def _write_zeros(self, offset: int, length: int) -> None:
@@ -122,6 +124,7 @@ class DiskWriter:
         """Make ``length`` bytes at ``offset`` read as zeros."""
         if length <= 0 or self.known_zero:
             return
+        self.touched = True
         if self.is_block:
             if self._can_zeroout and self._zeroout(offset, length):
                 return

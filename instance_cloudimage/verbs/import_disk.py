@@ -108,50 +108,60 @@ def run_import(genv: GanetiEnv, site: SiteConfig, source: BinaryIO | None = None
         disk = transfer_disk(genv, site, stack, "IMPORT")
         src = source or open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
         with staging_errors(site):
-            try:
-                extent = import_stream(disk.path, disk.describe(), src)
-            except BaseException:
-                if disk.uri is None:  # a URI-only disk was not written at all
-                    blank_failed_import(disk.path, disk.describe())
-                raise
+            # A URI-only disk's staging file is dropped on failure: the disk itself is never written.
+            extent = import_stream(disk.path, disk.describe(), src, blank_on_failure=disk.uri is None)
         if after_write is not None:
             after_write(disk.path)
         write_staged(disk, extent)
 
 
-def import_stream(device: str, name: str, src: BinaryIO) -> int:
+def import_stream(device: str, name: str, src: BinaryIO, *, blank_on_failure: bool = True) -> int:
     """Write the stream onto the local path ``device`` (``name`` in the log); returns the bytes of
-    the disk it covered.  Raises ConversionError (StreamError)."""
+    the disk it covered.  Raises ConversionError (StreamError).
+
+    When the stream fails after something was written, ``device`` is left unbootable
+    (``blank_failed_import``); a stream refused before any write leaves it untouched.
+    """
     size = target_size(device)
     head = read_some(src, ds.HEADER.size)
     if not head:
         # No disk is zero bytes long: the export side never sent anything.
         raise ims.StreamError("the import stream is empty", "the export side failed; see its log")
     with DiskWriter(device) as writer:
-        if head[:len(ds.MAGIC)] == ds.MAGIC:
-            if len(head) < ds.HEADER.size:
-                raise ims.StreamError("the import stream is truncated (it ended inside its header)")
-            header = ims.parse_header(head)
-            with Progress(f"importing a {format_size(header.disk_size)} disk onto {name}", header.disk_size) as prog:
-                pos = 0
+        try:
+            return write_stream(writer, head, src, size, name)
+        except BaseException:
+            if blank_on_failure and writer.touched:
+                blank_failed_import(device, name)
+            raise
 
-                def on_data(offset: int, data: bytes) -> None:
-                    nonlocal pos
-                    writer.zero(pos, offset - pos)
-                    writer.write(offset, data)
-                    prog.update(offset + len(data) - pos)
-                    pos = offset + len(data)
 
-                data_bytes = ims.read_records(ims.Reader(src, header.compressed), header, size, on_data)
-                writer.zero(pos, header.disk_size - pos)
-                prog.update(header.disk_size - pos)
-            log.info("imported %s of data onto the %s disk %s", format_size(data_bytes),
-                     format_size(header.disk_size), name)
-            return header.disk_size
-        if ims.looks_damaged(head):
-            raise ims.StreamError("the import stream's header is damaged", "export the disk again")
-        with Progress(f"importing a raw disk image onto {name}", size) as prog:
-            written = import_raw(head, src, writer, size, prog.update)
+def write_stream(writer: DiskWriter, head: bytes, src: BinaryIO, size: int, name: str) -> int:
+    """The body of ``import_stream``: our stream or a raw one, by the first bytes ``head``."""
+    if head[:len(ds.MAGIC)] == ds.MAGIC:
+        if len(head) < ds.HEADER.size:
+            raise ims.StreamError("the import stream is truncated (it ended inside its header)")
+        header = ims.parse_header(head)
+        with Progress(f"importing a {format_size(header.disk_size)} disk onto {name}", header.disk_size) as prog:
+            pos = 0
+
+            def on_data(offset: int, data: bytes) -> None:
+                nonlocal pos
+                writer.zero(pos, offset - pos)
+                writer.write(offset, data)
+                prog.update(offset + len(data) - pos)
+                pos = offset + len(data)
+
+            data_bytes = ims.read_records(ims.Reader(src, header.compressed), header, size, on_data)
+            writer.zero(pos, header.disk_size - pos)
+            prog.update(header.disk_size - pos)
+        log.info("imported %s of data onto the %s disk %s", format_size(data_bytes),
+                 format_size(header.disk_size), name)
+        return header.disk_size
+    if ims.looks_damaged(head):
+        raise ims.StreamError("the import stream's header is damaged", "export the disk again")
+    with Progress(f"importing a raw disk image onto {name}", size) as prog:
+        written = import_raw(head, src, writer, size, prog.update)
     log.info("imported a raw stream of %s onto %s", format_size(written), name)
     if written < size:
         log.warning("the raw stream (%d bytes) is shorter than the disk (%d bytes); a raw stream carries no "

@@ -36,7 +36,9 @@ NASTY = {
     "huge-lines": "x\n" * 50_000,
     "format": "%s %(x)s {0} {name}",
     "dotdot": "../../../../etc/passwd",
-    "absolute": "/etc/shadow",
+    # Absolute, into /etc, but naming no file: these values reach DISK_0_PATH and IMPORT_DEVICE,
+    # and a real host file there would be the disk a wrong turn writes to.
+    "absolute": "/etc/instance-cloudimage-fuzz-no-such-file",
     "dash": "-rf",
     "equals": "a=b=c",
     "json": '{"a": [1, {"b": null}]}',

@@ -254,13 +254,17 @@ def assert_refused(ran: Ran, *phrases: str) -> None:
     assert "Traceback" not in ran.stderr
 
 
-def assert_blanked(target: Path, ran: Ran) -> None:
-    """Ganeti reports a failed import as a success (docs/lifecycle.md): the half-written disk must
-    not boot, so its first and last MiB read as zeros.  The target starts dirty (0xa5), so zeros
-    there were written by the failed import, not left from a fresh disk."""
+def blanked_or_untouched(target: Path, ran: Ran) -> bool:
+    """Ganeti reports a failed import as a success (docs/lifecycle.md), so a disk the import had
+    started to write must not boot: its first and last MiB read as zeros, and the log says so
+    (True).  A stream refused before any write leaves the disk as it was (False).  The target
+    starts dirty (0xa5), so zeros there were written by the import, not left from a fresh disk."""
     data = target.read_bytes()
-    assert data[:MIB] == bytes(MIB) and data[-MIB:] == bytes(MIB)
-    assert "left unbootable (its first and last MiB zeroed) because the import failed" in ran.stderr
+    if "left unbootable (its first and last MiB zeroed) because the import failed" in ran.stderr:
+        assert data[:MIB] == bytes(MIB) and data[-MIB:] == bytes(MIB)
+        return True
+    assert data == b"\xa5" * len(data), "a failed import changed the disk without blanking it"
+    return False
 
 
 @pytest.mark.parametrize("flavour", ["plain", "zstd"])
@@ -273,7 +277,9 @@ def test_truncated_stream(tmp_path: Path, os_dirs: dict[str, Path], streams: dic
     make_target(target, dirty=True)
     ran = import_(os_dirs["plain"], os.fspath(target), data[:cut])
     assert_refused(ran, "truncated")
-    assert_blanked(target, ran)
+    blanked = blanked_or_untouched(target, ran)
+    if flavour == "plain":  # a record is written once it is whole: cut within the first, nothing was
+        assert blanked == (keep in (0.5, -40, -1)), (cut, blanked)
 
 
 @pytest.mark.parametrize("flavour", ["plain", "zstd"])
@@ -287,7 +293,8 @@ def test_corrupt_stream(tmp_path: Path, os_dirs: dict[str, Path], streams: dict[
     make_target(target, dirty=True)
     ran = import_(os_dirs["plain"], os.fspath(target), bytes(data))
     assert_refused(ran, "corrupt", "checksum mismatch", "truncated")
-    assert_blanked(target, ran)
+    blanked = blanked_or_untouched(target, ran)
+    assert blanked or flavour == "zstd", "a plain stream corrupted after its first record wrote data"
 
 
 def test_stream_for_a_larger_disk(tmp_path: Path, os_dirs: dict[str, Path], streams: dict[str, bytes]) -> None:
@@ -432,8 +439,7 @@ def test_empty_import_stream_is_refused(tmp_path: Path, os_dirs: dict[str, Path]
     make_target(target, dirty=True)
     ran = import_(os_dirs["plain"], os.fspath(target), b"")
     assert_refused(ran, "the import stream is empty")
-    assert_blanked(target, ran)  # whatever the reused device held does not boot either
-    assert target.read_bytes()[MIB:2 * MIB] == b"\xa5" * MIB  # only the ends are written
+    assert not blanked_or_untouched(target, ran)  # untouched
 
 
 @pytest.mark.parametrize("flavour", ["plain", "raw"])

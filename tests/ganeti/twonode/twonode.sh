@@ -32,7 +32,7 @@
 #
 # Tunables (environment): TN_BASE (work dir, /tmp/twonode), TN_NET (first three octets of the
 # /24, 203.0.113), TN_DOMAIN (example.test), TN_HOST_BRIDGE (gnttn0), TN_NODE_BRIDGE (gntbr0),
-# TN_TEMPLATES (enabled disk templates, file,sharedfile,blockdev,ext).
+# TN_TEMPLATES (enabled disk templates, file,sharedfile).
 set -euo pipefail
 
 TN_BASE=${TN_BASE:-/tmp/twonode}
@@ -40,7 +40,7 @@ TN_NET=${TN_NET:-203.0.113}
 TN_DOMAIN=${TN_DOMAIN:-example.test}
 TN_HOST_BRIDGE=${TN_HOST_BRIDGE:-gnttn0}
 TN_NODE_BRIDGE=${TN_NODE_BRIDGE:-gntbr0}
-TN_TEMPLATES=${TN_TEMPLATES:-file,sharedfile,blockdev,ext}
+TN_TEMPLATES=${TN_TEMPLATES:-file,sharedfile}
 
 NODES=(node1 node2)
 MASTER=node1
@@ -151,9 +151,7 @@ prepare_node_dirs() {
   # export dir: Ganeti only creates it on a node's first export ("?" in
   # `gnt-backup list` until then); pre-create it like the host's (0700 root)
   install -d -m 0700 "$d/var-lib-ganeti/export"
-  # ExtStorage scripts log here; Ganeti refuses to run them without it
-  mkdir -p "$d/var-log-ganeti/extstorage"
-  mkdir -p "$d"/srv-ganeti/{os,file-storage,shared-file-storage,loop-images,extstorage}
+  mkdir -p "$d"/srv-ganeti/{os,file-storage,shared-file-storage}
   chmod 700 "$d/root" "$d/root/.ssh"
   # /etc/ganeti: the package's symlinks (share -> /usr/share/ganeti/3.0,
   # lib -> /usr/lib/ganeti/3.0; every gnt-* and ganeti-* binary goes through
@@ -192,58 +190,6 @@ EOF
   for t in rsa ecdsa ed25519; do
     ssh-keygen -q -t $t -N '' -C "root@$n" -f "$d/etc-ssh/ssh_host_${t}_key"
   done
-  # ExtStorage provider 'loopfile' (same as single-node-cluster.sh): sparse
-  # file per disk on a loop device.  Volume names contain the disk UUID, so
-  # images never collide between nodes even though loop devices are global.
-  install_loopfile_extstorage "$d/srv-ganeti/extstorage/loopfile"
-}
-
-install_loopfile_extstorage() {
-  local es=$1
-  mkdir -p "$es"
-  : > "$es/parameters.list"
-  cat > "$es/common.sh" <<'EOF'
-IMGDIR=/srv/ganeti/loop-images
-IMG="$IMGDIR/$VOL_NAME.img"
-find_loop() { losetup -j "$IMG" -O NAME -n | head -n1; }
-EOF
-  cat > "$es/create" <<'EOF'
-#!/bin/bash
-set -e; . "$(dirname "$0")/common.sh"
-mkdir -p "$IMGDIR"; truncate -s "${VOL_SIZE}M" "$IMG"
-EOF
-  cat > "$es/attach" <<'EOF'
-#!/bin/bash
-set -e; . "$(dirname "$0")/common.sh"
-dev=$(find_loop); [ -n "$dev" ] || dev=$(losetup -f -P --show "$IMG"); echo "$dev"
-EOF
-  cat > "$es/detach" <<'EOF'
-#!/bin/bash
-set -e; . "$(dirname "$0")/common.sh"
-dev=$(find_loop); [ -z "$dev" ] || losetup -d "$dev"
-EOF
-  cat > "$es/remove" <<'EOF'
-#!/bin/bash
-set -e; . "$(dirname "$0")/common.sh"
-dev=$(find_loop); [ -z "$dev" ] || losetup -d "$dev"; rm -f "$IMG"
-EOF
-  cat > "$es/grow" <<'EOF'
-#!/bin/bash
-set -e; . "$(dirname "$0")/common.sh"
-truncate -s "${VOL_NEW_SIZE}M" "$IMG"; dev=$(find_loop); [ -z "$dev" ] || losetup -c "$dev"
-EOF
-  # snapshot: optional in the ExtStorage API, but if it is missing Ganeti
-  # 3.0 still "snapshots" (silently skips the script) and then fails to
-  # attach VOL_NAME.snap -- i.e. `gnt-backup export` of a RUNNING ext
-  # instance fails.  A sparse copy is a fine snapshot for test data.
-  cat > "$es/snapshot" <<'EOF'
-#!/bin/bash
-set -e; . "$(dirname "$0")/common.sh"
-cp --sparse=always "$IMG" "$IMGDIR/$VOL_SNAPSHOT_NAME.img"
-EOF
-  printf '#!/bin/sh\nexit 0\n' > "$es/setinfo"
-  printf '#!/bin/sh\nexit 0\n' > "$es/verify"
-  chmod 755 "$es"/{create,attach,detach,remove,grow,snapshot,setinfo,verify}
 }
 
 host_network() {
@@ -409,7 +355,7 @@ setup() {
 # ------------------------------------------------------------------ teardown
 
 teardown() {
-  local n pid upid i img dev
+  local n pid upid i
   step "teardown"
   # 1. Ganeti-level cleanup through the master (best effort, bounded time)
   if node_pid "$MASTER" >/dev/null &&
@@ -452,17 +398,12 @@ teardown() {
     if [ -d "/proc/$pid" ]; then kill -KILL "$pid" 2>/dev/null || true; fi
   done
   rm -f "$STATE"/*.pid "$STATE"/*.unshare 2>/dev/null || true
-  # 3. loop devices of the 'loopfile' ExtStorage provider, if any are left
-  for img in "$NODEDIR"/*/srv-ganeti/loop-images/*.img; do
-    [ -e "$img" ] || continue
-    for dev in $(losetup -j "$img" -O NAME -n); do losetup -d "$dev" || true; done
-  done
-  # 4. links (veths normally died with the netns) and the host bridge
+  # 3. links (veths normally died with the netns) and the host bridge
   for n in "${NODES[@]}"; do
     if ip link show "tnv-$n" >/dev/null 2>&1; then ip link del "tnv-$n"; fi
   done
   if ip link show "$TN_HOST_BRIDGE" >/dev/null 2>&1; then ip link del "$TN_HOST_BRIDGE"; fi
-  # 5. node state (logs under $LOGDIR are kept)
+  # 4. node state (logs under $LOGDIR are kept)
   rm -rf "$NODEDIR" "$SHARED_FS" "$STATE"
   if [ -e "$TN_BASE/created-srv-ganeti" ]; then
     rmdir /srv/ganeti 2>/dev/null || true; rm -f "$TN_BASE/created-srv-ganeti"
