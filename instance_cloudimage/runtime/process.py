@@ -83,6 +83,16 @@ def find_tool(name: str) -> str:
     return path
 
 
+def resolve_argv(argv: Sequence[str], background: bool = False) -> list[str]:
+    """``argv`` as strings with its tool found on the safe PATH (unless given as a path),
+    logged at debug as it will run (``&`` for a child that is not waited for)."""
+    out = [os.fspath(a) for a in argv]
+    if not os.path.isabs(out[0]):
+        out[0] = find_tool(out[0])
+    log.debug("+ %s%s", shlex.join(out), " &" if background else "")
+    return out
+
+
 def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment every child gets: minimal and predictable, plus ``extra``."""
     env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
@@ -110,10 +120,7 @@ def run(
     file is given.  ``env`` is added to the minimal child environment, or replaces it with
     ``replace_env``.  Raises CommandNotFound or CommandError.
     """
-    argv = [os.fspath(a) for a in argv]
-    if not os.path.isabs(argv[0]):
-        argv[0] = find_tool(argv[0])
-    log.debug("+ %s", shlex.join(argv))
+    argv = resolve_argv(argv)
     child_env = dict(env or {}) if replace_env else child_environment(env)
     if input is not None and stdin is not None:
         raise ValueError("give input or stdin, not both")
@@ -190,10 +197,7 @@ def run_streaming(
     The child runs in its own session; on timeout, error or SIGTERM its whole process group is
     killed, so a shell hook's children do not outlive it.  Raises CommandNotFound.
     """
-    argv = [os.fspath(a) for a in argv]
-    if not os.path.isabs(argv[0]):
-        argv[0] = find_tool(argv[0])
-    log.debug("+ %s", shlex.join(argv))
+    argv = resolve_argv(argv)
     try:
         proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
             limits.wrap(argv) if limits else argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -313,10 +317,7 @@ def spawn(
     anonymous temporary file, so a chatty child can never block on it.  The caller must
     ``close()`` the result (register it on the ExitStack).
     """
-    argv = [os.fspath(a) for a in argv]
-    if not os.path.isabs(argv[0]):
-        argv[0] = find_tool(argv[0])
-    log.debug("+ %s &", shlex.join(argv))
+    argv = resolve_argv(argv, background=True)
     stderr = tempfile.TemporaryFile()
     try:
         proc = subprocess.Popen(  # noqa: S603 - argv list, no shell

@@ -39,7 +39,7 @@ from instance_cloudimage.seed.configdrive import build_configdrive
 from instance_cloudimage.seed.content import build_nocloud, seed_input
 from instance_cloudimage.seed.drive import CIDATA, CONFIG_2, describe_disk_content, seed_label_of, write_seed_disk
 from instance_cloudimage.seed.flamingo import apply_flamingo_settings
-from instance_cloudimage.seed.partition import write_seed_partition
+from instance_cloudimage.seed.partition import find_partition_seed, write_seed_partition
 from instance_cloudimage.seed.values import requested_delivery, unseeded_reason
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,21 @@ def write_nocloud_dir(root: Path, files: Mapping[str, bytes]) -> None:
         raise UnsafeImage(e.message, "seed=nocloud-disk with a second disk leaves the guest filesystem alone") from None
 
 
+def warn_of_the_images_own_seed(disk_path: str) -> None:
+    """A seed partition of the image itself competes with ours on a disk or partition: cloud-init
+    takes the first filesystem labelled cidata (or config-2) it finds.  The seed directory that
+    nocloud-fs writes comes before any of them."""
+    try:
+        part = find_partition_seed(disk_path)
+    except SeedError as e:
+        log.warning("the image has a partition that looks like a seed: %s; the guest agent may read it "
+                    "instead of the seed written now", e.message)
+        return
+    if part is not None:
+        log.warning("the image has its own seed partition (partition %s, labelled %s); the guest agent may "
+                    "read it instead of the seed written now: use an image without one", part.number, part.label)
+
+
 def deliver_seed(genv: GanetiEnv, variant: Variant, disk_path: str, arch: str, stack: ExitStack,
                  local: LocalDisk | None = None, site: SiteConfig | None = None, *,
                  may_mount: bool = True) -> SeedPlan:
@@ -219,6 +234,8 @@ def deliver_seed(genv: GanetiEnv, variant: Variant, disk_path: str, arch: str, s
     log.info("seed delivery: %s (%s)", plan.delivery, plan.reason)
     if plan.delivery == "none" and not plan.flamingo:
         return plan
+    if plan.delivery != "nocloud-fs" and may_mount:  # an untrusted image's filesystems are not probed at create
+        warn_of_the_images_own_seed(disk_path)
     # One input for everything written: on reinstall each call would draw a new instance-id.
     inp = seed_input(genv, variant, site=site)
     nocloud = dict(build_nocloud(inp).files) if plan.delivery.startswith("nocloud") else {}

@@ -442,3 +442,19 @@ def test_seed_files_are_staged_privately(tmp_path: Path, monkeypatch: pytest.Mon
     files = {p: m for p, m in seen.items() if os.path.basename(p) in ("user-data", "meta_data.json")}
     assert len(files) == 2 and set(files.values()) == {0o600}, seen
     assert all(m == 0o700 for p, m in seen.items() if p not in files), seen
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("own_seed", [True, False], ids=["own-cidata", "none"])
+def test_an_images_own_seed_partition_is_warned_of(tmp_path: Path, own_seed: bool,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """cloud-init reads the first cidata filesystem it finds: the image's own would compete with ours."""
+    extra = ([gi.Part(8, gi.LINUX, "seed")], [gi.Fs(2, "vfat", "CIDATA", files={})]) if own_seed else ([], [])
+    img = gi.build_disk(tmp_path / "disk0.img", 96, "gpt", [gi.Part(64, gi.ROOT_X86_64, "root"), *extra[0]],
+                        [gi.Fs(1, "ext4", "cloudimg-rootfs"), *extra[1]])
+    seed_disk = gi.blank(tmp_path / "disk1.img", 64)
+    with caplog.at_level(logging.WARNING):
+        _, _, p = deliver(tmp_path, [img, seed_disk], seed="nocloud-disk")
+    assert p.delivery == "nocloud-disk"
+    warned = "the image has its own seed partition (partition 2, labelled CIDATA)" in caplog.text
+    assert warned == own_seed, caplog.text
