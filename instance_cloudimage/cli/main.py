@@ -154,12 +154,11 @@ def disk_size_hint(needed: int | None, made: bool) -> str:
     return f"give --disk a larger file or device{at_least}, or a new file name and --disk-size"
 
 
-def local_environment(args: argparse.Namespace, params: dict[str, str]) -> dict[str, str]:
-    """What Ganeti would give a create onto ``--disk`` (which exists by now)."""
-    disk = Path(args.disk).absolute()
+def local_environment(args: argparse.Namespace, params: dict[str, str], disk: Path) -> dict[str, str]:
+    """What Ganeti would give a create onto ``disk``, the absolute ``--disk`` (which exists by now)."""
     is_block = stat.S_ISBLK(disk.stat().st_mode)
     target = SimulatedDisk(disk, backend_type="block" if is_block else "file:loop",
-                           size_mib=target_size(os.fspath(disk)) // (1024 * 1024))
+                           size_mib=target_size(os.fspath(disk)) // MiB)
     return simulated_environment(args.variant, [target], instance_name=args.instance_name,
                                  params=params, debug=args.debug)
 
@@ -171,7 +170,7 @@ def cmd_create(args: argparse.Namespace) -> None:
     disk = Path(args.disk).absolute()
     made = None if disk.exists() else create_disk_file(disk, args.disk_size)
     try:
-        genv = parse_environment(local_environment(args, params), Script.CREATE)
+        genv = parse_environment(local_environment(args, params, disk), Script.CREATE)
         run_create(genv, load_site_config(paths))
     except BaseException as e:
         if made is not None:

@@ -156,10 +156,11 @@ def run_convert(argv: list[str], virtual_size: int) -> None:
     with Progress("converting image", virtual_size) as progress:
 
         def on_line(line: str) -> None:
-            if m := QEMU_PROGRESS.fullmatch(line.strip()):
+            text = line.strip()
+            if m := QEMU_PROGRESS.fullmatch(text):
                 progress.advance_to(int(float(m.group(1)) * virtual_size / 100))
-            elif line.strip():
-                said.append(line.strip())
+            elif text:
+                said.append(text)
 
         result = run_streaming(argv, on_line, env=child_environment(CONVERT_ENV), limits=CONVERT_LIMITS,
                                split_cr=True)

@@ -155,10 +155,17 @@ def write_guest_file(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600, 
     try:
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError as e:
-        remove_guest_file(dir_fd, tmp)
-        if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
-            raise UnsafeImage(f"the image has a directory where the file {name} is written") from None
-        raise SeedError(f"cannot write {name} into the guest: {e.strerror}") from None
+        raise _not_placed(dir_fd, tmp, e, f"the image has a directory where the file {name} is written",
+                          f"cannot write {name} into the guest: {e.strerror}") from None
+
+
+def _not_placed(dir_fd: int, tmp: str, e: OSError, directory: str, failed: str) -> UnsafeImage | SeedError:
+    """Remove ``tmp``, which did not take its name, and return what to raise for ``e``: UnsafeImage
+    saying ``directory`` when a directory holds the name, else SeedError saying ``failed``."""
+    remove_guest_file(dir_fd, tmp)
+    if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+        return UnsafeImage(directory)
+    return SeedError(failed)
 
 
 def read_guest_file(dir_fd: int, name: str, *, limit: int = 1 << 20, shown: str | None = None) -> bytes | None:
@@ -217,10 +224,8 @@ def write_guest_symlink(dir_fd: int, name: str, target: str, *, uid: int = 0, gi
         os.chown(tmp, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError as e:
-        remove_guest_file(dir_fd, tmp)
-        if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
-            raise UnsafeImage(f"the image has a directory where the link {name} is made") from None
-        raise SeedError(f"cannot make the link {name} in the guest: {e.strerror}") from None
+        raise _not_placed(dir_fd, tmp, e, f"the image has a directory where the link {name} is made",
+                          f"cannot make the link {name} in the guest: {e.strerror}") from None
 
 
 MAX_TREE_ENTRIES = 1000

@@ -72,8 +72,7 @@ def console_logging() -> contextlib.AbstractContextManager[object]:
         return nullcontext()
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    return cast("contextlib.AbstractContextManager[object]",
-                logging_redirect_tqdm(loggers=[logging.getLogger("instance_cloudimage")]))
+    return cast("contextlib.AbstractContextManager[object]", logging_redirect_tqdm(loggers=[log]))
 
 
 @contextmanager

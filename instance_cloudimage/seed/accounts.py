@@ -90,7 +90,8 @@ class Table:
         return {int(f[2]) for line in self.lines if len(f := line.split(":")) > 2 and is_number(f[2])}
 
     def text(self) -> bytes:
-        return ("\n".join(self.lines) + "\n").encode() if self.lines else b""
+        # The guest's bytes come back as they were (Accounts.parse decodes with surrogateescape).
+        return ("\n".join(self.lines) + "\n").encode(errors="surrogateescape") if self.lines else b""
 
 
 @dataclass

@@ -220,7 +220,7 @@ def apply_user_config(root_fd: int, inp: SeedInput, metadata: Mapping[str, Any])
         accounts = read_accounts(etc)
         created = edit_accounts(accounts, cfg, inp)
         write_accounts(etc, accounts)
-    users = parse_passwd(accounts.passwd.text().decode(errors="replace"))
+    users = parse_passwd("\n".join(accounts.passwd.lines))  # the passwd just written, not re-encoded
     for name in created:
         u = next(u for u in cfg.users if u.name == name)
         if name in users and u.create_home and not u.system:

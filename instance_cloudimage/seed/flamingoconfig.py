@@ -261,7 +261,7 @@ def parse_file(index: int, entry: Any) -> GuestFile:
     if "path" not in entry:
         raise _fail(where, "has no 'path'")
     path = _field(f"{where}.path", entry["path"], path=True)
-    if path.endswith("/") or path.strip("/") == "":
+    if path.endswith("/"):  # _field refused a path that is only "/"
         raise _fail(f"{where}.path", "must name a file")
     owner = entry.get("owner") or "root:root"
     if not isinstance(owner, str):

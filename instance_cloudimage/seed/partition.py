@@ -55,11 +55,18 @@ def find_partition_seed(disk_path: str) -> Partition | None:
     return find_seed_partition(disk_path, SEED_LABELS)
 
 
+@contextmanager
+def partition_copy(disk_path: str, part: Partition) -> Iterator[str]:
+    """A private copy of the partition's filesystem, to read with mtools; never written back."""
+    with private_image() as image:
+        copy_partition_out(disk_path, part, image)
+        yield image
+
+
 def edit_partition(disk_path: str, part: Partition, edit: Callable[[str], bool]) -> bool:
     """Run ``edit`` on a private copy of the partition's filesystem; write it back when ``edit`` says
     it changed something.  Returns what ``edit`` returned."""
-    with private_image() as image:
-        copy_partition_out(disk_path, part, image)
+    with partition_copy(disk_path, part) as image:
         changed = edit(image)
         if changed:
             write_into_partition(disk_path, part, image)

@@ -48,7 +48,7 @@ from instance_cloudimage.seed.drive import (
     read_from_fat,
     seed_label_of,
 )
-from instance_cloudimage.seed.partition import edit_partition, find_partition_seed
+from instance_cloudimage.seed.partition import edit_partition, find_partition_seed, partition_copy
 from instance_cloudimage.seed.reseedplan import (
     CD_META,
     CD_NET,
@@ -138,14 +138,8 @@ class FoundSeed:
 
 
 def read_partition_seed(path: str, part: Partition) -> FoundSeed:
-    found: list[tuple[str, dict[str, bytes]]] = []
-
-    def read(image: str) -> bool:
-        found.append(read_fat_seed(image, part.label or ""))
-        return False
-
-    edit_partition(path, part, read)
-    kind, files = found[0]
+    with partition_copy(path, part) as image:
+        kind, files = read_fat_seed(image, part.label or "")
     return FoundSeed(kind, f"the {part.label} partition {part.number}", files, label=part.label, partition=part)
 
 

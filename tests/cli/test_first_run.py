@@ -4,7 +4,6 @@ behind that the command made."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from instance_cloudimage.disk.write import DiskTarget
 from instance_cloudimage.ganeti.simulate import SimulatedDisk, simulated_environment
 from instance_cloudimage.runtime.errors import DiskTooSmall
 from tests.cli.test_cli import assert_one_line_error
+from tests.cli.test_cli_docs import subparsers
 from tests.conftest import Site, cli, need_tools
 
 
@@ -169,17 +169,11 @@ def test_debug_is_accepted_after_the_subcommand(site: Site, tmp_path: Path) -> N
     assert "Traceback" not in r.stderr
 
 
-def subcommands() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser()
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
-
-
-@pytest.mark.parametrize("name", sorted(subcommands()))
+@pytest.mark.parametrize("name", sorted(subparsers(build_parser())))
 def test_every_subcommand_help_has_a_description_and_an_example(name: str) -> None:
     r = cli(name, "--help")
     assert r.returncode == 0
-    sub = subcommands()[name]
+    sub = subparsers(build_parser())[name]
     assert sub.description and len(sub.description) > 40
     examples = r.stdout.split("examples:\n", 1)[1]
     assert f"instance-cloudimage {name}" in examples

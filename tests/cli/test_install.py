@@ -48,16 +48,20 @@ def site_paths(site: Site):  # type: ignore[no-untyped-def]
     return Paths(site.config_dir, site.cache_dir)
 
 
+def run_verify(env: dict[str, str], os_dir: Path) -> subprocess.CompletedProcess[str]:
+    """The installed verify script, run as Ganeti runs it: exactly ``env``, cwd = the OS dir."""
+    return subprocess.run([str(os_dir / "verify"), "parameters"], env=env, cwd=os_dir,
+                          capture_output=True, text=True, check=False)
+
+
 def test_installed_verify_runs_with_ganetis_reset_environment(site: Site, tmp_path: Path) -> None:
     os_dir = tmp_path / "os" / "cloudimage"
     install_os(os_dir, site_paths(site))
     # Exactly what Ganeti passes verify: no HOME, no LANG, cwd = the OS dir.
     env = simulated_core_environment("debian-12", params={"arch": "x86_64"})
-    r = subprocess.run([str(os_dir / "verify"), "parameters"], env=env, cwd=os_dir,
-                       capture_output=True, text=True, check=False)
+    r = run_verify(env, os_dir)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([str(os_dir / "verify"), "parameters"], env={**env, "OSP_NOPE": "1"}, cwd=os_dir,
-                       capture_output=True, text=True, check=False)
+    r = run_verify({**env, "OSP_NOPE": "1"}, os_dir)
     assert r.returncode == 1 and "unknown OS parameter 'nope'" in r.stderr
 
 
@@ -65,8 +69,7 @@ def test_installed_verify_refuses_a_variant_the_node_does_not_offer(site: Site, 
     os_dir = tmp_path / "os" / "cloudimage"
     install_os(os_dir, site_paths(site))
     env = simulated_core_environment("demo", params={"arch": "x86_64"})
-    r = subprocess.run([str(os_dir / "verify"), "parameters"], env=env, cwd=os_dir,
-                       capture_output=True, text=True, check=False)
+    r = run_verify(env, os_dir)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         f"cloudimage verify: error: variant 'demo' is not offered on this node (an administrator adds it to "
@@ -74,8 +77,7 @@ def test_installed_verify_refuses_a_variant_the_node_does_not_offer(site: Site, 
     # Listed, it is offered: the list is what the administrator edits.
     with open(site.config_dir / "variants.list", "a") as f:
         f.write("demo\n")
-    r = subprocess.run([str(os_dir / "verify"), "parameters"], env=env, cwd=os_dir,
-                       capture_output=True, text=True, check=False)
+    r = run_verify(env, os_dir)
     assert r.returncode == 0, r.stderr
 
 

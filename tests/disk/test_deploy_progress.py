@@ -8,45 +8,13 @@ import io
 import lzma
 import os
 import tarfile
-from contextlib import ExitStack
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
 from instance_cloudimage.disk import write
-from instance_cloudimage.disk.deploy import deploy_image
-from instance_cloudimage.disk.write import open_disk
 from instance_cloudimage.runtime.log import Progress
-
-MiB = 1024 * 1024
-
-
-class FileStream:
-    """What sources/fetch.py hands deploy for a verified local file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.local_path = path
-        self.size = path.stat().st_size
-        self.f = open(path, "rb")
-
-    def peek(self, n: int) -> bytes:
-        pos = self.f.tell()
-        data = self.f.read(n)
-        self.f.seek(pos)
-        return data
-
-    def read(self, n: int = -1) -> bytes:
-        return self.f.read(n)
-
-    def readinto(self, buf: bytearray | memoryview) -> int:
-        return self.f.readinto(buf)
-
-    def finish(self) -> Any:
-        self.f.close()
-        return SimpleNamespace(path=self.path)
+from tests.support.imagetools import MiB, deploy, new_disk
 
 
 def raw_image() -> bytes:
@@ -82,11 +50,7 @@ def test_a_wrapped_raw_image_shows_the_announced_size(tmp_path: Path, monkeypatc
     data = raw_image()
     image = tmp_path / f"disk.{kind}"
     image.write_bytes(wrapped(kind, data))
-    disk = tmp_path / "disk.img"
-    with open(disk, "wb") as f:
-        f.truncate(8 * MiB)
-    with ExitStack() as stack:
-        target = open_disk(os.fspath(disk), wiped=False, stack=stack)
-        deploy_image(FileStream(image), "auto", target, tmp_path / "spool", stack)
+    disk = new_disk(tmp_path / "disk.img", 8 * MiB)
+    deploy(image, disk, local=True, spool=tmp_path / "spool")
     assert totals == [("writing image", len(data) if shown else None)]
     assert disk.read_bytes()[:len(data)] == data

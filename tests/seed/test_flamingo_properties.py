@@ -63,3 +63,14 @@ def test_any_account_files_take_a_user_or_refuse(passwd: str | None, group: str 
         table = getattr(accounts, name)
         kept = [ln for ln in table.lines if ln.split(":", 1)[0] not in ("alice", "admins", "wheel")]
         assert kept == [ln for ln in lines if ln.split(":", 1)[0] not in ("alice", "admins", "wheel")]
+
+
+def test_account_files_that_are_not_utf8_keep_their_bytes() -> None:
+    """A guest's passwd need not be UTF-8 (a Latin-1 gecos): a new user is added, and the other
+    lines are written back byte for byte, not refused with a traceback."""
+    passwd, group = b"root:x:0:0:r\xe9my:/root:/bin/sh\n", b"root:x:0:\nstaff:x:50:r\xe9my\n"
+    accounts = Accounts.parse({"passwd": passwd, "group": group, "shadow": None, "gshadow": None}, {})
+    accounts.add_user(NewUser("alice", groups=("staff",)))
+    written_passwd, written_group = accounts.passwd.text(), accounts.group.text()
+    assert written_passwd.startswith(passwd) and b"\nalice:" in written_passwd
+    assert written_group.startswith(b"root:x:0:\nstaff:x:50:r\xe9my,alice\n")

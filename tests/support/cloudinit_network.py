@@ -24,7 +24,6 @@ that is not what the seed says.  The result per case: ``{"id", "error", "warning
 "network_config", "files": {renderer: {relative path: text}}}``.
 """
 
-import copy
 import json
 import logging
 import os
@@ -33,13 +32,12 @@ import subprocess
 import sys
 
 import gi
-from cloudinit import stages
 from cloudinit.distros import debian, rhel
 from cloudinit.net import eni, netplan, network_manager, network_state, sysconfig
 from cloudinit.sources import DataSourceConfigDrive, DataSourceNoCloud
 
 gi.require_version("NM", "1.0")
-from cloudinit_reader import base_config  # noqa: E402 - this directory is the script's sys.path[0]
+from cloudinit_reader import make_init  # noqa: E402 - this directory is the script's sys.path[0]
 from gi.repository import NM, GLib  # noqa: E402 - after require_version, as PyGObject needs
 
 # The generator 'netplan generate' runs, called directly: the Python wrapper costs 0.3 s a call.
@@ -57,19 +55,6 @@ class Recorder(logging.Handler):
 
     def emit(self, record):
         self.records.append(f"{record.name}: {record.getMessage()}")
-
-
-def make_init(work):
-    cfg = base_config(work)
-
-    class ReaderInit(stages.Init):
-        def _read_cfg(self, extra_fns):
-            return copy.deepcopy(cfg)
-
-    init = ReaderInit(ds_deps=[])
-    for d in init._initial_subdirs():
-        os.makedirs(d, exist_ok=True)
-    return init
 
 
 def read_network_config(init, kind, seed):

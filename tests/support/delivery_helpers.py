@@ -98,15 +98,17 @@ def read_nocloud_in_guest(img: Path, arch: str = "x86_64") -> dict[str, Any]:
     return result
 
 
-def extract_fat(disk: Path, dest: Path) -> Path:
+def extract_fat(disk: Path, dest: Path, offset: int = 0) -> Path:
+    """Copy out the files of the FAT on ``disk`` (at byte ``offset``: one in a partition)."""
     dest.mkdir(parents=True, exist_ok=True)
-    gi.sh("mcopy", "-s", "-n", "-i", os.fspath(disk), "::/*", os.fspath(dest), env={"MTOOLS_SKIP_CHECK": "1"})
+    image = f"{disk}@@{offset}" if offset else os.fspath(disk)
+    gi.sh("mcopy", "-s", "-n", "-i", image, "::/*", os.fspath(dest), env={"MTOOLS_SKIP_CHECK": "1"})
     return dest
 
 
-def read_fat_seed(disk: Path, kind: str) -> dict[str, Any]:
+def read_fat_seed(disk: Path, kind: str, offset: int = 0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        return run_reader(kind, extract_fat(disk, Path(tmp) / "seed"))
+        return run_reader(kind, extract_fat(disk, Path(tmp) / "seed", offset))
 
 
 def variant_loader(tmp_path: Path, old_ci_user: str) -> Callable[[str], Variant]:
@@ -136,9 +138,4 @@ def seed_partition_of(disk: Path) -> tuple[int, int, str]:
 def read_seed_partition(disk: Path, kind: str) -> dict[str, Any]:
     """What Debian's cloud-init reads from the seed partition (its files copied out with mtools)."""
     offset, _, _ = seed_partition_of(disk)
-    with tempfile.TemporaryDirectory() as tmp:
-        dest = Path(tmp) / "seed"
-        dest.mkdir()
-        gi.sh("mcopy", "-s", "-n", "-i", f"{disk}@@{offset}", "::/*", os.fspath(dest),
-              env={"MTOOLS_SKIP_CHECK": "1"})
-        return run_reader(kind, dest)
+    return read_fat_seed(disk, kind, offset)

@@ -16,9 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pytest
 
@@ -110,6 +111,39 @@ def put_back(directory: Path) -> None:
         saved.rename(directory)
 
 
+def mark_ganeti(items: list[pytest.Item], directory: Path) -> None:
+    """Mark every test below ``directory`` ``ganeti`` (a conftest's collection hook)."""
+    for item in items:
+        if directory in Path(item.path).parents:
+            item.add_marker(pytest.mark.ganeti)
+
+
+def loop_devices_of(directory: Path) -> list[str]:
+    """Loop devices whose backing file is inside ``directory``."""
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        if backing.read_text().strip().startswith(os.fspath(directory) + "/"):
+            found.append(backing.parent.parent.name)
+    return found
+
+
+class Cluster(Protocol):
+    def instances(self) -> list[str]: ...
+    def exports(self) -> set[str]: ...
+    def remove_instance(self, name: str, check: bool = True) -> GntResult: ...
+    def remove_export(self, name: str, check: bool = True) -> GntResult: ...
+
+
+def remove_what_the_test_added(cluster: Cluster) -> Iterator[None]:
+    """The body of an autouse fixture: the instances and exports a test added go afterwards."""
+    instances_before, exports_before = set(cluster.instances()), cluster.exports()
+    yield
+    for name in sorted(set(cluster.instances()) - instances_before):
+        cluster.remove_instance(name, check=False)
+    for name in sorted(cluster.exports() - exports_before):
+        cluster.remove_export(name, check=False)
+
+
 class _Machine:
     """This session's hold on the machine: the lock's descriptor, and which suite's cluster runs."""
 
@@ -153,6 +187,18 @@ def vacate(owner: str | None = None) -> None:
         return
     stop, _machine.owner, _machine.stop = _machine.stop, None, None
     stop()
+
+
+T = TypeVar("T")
+
+
+def run_on_the_machine(owner: str, life: Generator[T, None, None]) -> Iterator[T]:
+    """The body of a session fixture: ``life`` (a cluster's whole life as a generator, torn down
+    by its ``close()``) runs once it owns the machine, and is closed at the end or when another
+    suite takes the machine over."""
+    occupy(owner, life.close)
+    yield next(life)
+    vacate(owner)
 
 
 def require_owner(owner: str) -> None:

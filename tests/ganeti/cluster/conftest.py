@@ -53,12 +53,14 @@ from instance_cloudimage.cli.install import PACKAGE_OS_DIR
 from instance_cloudimage.ganeti.variants import default_offered, render_variants_list
 from instance_cloudimage.runtime.siteconfig import Paths, installed_paths
 from tests.support.ganeti_host import (
-    occupy,
+    loop_devices_of,
+    mark_ganeti,
     put_back,
+    remove_what_the_test_added,
     require_owner,
+    run_on_the_machine,
     set_aside,
     skip_or_fail,
-    vacate,
     why_no_cluster,
 )
 
@@ -69,23 +71,11 @@ OWNER = "single-node"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.path).parents:
-            item.add_marker(pytest.mark.ganeti)
+    mark_ganeti(items, Path(__file__).parent)
 
 
 def bridge_exists() -> bool:
     return Path("/sys/class/net", BRIDGE).exists()
-
-
-def loop_devices_of(directory: Path) -> list[str]:
-    """Loop devices whose backing file is inside ``directory``."""
-    found = []
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        if backing.read_text().strip().startswith(os.fspath(directory) + "/"):
-            found.append(backing.parent.parent.name)
-    return found
 
 
 def run_cluster_sh(action: str, log: Path) -> GntResult:
@@ -143,14 +133,12 @@ def ganeti_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GanetiC
     reason = why_no_cluster()
     if reason:
         skip_or_fail(reason)
-    cluster = _session(tmp_path_factory.mktemp("ganeti"))
-    occupy(OWNER, cluster.close)  # the two-node suite's cluster, if one runs, stops first
-    yield next(cluster)
-    vacate(OWNER)
+    # The two-node suite's cluster, if one runs, stops first.
+    yield from run_on_the_machine(OWNER, _session(tmp_path_factory.mktemp("ganeti")))
 
 
 def _session(work: Path) -> Generator[GanetiCluster, None, None]:
-    """The cluster's whole life as a generator: its ``close()`` tears it down (``occupy``)."""
+    """The cluster's whole life as a generator: its ``close()`` tears it down."""
     log = work / "cluster.log"
     status = run_cluster_sh("status", log).returncode
     if status == 2:
@@ -219,18 +207,8 @@ def _run_cluster(work: Path, log: Path) -> Iterator[GanetiCluster]:
             pytest.fail(f"cluster teardown left state behind: {'; '.join(leftovers)} (see {log})", pytrace=False)
 
 
-def exports(cluster: GanetiCluster) -> set[str]:
-    out = cluster.gnt("gnt-backup", "list", "--no-headers", "-o", "export").stdout
-    return set(out.split())
-
-
 @pytest.fixture(autouse=True)
 def _remove_what_the_test_added(ganeti_cluster: GanetiCluster) -> Iterator[None]:
     """Each test starts from the same cluster: its new instances and exports go afterwards."""
     require_owner(OWNER)
-    instances_before, exports_before = set(ganeti_cluster.instances()), exports(ganeti_cluster)
-    yield
-    for name in sorted(set(ganeti_cluster.instances()) - instances_before):
-        ganeti_cluster.remove_instance(name, check=False)
-    for name in sorted(exports(ganeti_cluster) - exports_before):
-        ganeti_cluster.remove_export(name, check=False)
+    yield from remove_what_the_test_added(ganeti_cluster)

@@ -205,6 +205,10 @@ class GanetiCluster:
         """The disk dumps (our export scripts' output) in ``name``'s export directory."""
         return sorted(p for p in self.export_dir(name).iterdir() if p.name != "config.ini")
 
+    def exports(self) -> set[str]:
+        out = self.gnt("gnt-backup", "list", "--no-headers", "-o", "export").stdout
+        return set(out.split()) - {"?"}  # "?": a node with no export directory yet
+
     def remove_export(self, name: str, check: bool = True) -> GntResult:
         return self.gnt("gnt-backup", "remove", self.fqdn(name), check=check)
 

@@ -45,12 +45,14 @@ from twonode_cluster import (
 from instance_cloudimage.cli.install import PACKAGE_OS_DIR
 from tests.support.ganeti_host import (
     GntResult,
-    occupy,
+    loop_devices_of,
+    mark_ganeti,
     put_back,
+    remove_what_the_test_added,
     require_owner,
+    run_on_the_machine,
     set_aside,
     skip_or_fail,
-    vacate,
     why_no_cluster,
 )
 
@@ -61,10 +63,7 @@ GANETI_DAEMONS = ("ganeti-noded", "ganeti-confd", "ganeti-wconfd", "ganeti-luxid
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.path).parents:
-            item.add_marker(pytest.mark.ganeti)
+    mark_ganeti(items, Path(__file__).parent)
 
 
 @pytest.fixture(scope="session")
@@ -73,14 +72,12 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
                                   "the two-node cluster needs openssh-server (run: sudo .ci/setup)")
     if reason:
         skip_or_fail(reason)
-    life = _session(tmp_path_factory.mktemp("twonode"))
-    occupy(OWNER, life.close)  # the single-node suite's cluster stops first
-    yield next(life)
-    vacate(OWNER)
+    # The single-node suite's cluster stops first.
+    yield from run_on_the_machine(OWNER, _session(tmp_path_factory.mktemp("twonode")))
 
 
 def _session(work: Path) -> Generator[TwoNodes, None, None]:
-    """The cluster's whole life as a generator: its ``close()`` tears it down (``occupy``)."""
+    """The cluster's whole life as a generator: its ``close()`` tears it down."""
     log = work / "twonode.log"
     set_aside(PACKAGE_OS_DIR)
     try:
@@ -124,9 +121,7 @@ def leftovers() -> list[str]:
             found.append(f"process {proc.name} ({argv.strip()[:80]})")
     links = [n for n in (HOST_BRIDGE, *(f"tnv-{node}" for node in NODES)) if Path("/sys/class/net", n).exists()]
     found += [f"network link {n}" for n in links]
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        if backing.read_text().strip().startswith(os.fspath(TN_BASE) + "/"):
-            found.append(f"loop device {backing.parent.parent.name}")
+    found += [f"loop device {d}" for d in loop_devices_of(TN_BASE)]
     mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
               if os.fspath(TN_BASE) in line]
     found += [f"mount {m}" for m in mounts]
@@ -169,9 +164,4 @@ def installed(two_nodes: TwoNodes) -> Installed:
 def _remove_what_the_test_added(two_nodes: TwoNodes) -> Iterator[None]:
     """Each test starts from the same cluster: its new instances and exports go afterwards."""
     require_owner(OWNER)
-    instances_before, exports_before = set(two_nodes.instances()), two_nodes.exports()
-    yield
-    for name in sorted(set(two_nodes.instances()) - instances_before):
-        two_nodes.remove_instance(name, check=False)
-    for name in sorted(two_nodes.exports() - exports_before):
-        two_nodes.remove_export(name, check=False)
+    yield from remove_what_the_test_added(two_nodes)
